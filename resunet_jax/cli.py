@@ -1,0 +1,101 @@
+"""Command-line plumbing shared by `experiments/*.py`: flag parsing, one-line errors, configs.
+
+Experiments stay thin: they define their flags, then call `run(main)`. A mistake in the
+command line or the config (unknown key, wrong type, unknown preset) ends the process with a
+one-line `error: ...` on stderr and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_dict, config_flags
+
+from resunet_jax import models
+
+
+class UserError(Exception):
+  """A mistake in the user's input; `run` prints it as one line and exits with status 2."""
+
+
+def model_config_dict() -> ml_collections.ConfigDict:
+  """A `config.model` section: every `ModelConfig` field as a typed placeholder (None).
+
+  None means "the preset's value"; a value set in a config file or by `--config.model.F=V`
+  overrides the preset picked with `--model`.
+  """
+  return ml_collections.ConfigDict(
+    {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(models.ModelConfig)}
+  )
+
+
+def resolve_model(name: str, model_section: ml_collections.ConfigDict | dict[str, Any]) -> models.ModelConfig:
+  """The preset `name` with every non-None entry of `model_section` applied over it.
+
+  Raises:
+    UserError: unknown preset, unknown field or invalid value (one line, with the valid names).
+  """
+  overrides = {key: value for key, value in dict(model_section).items() if value is not None}
+  try:
+    return models.preset(name, **overrides)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def _one_line(error: BaseException) -> str:
+  # ml_collections wraps a KeyError (whose str() is a repr) in an AttributeError.
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  return ' '.join(str(text).split())
+
+
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
+_CONFIG_FLAGS: list[flags.FlagHolder] = []
+
+
+def _exit_with(error: BaseException) -> None:
+  sys.stderr.write(f'error: {_one_line(error)}\n')
+  sys.exit(2)
+
+
+def define_config_file(name: str, default: str, help_string: str) -> flags.FlagHolder:
+  """`config_flags.DEFINE_config_file` that reports bad `--NAME.a.b=v` overrides in one line.
+
+  ml_collections resolves override flags found in `sys.argv` while the flag is defined, so a
+  mistyped key (e.g. `--config.model.base_widht=16`) fails here, with its suggestion.
+  """
+  try:
+    holder = config_flags.DEFINE_config_file(name, default, help_string)
+  except _FLAG_ERRORS as e:
+    _exit_with(e)
+  _CONFIG_FLAGS.append(holder)
+  return holder
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flags parser that reports bad flags and config values in one line."""
+  try:
+    remaining = flags.FLAGS(argv)
+    for holder in _CONFIG_FLAGS:
+      holder.value.to_dict()  # Config files load lazily: surface a missing or broken file now.
+    return remaining
+  except _FLAG_ERRORS as e:
+    _exit_with(e)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)` with one-line errors for `UserError` and bad flags."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      _exit_with(e)
+
+  app.run(wrapped, flags_parser=parse_flags)

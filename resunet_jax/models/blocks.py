@@ -1,0 +1,136 @@
+"""Building blocks of the U-Net family: the two-conv block, plain or residual."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def make_norm(
+  kind: str,
+  features: int,
+  *,
+  train: bool,
+  groups: int,
+  dtype: jnp.dtype,
+  param_dtype: jnp.dtype,
+  axis_name: str | None,
+  name: str,
+) -> nn.Module | None:
+  """Builds the normalisation layer `kind` for `features` channels, or None for 'none'.
+
+  Args:
+    kind: 'none' | 'batch' | 'group' | 'layer'.
+    features: channels of the tensor it normalises.
+    train: batch statistics (True) or running averages (False) for 'batch'.
+    groups: group count for 'group'; reduced to gcd(groups, features) so narrow levels work.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    axis_name: mapped axis over which BatchNorm averages statistics (pmap/shard_map);
+      None under jit, where a sharded global batch already gives global statistics.
+    name: submodule name.
+
+  Returns:
+    A linen module, or None.
+  """
+  common = {'dtype': dtype, 'param_dtype': param_dtype, 'epsilon': 1e-5, 'name': name}
+  if kind == 'none':
+    return None
+  if kind == 'batch':
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=axis_name, **common)
+  if kind == 'group':
+    return nn.GroupNorm(num_groups=math.gcd(groups, features), **common)
+  if kind == 'layer':
+    return nn.LayerNorm(**common)
+  raise ValueError(f"unknown norm '{kind}'; valid: none, batch, group, layer")
+
+
+class ConvBlock(nn.Module):
+  """Two 3x3 'same' convolutions with ReLU, optionally with a residual shortcut.
+
+  'postact' (the design note): `h = relu(norm2(conv2(relu(norm1(conv1(x))))))`.
+  'preact' (He et al. 2016; Zhang et al. 2018): `h = conv2(relu(norm2(conv1(relu(norm1(x))))))`,
+  where the first block of the network (`first=True`) applies `conv1` to the raw input.
+  With `residual`, the output is `h + residual_scale * shortcut`, no activation after the
+  add, where `shortcut = x` when channels and resolution match and a 1x1 convolution with
+  bias, `conv_proj`, otherwise. Without `residual` the output is `h`.
+
+  Attributes:
+    features: output channels.
+    residual: add the shortcut.
+    preact: 'preact' ordering instead of 'postact'.
+    first: preact only: no normalisation/activation before `conv1`.
+    stride: stride of `conv1` and `conv_proj` (2 downsamples).
+    norm: normalisation kind (see `make_norm`).
+    norm_groups: groups for 'group' norm.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    axis_name: BatchNorm's mapped axis (see `make_norm`).
+  """
+
+  features: int
+  residual: bool = False
+  preact: bool = False
+  first: bool = False
+  stride: int = 1
+  norm: str = 'none'
+  norm_groups: int = 8
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, residual_scale: jax.Array | None = None) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: `[B, H, W, C_in]`.
+      train: BatchNorm mode. Positional so that `nn.remat` can mark it static.
+      residual_scale: scalar multiplier on the shortcut (apply-time knock-out); None is 1.
+
+    Returns:
+      `[B, H / stride, W / stride, features]` in `dtype`.
+    """
+
+    def conv(features, kernel, stride, name):
+      return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding='SAME',
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+      )
+
+    def norm_act(h, name):
+      layer = make_norm(
+        self.norm,
+        h.shape[-1],
+        train=train,
+        groups=self.norm_groups,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        axis_name=self.axis_name,
+        name=name,
+      )
+      return nn.relu(h if layer is None else layer(h))
+
+    if self.preact:
+      h = x if self.first else norm_act(x, 'norm1')
+      h = conv(self.features, 3, self.stride, 'conv1')(h)
+      h = conv(self.features, 3, 1, 'conv2')(norm_act(h, 'norm2'))
+    else:
+      h = norm_act(conv(self.features, 3, self.stride, 'conv1')(x), 'norm1')
+      h = norm_act(conv(self.features, 3, 1, 'conv2')(h), 'norm2')
+    if not self.residual:
+      return h
+    shortcut = x
+    if x.shape[-1] != self.features or self.stride != 1:
+      shortcut = conv(self.features, 1, self.stride, 'conv_proj')(x)
+    if residual_scale is not None:
+      shortcut = shortcut * jnp.asarray(residual_scale, shortcut.dtype)
+    return h + shortcut

@@ -1,0 +1,201 @@
+"""`ModelConfig`, the single source of truth for the U-Net family, and its presets.
+
+Every architectural choice of `resunet_jax.models.UNet` is a field of the frozen, hashable
+`ModelConfig`. The defaults are the U-Net of the design note (base width 64, depth 4, two
+3x3 'same' convs + ReLU per level, 2x2 max-pool, nearest-neighbour x2 upsampling, concat
+skips, no normalisation, biases on, 1x1 head). Presets are named sets of overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+NORMS = ('none', 'batch', 'group', 'layer')
+UPSAMPLES = ('nearest', 'bilinear', 'transpose')
+BLOCKS = ('postact', 'preact')
+DOWNSAMPLES = ('maxpool', 'stride')
+DTYPES = ('float32', 'bfloat16', 'float16')
+MAX_DEPTH = 8
+
+
+def _suggest(name: str, valid: Sequence[str]) -> str:
+  close = difflib.get_close_matches(name, list(valid), n=1)
+  return f" (did you mean '{close[0]}'?)" if close else ''
+
+
+def unknown_key_error(kind: str, unknown: Sequence[str], valid: Sequence[str]) -> ValueError:
+  """A one-line error naming the unknown keys, a close match and every valid key."""
+  names = ', '.join(f"'{k}'{_suggest(k, valid)}" for k in sorted(unknown))
+  return ValueError(f'unknown {kind} {names}; valid: {", ".join(valid)}')
+
+
+def _parse_skips(skips: Any, depth: int) -> tuple[bool, ...]:
+  """Resolves a `skips` spec to one bool per level (level 0 is the finest resolution)."""
+  if isinstance(skips, str):
+    if skips == 'all':
+      return (True,) * depth
+    if skips == 'none':
+      return (False,) * depth
+    if skips and set(skips) <= {'0', '1'}:
+      levels = tuple(c == '1' for c in skips)
+    else:
+      raise ValueError(
+        f"skips={skips!r} is not valid; use 'all', 'none', a string of 0/1 per level "
+        f"(level 0 first, e.g. '1011'), or a tuple of {depth} bools"
+      )
+  elif isinstance(skips, Sequence) and all(isinstance(s, (bool, int)) for s in skips):
+    levels = tuple(bool(s) for s in skips)
+  else:
+    raise ValueError(f"skips={skips!r} is not valid; use 'all', 'none', '0101'-style or bools")
+  if len(levels) != depth:
+    raise ValueError(f'skips={skips!r} has {len(levels)} entries but depth is {depth}; give one per level')
+  return levels
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Hyperparameters of a U-Net / ResUNet (frozen, hashable, strict).
+
+  Attributes:
+    base_width: channels at level 0; level `l` has `base_width * 2**l` channels and the
+      bottleneck (bridge) `base_width * 2**depth`.
+    depth: number of downsampling steps (encoder levels); the note uses 4, Zhang et al. 3.
+    residual: blocks add a shortcut (identity, or a 1x1 `conv_proj` when channels or
+      resolution change) to their conv branch.
+    skips: which long encoder-to-decoder skip connections exist: 'all', 'none', a string
+      of '0'/'1' per level ('1011': level 1 removed; level 0 is the finest), or a tuple of
+      `depth` bools. A removed skip removes the concatenation, so the decoder block's input
+      channels shrink (static structure; its own parameter tree).
+    norm: 'none' | 'batch' | 'group' | 'layer' ('layer' normalises each pixel's channels).
+    norm_groups: groups for 'group' norm; a level with fewer channels uses their gcd.
+    upsample: 'nearest' | 'bilinear' (parameter-free x2 resize) | 'transpose' (2x2
+      stride-2 transposed conv to the level's width, as in the U-Net paper).
+    block: 'postact' (conv -> norm -> ReLU, twice; the note) or 'preact' (norm -> ReLU ->
+      conv, twice; He et al. 2016, used by Zhang et al. 2018).
+    downsample: 'maxpool' (2x2 max-pool before each lower block; the note) or 'stride'
+      (stride-2 first conv of each lower block; Zhang et al.).
+    num_classes: output channels: 1 for a sigmoid, K for a softmax.
+    dtype: compute dtype name; logits are always float32.
+    param_dtype: parameter dtype name.
+    remat: rematerialise each block in the backward pass (less memory, more compute).
+  """
+
+  base_width: int = 64
+  depth: int = 4
+  residual: bool = False
+  skips: str | tuple[bool, ...] = 'all'
+  norm: str = 'none'
+  norm_groups: int = 8
+  upsample: str = 'nearest'
+  block: str = 'postact'
+  downsample: str = 'maxpool'
+  num_classes: int = 1
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: bool = False
+
+  def __new__(cls, **kwargs: Any) -> ModelConfig:
+    # Runs before the dataclass __init__, so a mistyped key gets the valid names.
+    unknown = set(kwargs) - set(cls.field_names())
+    if unknown:
+      raise unknown_key_error('ModelConfig field', sorted(unknown), cls.field_names())
+    return super().__new__(cls)
+
+  def __post_init__(self) -> None:
+    if isinstance(self.skips, list):  # Keep the config hashable.
+      object.__setattr__(self, 'skips', tuple(self.skips))
+    for name in ('base_width', 'depth', 'norm_groups', 'num_classes'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'ModelConfig.{name}={value!r} must be a positive integer')
+    if self.depth > MAX_DEPTH:
+      raise ValueError(f'ModelConfig.depth={self.depth} is above {MAX_DEPTH}; inputs are padded to 2**depth')
+    for name in ('residual', 'remat'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'ModelConfig.{name}={getattr(self, name)!r} must be True or False')
+    for name, valid in (
+      ('norm', NORMS),
+      ('upsample', UPSAMPLES),
+      ('block', BLOCKS),
+      ('downsample', DOWNSAMPLES),
+      ('dtype', DTYPES),
+      ('param_dtype', DTYPES),
+    ):
+      value = getattr(self, name)
+      if value not in valid:
+        raise ValueError(f'ModelConfig.{name}={value!r}{_suggest(str(value), valid)}; valid: {", ".join(valid)}')
+    _parse_skips(self.skips, self.depth)
+
+  @classmethod
+  def field_names(cls) -> tuple[str, ...]:
+    """All field names, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+    """Builds a config from a mapping; unknown keys raise listing the valid ones."""
+    return cls(**dict(values))
+
+  def replace(self, **overrides: Any) -> ModelConfig:
+    """A copy with `overrides` applied (strict, validated)."""
+    return type(self).from_dict({**self.to_dict(), **overrides})
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain dict of the fields (JSON-serialisable)."""
+    return dataclasses.asdict(self)
+
+  @property
+  def skip_levels(self) -> tuple[bool, ...]:
+    """One bool per level, level 0 (finest) first: whether that long skip exists."""
+    return _parse_skips(self.skips, self.depth)
+
+  def widths(self) -> tuple[int, ...]:
+    """Channels of encoder levels 0..depth-1 followed by the bottleneck."""
+    return tuple(self.base_width * 2**level for level in range(self.depth + 1))
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+  # The design note's U-Net, exactly: 31,378,945 parameters at 128x128x3.
+  'unet': {},
+  # The note's ResUNet made buildable: 1x1 projections where channels change.
+  'resunet': {'residual': True},
+  # Zhang, Liu & Wang, "Road Extraction by Deep Residual U-Net", IEEE GRSL 2018.
+  'resunet_zhang': {
+    'residual': True,
+    'depth': 3,
+    'norm': 'batch',
+    'block': 'preact',
+    'downsample': 'stride',
+  },
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  """Returns the named preset's `ModelConfig` with `overrides` applied.
+
+  Args:
+    name: one of `PRESETS` ('unet', 'resunet', 'resunet_zhang').
+    **overrides: `ModelConfig` fields that win over the preset's values.
+
+  Returns:
+    The validated `ModelConfig`.
+
+  Raises:
+    ValueError: unknown preset (the message lists them) or unknown/invalid field.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset '{name}'{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+  return ModelConfig.from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,255 @@
+"""UNet: pinned parameter counts, every switch, knock-out scales, sizes, dtypes, remat."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resunet_jax import models
+
+KEY = jax.random.key(0)
+
+
+def _init(config, x):
+  return models.UNet(config).init(KEY, x, train=False)
+
+
+def _apply(config, variables, x, **kwargs):
+  return models.UNet(config).apply(variables, x, train=False, **kwargs)
+
+
+def _images(shape, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _abstract_params(config, hw):
+  x = jax.ShapeDtypeStruct((1, hw, hw, 3), jnp.float32)
+  return jax.eval_shape(lambda x: models.UNet(config).init(KEY, x, train=False), x)['params']
+
+
+@pytest.mark.parametrize(
+  ('name', 'size', 'expected'),
+  [
+    ('unet', 128, 31_378_945),
+    ('resunet', 128, 33_122_881),
+    ('resunet_zhang', 224, 8_220_993),
+  ],
+)
+def test_preset_parameter_counts_are_pinned(name, size, expected):
+  assert models.count_params(_abstract_params(models.preset(name), size)) == expected
+
+
+def test_note_resunet_projects_every_block():
+  params = _abstract_params(models.preset('resunet'), 128)
+  names = models.block_names(models.preset('resunet'))
+  assert all('conv_proj' in params[name] for name in names)
+  assert params['dec_3']['conv_proj']['kernel'].shape == (1, 1, 1536, 512)
+  assert params['enc_0']['conv_proj']['kernel'].shape == (1, 1, 3, 64)
+
+
+# Tiny networks: depth 2, widths 4 / 8 / 16, on inputs that are not multiples of 4.
+TINY = {'base_width': 4, 'depth': 2}
+X_TINY = _images((2, 10, 14, 3))
+
+
+def _expected_decoder_inputs(config):
+  """Input channels of dec_1 and dec_0 implied by the switches."""
+  widths, inputs = config.widths(), {}
+  for level in reversed(range(config.depth)):
+    up = widths[level] if config.upsample == 'transpose' else widths[level + 1]
+    inputs[f'dec_{level}'] = up + (widths[level] if config.skip_levels[level] else 0)
+  return inputs
+
+
+@pytest.mark.parametrize(
+  ('skips', 'residual', 'norm', 'upsample'),
+  list(itertools.product(['all', 'none', '10'], [False, True], models.config.NORMS, models.config.UPSAMPLES)),
+)
+def test_every_switch_combination(skips, residual, norm, upsample):
+  config = models.ModelConfig(skips=skips, residual=residual, norm=norm, upsample=upsample, **TINY)
+  variables = _init(config, X_TINY)
+  logits = _apply(config, variables, X_TINY)
+  assert logits.shape == (2, 10, 14, 1) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+
+  params = variables['params']
+  expected = {'enc_0', 'enc_1', 'bottleneck', 'dec_1', 'dec_0', 'head'}
+  if upsample == 'transpose':
+    expected |= {'up_0', 'up_1'}
+  assert set(params) == expected
+  assert ('batch_stats' in variables) == (norm == 'batch')
+  in_channels = {'enc_0': 3, 'enc_1': 4, 'bottleneck': 8, **_expected_decoder_inputs(config)}
+  out_channels = {'enc_0': 4, 'enc_1': 8, 'bottleneck': 16, 'dec_1': 8, 'dec_0': 4}
+  for name, block in ((n, params[n]) for n in models.block_names(config)):
+    assert block['conv1']['kernel'].shape == (3, 3, in_channels[name], out_channels[name])
+    assert ('conv_proj' in block) == (residual and in_channels[name] != out_channels[name])
+    assert ('norm1' in block) == (norm != 'none')
+
+  if norm == 'batch':
+    logits, updates = models.UNet(config).apply(variables, X_TINY, train=True, mutable=['batch_stats'])
+    assert np.isfinite(np.asarray(logits)).all()
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates['batch_stats'], variables['batch_stats'])
+    assert all(jax.tree.leaves(changed))
+
+
+@pytest.mark.parametrize(('block', 'downsample'), [('postact', 'stride'), ('preact', 'maxpool'), ('preact', 'stride')])
+def test_block_and_downsample_variants(block, downsample):
+  config = models.ModelConfig(block=block, downsample=downsample, residual=True, norm='batch', **TINY)
+  variables = _init(config, X_TINY)
+  logits, state = models.UNet(config).apply(variables, X_TINY, train=False, capture_intermediates=True)
+  assert logits.shape == (2, 10, 14, 1)
+  shapes = {name: state['intermediates'][name]['__call__'][0].shape for name in models.block_names(config)}
+  # Padded to 12x16; each encoder level halves the resolution, whether by pool or stride.
+  assert shapes['enc_0'] == (2, 12, 16, 4) and shapes['enc_1'] == (2, 6, 8, 8)
+  assert shapes['bottleneck'] == (2, 3, 4, 16)
+  params = variables['params']
+  # The first preact unit convolves the raw input (Zhang et al.): no norm before its conv1.
+  assert ('norm1' in params['enc_0']) == (block == 'postact')
+  assert 'norm1' in params['enc_1']
+
+
+def _drop_skip(variables, config, level):
+  """The variables of `config` without the level's skip: the skip-channel slice removed."""
+  up = config.widths()[level] if config.upsample == 'transpose' else config.widths()[level + 1]
+
+  def cut(path, leaf):
+    names = [getattr(p, 'key', None) for p in path]
+    if names[1] != f'dec_{level}':
+      return leaf
+    if names[2] in ('conv1', 'conv_proj') and names[3] == 'kernel':
+      return leaf[:, :, :up, :]
+    if names[2] == 'norm1' and config.block == 'preact':  # Normalises the concatenated input.
+      return leaf[:up]
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(cut, variables)
+
+
+@pytest.mark.parametrize(
+  ('residual', 'norm', 'upsample', 'block'),
+  [
+    (False, 'none', 'nearest', 'postact'),
+    (True, 'none', 'nearest', 'postact'),
+    (True, 'batch', 'bilinear', 'postact'),
+    (False, 'none', 'transpose', 'postact'),
+    (True, 'batch', 'nearest', 'preact'),
+  ],
+)
+@pytest.mark.parametrize('level', [0, 1])
+def test_zero_skip_scale_equals_network_without_that_skip(residual, norm, upsample, block, level):
+  config = models.ModelConfig(residual=residual, norm=norm, upsample=upsample, block=block, **TINY)
+  variables = _init(config, X_TINY)
+  scale = jnp.ones(2).at[level].set(0.0)
+  knocked_out = _apply(config, variables, X_TINY, skip_scale=scale)
+
+  without = config.replace(skips=''.join('0' if i == level else '1' for i in range(2)))
+  reference_variables = _drop_skip(variables, config, level)
+  assert jax.tree.map(jnp.shape, reference_variables) == jax.tree.map(jnp.shape, _init(without, X_TINY))
+  reference = _apply(without, reference_variables, X_TINY)
+  # Mathematically identical; only the convolution's summation order differs.
+  np.testing.assert_allclose(knocked_out, reference, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(knocked_out, _apply(config, variables, X_TINY), atol=1e-4)
+
+
+def test_unit_scales_equal_the_plain_call():
+  config = models.ModelConfig(residual=True, norm='batch', **TINY)
+  variables = _init(config, X_TINY)
+  plain = _apply(config, variables, X_TINY)
+  scaled = _apply(config, variables, X_TINY, skip_scale=jnp.ones(2), residual_scale=jnp.ones(5))
+  np.testing.assert_array_equal(plain, scaled)
+
+
+def test_zero_residual_scale_equals_plain_network_without_projections():
+  config = models.ModelConfig(residual=True, **TINY)
+  variables = _init(config, X_TINY)
+  knocked_out = _apply(config, variables, X_TINY, residual_scale=jnp.zeros(5))
+  plain = config.replace(residual=False)
+  params = {name: {k: v for k, v in block.items() if k != 'conv_proj'} for name, block in variables['params'].items()}
+  np.testing.assert_array_equal(knocked_out, _apply(plain, {'params': params}, X_TINY))
+
+
+def test_all_skip_masks_in_one_vmapped_call():
+  config = models.ModelConfig(residual=True, base_width=4, depth=3)
+  x = _images((1, 16, 16, 3))
+  variables = _init(config, x)
+  masks = jnp.array(list(itertools.product([0.0, 1.0], repeat=3)))
+  with_skip_scale = jax.jit(lambda scale: _apply(config, variables, x, skip_scale=scale))
+  batched = jax.jit(jax.vmap(with_skip_scale))(masks)
+  assert batched.shape == (8, 1, 16, 16, 1)
+  for mask, out in zip(masks, batched, strict=True):
+    np.testing.assert_allclose(out, with_skip_scale(mask), rtol=1e-5, atol=1e-6)
+  # The residual shortcuts vmap the same way.
+  with_residual_scale = jax.jit(lambda scale: _apply(config, variables, x, residual_scale=scale))
+  residual_masks = jnp.eye(7)
+  outs = jax.jit(jax.vmap(with_residual_scale))(residual_masks)
+  np.testing.assert_allclose(outs[2], with_residual_scale(residual_masks[2]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ('kwargs', 'message'),
+  [
+    ({'skip_scale': jnp.ones(3)}, r'skip_scale has shape \(3,\); .* shape \(2,\)'),
+    ({'residual_scale': jnp.ones(4)}, r'residual_scale has shape \(4,\); .* shape \(5,\)'),
+  ],
+)
+def test_scale_of_wrong_length_is_refused(kwargs, message):
+  config = models.ModelConfig(residual=True, **TINY)
+  variables = _init(config, X_TINY)
+  with pytest.raises(ValueError, match=message):
+    _apply(config, variables, X_TINY, **kwargs)
+
+
+def test_residual_scale_needs_a_residual_model():
+  config = models.ModelConfig(**TINY)
+  with pytest.raises(ValueError, match='residual=False'):
+    _apply(config, _init(config, X_TINY), X_TINY, residual_scale=jnp.ones(5))
+
+
+def test_non_nhwc_input_is_refused():
+  config = models.ModelConfig(**TINY)
+  with pytest.raises(ValueError, match=r'NHWC.*\(10, 14, 3\)'):
+    _init(config, X_TINY[0])
+
+
+def test_odd_input_size_is_padded_centred_and_cropped():
+  config = models.ModelConfig(base_width=2, depth=4, residual=True)
+  x = _images((1, 97, 131, 3))
+  variables = _init(config, x)
+  logits = _apply(config, variables, x)
+  assert logits.shape == (1, 97, 131, 1)
+  # 97 -> 112 and 131 -> 144: 7 rows above, 8 below, 6 columns left, 7 right.
+  padded = jnp.pad(x, ((0, 0), (7, 8), (6, 7), (0, 0)))
+  np.testing.assert_allclose(logits, _apply(config, variables, padded)[:, 7:104, 6:137], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_logits():
+  config = models.ModelConfig(residual=True, norm='group', **TINY)
+  variables = _init(config, X_TINY)
+  low = jax.jit(lambda v: _apply(config.replace(dtype='bfloat16'), v, X_TINY))(variables)
+  full = jax.jit(lambda v: _apply(config, v, X_TINY))(variables)
+  assert low.dtype == jnp.float32
+  assert not np.array_equal(low, full)  # the convolutions really ran in bfloat16
+  np.testing.assert_allclose(low, full, atol=0.05 * float(jnp.abs(full).max()))
+  bf16_params = jax.eval_shape(functools.partial(_init, config.replace(param_dtype='bfloat16')), X_TINY)['params']
+  assert {leaf.dtype for leaf in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_remat_gives_the_same_output_and_gradients():
+  config = models.ModelConfig(residual=True, norm='batch', **TINY)
+  variables = _init(config, X_TINY)
+
+  def loss(params, remat):
+    model = models.UNet(config.replace(remat=remat))
+    logits, _ = model.apply({**variables, 'params': params}, X_TINY, train=True, mutable=['batch_stats'])
+    return jnp.mean(logits**2)
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  value, grads = value_and_grad(variables['params'], False)
+  value_remat, grads_remat = value_and_grad(variables['params'], True)
+  remat_variables = jax.eval_shape(functools.partial(_init, config.replace(remat=True)), X_TINY)
+  assert jax.tree.structure(remat_variables) == jax.tree.structure(variables)
+  np.testing.assert_allclose(value, value_remat, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_remat)

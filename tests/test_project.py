@@ -1,0 +1,65 @@
+"""The project's promises: the README's example runs, its commands are what CI and users run."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / 'README.md').read_text()
+
+
+def _blocks(language):
+  return re.findall(rf'```{language}\n(.*?)```', README, flags=re.S)
+
+
+def test_readme_module_example_runs_as_written(capsys):
+  (example,) = _blocks('python')
+  exec(compile(example, 'README.md', 'exec'), {})
+  assert capsys.readouterr().out.split()[-4:] == ['(2,', '96,', '96,', '1)']
+
+
+def test_quickstart_is_two_commands_and_ci_runs_the_test_command():
+  setup_and_train, setup_and_test = (block.strip() for block in _blocks('bash'))
+  assert setup_and_train.endswith('python experiments/train.py --model=resunet')
+  assert 'pytest' in setup_and_test
+  assert setup_and_test in (ROOT / '.ci' / 'run').read_text().splitlines()
+
+
+def _train(*args):
+  return subprocess.run(
+    [sys.executable, 'experiments/train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+
+
+def test_main_job_command_reports_the_real_network():
+  result = _train('--model=resunet')
+  assert result.returncode == 0, result.stderr
+  assert 'total         33,122,881' in result.stdout
+  assert 'logits (1, 128, 128, 1) float32' in result.stdout
+
+
+def test_config_overrides_win_over_the_preset():
+  result = _train('--model=resunet', '--config.model.residual=False', '--config.model.base_width=64')
+  assert result.returncode == 0, result.stderr
+  assert 'residual=False' in result.stdout and 'total         31,378,945' in result.stdout
+
+
+@pytest.mark.parametrize(
+  ('args', 'message'),
+  [
+    (['--model=resnet'], "error: unknown model preset 'resnet' (did you mean 'resunet'?)"),
+    (['--config.model.base_widht=8'], 'error: \'base_widht\' Did you mean "base_width"'),
+    (['--config.model.depth=abc'], 'error: flag --config.model.depth=abc: invalid literal for int()'),
+    (['--config.model.norm=btach'], "error: ModelConfig.norm='btach' (did you mean 'batch'?)"),
+    (['--config=experiments/configs/missing.py'], 'error: Configuration is not available'),
+    (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
+  ],
+)
+def test_bad_command_lines_fail_in_one_line(args, message):
+  result = _train(*args)
+  assert result.returncode == 2
+  assert result.stderr.startswith(message), result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
