@@ -13,14 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from resunet_jax import models
+from resunet_jax.errors import UserError
 
-
-class UserError(Exception):
-  """A mistake in the user's input; `run` prints it as one line and exits with status 2."""
+__all__ = ['UserError', 'define_config_file', 'model_config_dict', 'parse_flags', 'resolve_model', 'run']
 
 
 def model_config_dict() -> ml_collections.ConfigDict:
@@ -93,6 +92,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` with one-line errors for `UserError` and bad flags."""
 
   def wrapped(argv):
+    if not flags.FLAGS['verbosity'].present:  # Library INFO chatter only on request (-v 0).
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except UserError as e:

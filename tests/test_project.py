@@ -1,5 +1,6 @@
 """The project's promises: the README's example runs, its commands are what CI and users run."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -28,21 +29,30 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_command():
   assert setup_and_test in (ROOT / '.ci' / 'run').read_text().splitlines()
 
 
-def _train(*args):
+@pytest.fixture(scope='module')
+def tfds_env(tmp_path_factory):
+  """An empty TFDS data directory: the first command builds the embedded dataset into it."""
+  return {**os.environ, 'TFDS_DATA_DIR': str(tmp_path_factory.mktemp('tfds_full'))}
+
+
+def _train(*args, env=None):
   return subprocess.run(
-    [sys.executable, 'experiments/train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    [sys.executable, 'experiments/train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
   )
 
 
-def test_main_job_command_reports_the_real_network():
-  result = _train('--model=resunet')
+def test_main_job_command_builds_the_data_and_reports_the_real_network(tfds_env):
+  result = _train('--model=resunet', env=tfds_env)
   assert result.returncode == 0, result.stderr
+  assert (
+    "data: synthetic_roads, 2 classes, images (128, 128, 3), splits {'train': 2000, 'validation': 200" in result.stdout
+  )
   assert 'total         33,122,881' in result.stdout
   assert 'logits (1, 128, 128, 1) float32' in result.stdout
 
 
-def test_config_overrides_win_over_the_preset():
-  result = _train('--model=resunet', '--config.model.residual=False', '--config.model.base_width=64')
+def test_config_overrides_win_over_the_preset(tfds_env):
+  result = _train('--model=resunet', '--config.model.residual=False', '--config.model.base_width=64', env=tfds_env)
   assert result.returncode == 0, result.stderr
   assert 'residual=False' in result.stdout and 'total         31,378,945' in result.stdout
 
@@ -56,6 +66,10 @@ def test_config_overrides_win_over_the_preset():
     (['--config.model.norm=btach'], "error: ModelConfig.norm='btach' (did you mean 'batch'?)"),
     (['--config=experiments/configs/missing.py'], 'error: Configuration is not available'),
     (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
+    (
+      ['--config.data.name=synthetic_cels'],
+      "error: unknown dataset 'synthetic_cels' (did you mean 'synthetic_cells'?)",
+    ),
   ],
 )
 def test_bad_command_lines_fail_in_one_line(args, message):

@@ -9,11 +9,12 @@ skips, no normalisation, biases on, 1x1 head). Presets are named sets of overrid
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+
+from resunet_jax.errors import suggest as _suggest
 
 NORMS = ('none', 'batch', 'group', 'layer')
 UPSAMPLES = ('nearest', 'bilinear', 'transpose')
@@ -21,11 +22,6 @@ BLOCKS = ('postact', 'preact')
 DOWNSAMPLES = ('maxpool', 'stride')
 DTYPES = ('float32', 'bfloat16', 'float16')
 MAX_DEPTH = 8
-
-
-def _suggest(name: str, valid: Sequence[str]) -> str:
-  close = difflib.get_close_matches(name, list(valid), n=1)
-  return f" (did you mean '{close[0]}'?)" if close else ''
 
 
 def unknown_key_error(kind: str, unknown: Sequence[str], valid: Sequence[str]) -> ValueError:

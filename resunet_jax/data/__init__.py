@@ -1,0 +1,23 @@
+"""Datasets and the input pipeline.
+
+Importing this package registers the embedded TFDS builders (`synthetic_roads`,
+`synthetic_cells`), so `tfds.data_source('synthetic_roads', split='validation')` works once
+they are built (`sources.prepare_embedded`, or any pipeline over them, builds them).
+"""
+
+from resunet_jax.data import builders, sources, transforms
+from resunet_jax.data.pipeline import DatasetInfo, dataset_info, default_config, make_pipeline, shard, to_global
+from resunet_jax.data.sources import open_split
+
+__all__ = [
+  'DatasetInfo',
+  'builders',
+  'dataset_info',
+  'default_config',
+  'make_pipeline',
+  'open_split',
+  'shard',
+  'sources',
+  'to_global',
+  'transforms',
+]

@@ -1,0 +1,187 @@
+"""The deterministic, resumable Grain input pipeline and the dataset's metadata.
+
+Train: source -> this process's shard -> shuffle (seeded, new order each epoch) -> repeat ->
+random crop/scale -> flips and rot90 -> [elastic] -> colour -> normalise -> batch -> prefetch.
+Eval: source -> shard, padded to whole batches with `valid = 0` examples -> resize ->
+normalise -> batch. Every random draw comes from Grain's per-element generators, seeded from
+`seed` and the element's position, so the batches depend on nothing else, and the iterator's
+`get_state()` / `set_state()` (or Grain's Orbax handler) resume at exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from resunet_jax.data import sources, transforms
+from resunet_jax.errors import DataError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.data` section with its defaults (the single place they are set)."""
+  c = ml_collections.ConfigDict()
+  c.name = 'synthetic_roads'  # a TFDS name ('synthetic_cells/three_class_default', ...) or 'folder'
+  c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR or the default
+  c.image_size = 128  # square side the pipeline produces
+  c.image_key = config_dict.placeholder(str)  # TFDS feature keys; None: the known dataset's
+  c.mask_key = config_dict.placeholder(str)
+  c.label_map = config_dict.placeholder(dict)  # mask value -> class id; None: the dataset's
+  c.train_split = config_dict.placeholder(str)  # None: the dataset's split for each role
+  c.validation_split = config_dict.placeholder(str)
+  c.test_split = config_dict.placeholder(str)
+  c.folder = config_dict.placeholder(str)  # root of a folder dataset (name='folder')
+  c.holdout_percent = 10  # folder without split folders: percent to validation, and to test
+  c.mean = (0.5, 0.5, 0.5)  # normalisation of [0, 1] pixel values
+  c.std = (0.25, 0.25, 0.25)
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_scale = (0.5, 1.0)  # area fraction of the random crop, resized to image_size
+  c.augment.hflip = True
+  c.augment.vflip = True
+  c.augment.rot90 = True
+  c.augment.brightness = 0.1
+  c.augment.contrast = 0.1
+  c.augment.gamma = 0.1
+  c.augment.elastic_prob = 0.0  # U-Net paper's elastic deformation: 3x3 grid, 10 px
+  c.augment.elastic_grid = 3
+  c.augment.elastic_sigma = 10.0
+  c.read_threads = 4  # Grain read threads per process
+  c.prefetch = 32  # elements buffered ahead
+  c.num_workers = 0  # Grain worker processes (0: in-process threads only)
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What configs should not repeat about a dataset.
+
+  Attributes:
+    name: dataset name.
+    num_classes: classes in the masks, background included (2 for binary).
+    image_shape: `(H, W, C)` of the images the pipeline yields.
+    split_sizes: examples per split role.
+  """
+
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  split_sizes: Mapping[str, int]
+
+  @property
+  def model_outputs(self) -> int:
+    """Logits per pixel: 1 (sigmoid) for a binary task, else `num_classes` (softmax)."""
+    return 1 if self.num_classes == 2 else self.num_classes
+
+
+def dataset_info(config: Any, roles: Sequence[str] = sources.SPLIT_ROLES) -> DatasetInfo:
+  """Opens (building an embedded dataset if needed) and describes the dataset."""
+  sizes = {role: len(sources.open_split(config, role)) for role in roles}
+  return DatasetInfo(config.name, sources.num_classes(config), (config.image_size, config.image_size, 3), sizes)
+
+
+class _Shard(Sequence):
+  """The examples `indices` of a source, each tagged `valid` (0 for padding)."""
+
+  def __init__(self, source: Sequence, indices: np.ndarray, valid: np.ndarray):
+    self._source, self._indices, self._valid = source, indices, valid
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return {**self._source[int(self._indices[index])], 'valid': self._valid[index]}
+
+
+def shard(num_examples: int, index: int, count: int, *, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of process `index` of `count`, and their validity.
+
+  Without `pad_to`, every process gets the same number of examples, `num_examples // count`
+  (training: the remainder is dropped). With it, the shard keeps all its examples and is
+  padded with its first index, marked invalid, to `pad_to` (evaluation: nothing dropped,
+  equal shapes on every process).
+  """
+  if pad_to is None:
+    indices = np.arange(index, (num_examples // count) * count, count)
+    return indices, np.ones(len(indices), np.float32)
+  indices = np.arange(index, num_examples, count)
+  padding = pad_to - len(indices)
+  valid = np.concatenate([np.ones(len(indices), np.float32), np.zeros(padding, np.float32)])
+  return np.concatenate([indices, np.full(padding, index)]), valid
+
+
+def make_pipeline(
+  config: Any,
+  role: str,
+  *,
+  batch_size: int,
+  seed: int,
+  train: bool,
+  num_epochs: int | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+) -> grain.IterDataset:
+  """The input pipeline of this process for one split.
+
+  Args:
+    config: the `config.data` section (see `default_config`).
+    role: 'train' | 'validation' | 'test' (or a raw split string of the dataset).
+    batch_size: examples per batch on this process (the global batch / process count).
+    seed: shuffling and augmentation seed.
+    train: shuffle, repeat and augment; otherwise one padded pass in order.
+    num_epochs: training epochs; None repeats forever. Ignored for evaluation.
+    shard_index: this process's shard; default `jax.process_index()`.
+    shard_count: number of shards; default `jax.process_count()`.
+
+  Returns:
+    An iterable of batches `{'image': float32 [B, S, S, 3], 'mask': int32 [B, S, S],
+    'valid': float32 [B], 'id': str [B]}`; its iterator is checkpointable.
+  """
+  if batch_size < 1:
+    raise DataError(f'batch size {batch_size} must be at least 1')
+  index = jax.process_index() if shard_index is None else shard_index
+  count = jax.process_count() if shard_count is None else shard_count
+  source = sources.open_split(config, role)
+  if train:
+    indices, valid = shard(len(source), index, count)
+    if len(indices) < batch_size:
+      raise DataError(
+        f'{source.name} gives {len(indices)} examples per process, fewer than the per-process batch of '
+        f'{batch_size}; lower the batch size'
+      )
+  else:
+    per_process = math.ceil(len(source) / count)
+    indices, valid = shard(len(source), index, count, pad_to=math.ceil(per_process / batch_size) * batch_size)
+  size, aug = config.image_size, config.augment
+  ds = grain.MapDataset.source(_Shard(source, indices, valid)).seed(seed)
+  if train:
+    ds = ds.shuffle().repeat(num_epochs)
+    ds = ds.random_map(transforms.RandomResizedCrop(size, tuple(aug.crop_scale)))
+    ds = ds.random_map(transforms.RandomFlipRotate(aug.hflip, aug.vflip, aug.rot90))
+    if aug.elastic_prob > 0:
+      ds = ds.random_map(transforms.RandomElastic(aug.elastic_grid, aug.elastic_sigma, aug.elastic_prob))
+    ds = ds.random_map(transforms.RandomColor(aug.brightness, aug.contrast, aug.gamma))
+  else:
+    ds = ds.map(transforms.Resize(size))
+  ds = ds.map(transforms.Normalize(tuple(config.mean), tuple(config.std)))
+  ds = ds.batch(batch_size, drop_remainder=train)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
+  if config.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+  return it
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """This process's batch as global arrays split over `sharding` (e.g. `P('data')`).
+
+  The string `id` stays on the host; image, mask and valid become one global array each.
+  """
+  return {
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(batch[key])) for key in ('image', 'mask', 'valid')
+  }

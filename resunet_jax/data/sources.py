@@ -1,0 +1,312 @@
+"""Random-access sources of (image, mask, id) records: TFDS datasets and image folders.
+
+Every source yields the same record, whatever the dataset: `image` uint8 `[H, W, 3]`, `mask`
+uint8 `[H, W]` of class ids, `id` str. Mask values are mapped through `data.label_map`;
+a value the map does not name is an error, never a silent class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from resunet_jax.data import builders
+from resunet_jax.errors import DataError, suggest
+
+SPLIT_ROLES = ('train', 'validation', 'test')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsDefaults:
+  """How to read a known TFDS dataset; the config's non-None data keys override these."""
+
+  image_key: str = 'image'
+  mask_key: str = 'mask'
+  label_map: Mapping[int, int] | None = None
+  splits: Mapping[str, str] = dataclasses.field(
+    default_factory=lambda: {'train': 'train', 'validation': 'validation', 'test': 'test'}
+  )
+
+
+EMBEDDED = {'synthetic_roads': builders.SyntheticRoads, 'synthetic_cells': builders.SyntheticCells}
+KNOWN_TFDS: dict[str, TfdsDefaults] = {
+  'synthetic_roads': TfdsDefaults(),
+  'synthetic_cells': TfdsDefaults(),
+  # Trimap: 1 pet, 2 background, 3 border (Parkhi et al., CVPR 2012); background becomes 0.
+  'oxford_iiit_pet': TfdsDefaults(
+    mask_key='segmentation_mask',
+    label_map={1: 1, 2: 0, 3: 2},
+    splits={'train': 'train[:90%]', 'validation': 'train[90%:]', 'test': 'test'},
+  ),
+}
+
+
+def base_name(name: str) -> str:
+  """'synthetic_cells/three_class_small:1.0.0' -> 'synthetic_cells'."""
+  return name.split('/')[0].split(':')[0]
+
+
+def data_dir(config: Any) -> str | None:
+  """The TFDS data directory: `config.data_dir`, else $TFDS_DATA_DIR, else the TFDS default."""
+  return config.get('data_dir') or os.environ.get('TFDS_DATA_DIR') or None
+
+
+def split_name(config: Any, role: str) -> str:
+  """The split string for `role` ('train' | 'validation' | 'test', or a raw split string)."""
+  key = f'{role}_split'
+  if role in SPLIT_ROLES and config.get(key):
+    return config[key]
+  if config.name == 'folder':
+    return role
+  defaults = KNOWN_TFDS.get(base_name(config.name), TfdsDefaults())
+  return defaults.splits.get(role, role)
+
+
+def label_lut(label_map: Mapping[Any, int] | None) -> np.ndarray | None:
+  """A 256-entry lookup table: mask value -> class id, -1 where the map says nothing."""
+  if label_map is None:
+    return None
+  lut = np.full(256, -1, np.int16)
+  for value, label in dict(label_map).items():
+    try:
+      value, label = int(value), int(label)
+    except ValueError:
+      raise DataError(f'data.label_map entry {value!r}: {label!r} is not an int-to-int mapping') from None
+    if not (0 <= value < 256 and 0 <= label < 256):
+      raise DataError(f'data.label_map entry {value}: {label} is out of range; mask values and classes are 0..255')
+    lut[value] = label
+  return lut
+
+
+class SegmentationSource(Sequence):
+  """Normalises records of a base source to `{'image', 'mask', 'id'}` (see module doc).
+
+  Attributes:
+    name: dataset and split, for messages.
+  """
+
+  def __init__(self, base, name: str, image_key: str, mask_key: str, lut: np.ndarray | None):
+    self._base, self.name = base, name
+    self._image_key, self._mask_key, self._lut = image_key, mask_key, lut
+
+  def __len__(self) -> int:
+    return len(self._base)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._base[index]
+    try:
+      image, mask = record[self._image_key], record[self._mask_key]
+    except KeyError as e:
+      raise DataError(
+        f'{self.name}: no feature {e}; it has {sorted(record)}: set data.image_key and data.mask_key'
+      ) from None
+    record_id = record.get('id', record.get('file_name', str(index)))
+    record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
+    return {'image': to_rgb(image, f'{self.name} {record_id}'), 'mask': self._map(mask, record_id), 'id': record_id}
+
+  def _map(self, mask: np.ndarray, record_id: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+      mask = mask[..., 0]
+    if mask.ndim != 2:
+      raise DataError(f'{self.name} {record_id}: mask has shape {mask.shape}; masks are single-channel class ids')
+    if mask.dtype != np.uint8:
+      if mask.min() < 0 or mask.max() > 255:
+        raise DataError(f'{self.name} {record_id}: mask values span {mask.min()}..{mask.max()}; expected 0..255')
+      mask = mask.astype(np.uint8)
+    if self._lut is None:
+      return mask
+    mapped = self._lut[mask]
+    if (mapped < 0).any():
+      bad = sorted(set(np.unique(mask[mapped < 0]).tolist()))
+      raise DataError(
+        f'{self.name} {record_id}: mask values {bad[:8]} are not in data.label_map '
+        f'(maps {sorted(int(v) for v in np.flatnonzero(self._lut >= 0))}); add them to data.label_map'
+      )
+    return mapped.astype(np.uint8)
+
+
+def to_rgb(image: np.ndarray, where: str) -> np.ndarray:
+  """uint8 `[H, W, 3]`: grey is repeated, RGBA's alpha dropped; anything else is an error."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.dtype != np.uint8:
+    raise DataError(f'{where}: image dtype {image.dtype}; 8-bit images are expected')
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise DataError(f'{where}: image shape {image.shape}; expected grey, RGB or RGBA')
+  if image.shape[-1] == 1:
+    return np.repeat(image, 3, axis=-1)
+  return image[..., :3]
+
+
+def prepare_embedded(name: str, directory: str | None) -> None:
+  """Builds an embedded dataset (all splits) into the TFDS data directory unless present."""
+  builder = tfds.builder(name, data_dir=directory)
+  if not builder.is_prepared():
+    builder.download_and_prepare(file_format='array_record')
+
+
+def open_tfds(config: Any, role: str) -> SegmentationSource:
+  """The TFDS dataset `config.name` as a `SegmentationSource` for split `role`."""
+  name, directory = config.name, data_dir(config)
+  known = KNOWN_TFDS.get(base_name(name))
+  if base_name(name) in EMBEDDED:
+    prepare_embedded(name, directory)
+  elif base_name(name) not in tfds.list_builders(with_community_datasets=False):
+    choices = ', '.join([*KNOWN_TFDS, 'folder', 'or any TFDS dataset name'])
+    raise DataError(f"unknown dataset '{name}'{suggest(base_name(name), [*KNOWN_TFDS, 'folder'])}; known: {choices}")
+  split = split_name(config, role)
+  try:
+    # download=False: a missing dataset fails now instead of trying the network.
+    base = tfds.data_source(name, split=split, data_dir=directory, download=False)
+  except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as e:
+    where = directory or 'the default TFDS data directory'
+    prepared = tfds.builder(name, data_dir=directory).is_prepared()
+    reason = ' '.join(str(e).split())[:200] if prepared else 'not prepared'
+    raise DataError(
+      f"dataset '{name}' split '{split}' is not available in {where} ({reason}); prepare it on a machine "
+      f'with internet access with `tfds build {name} --data_dir=DIR` and set data.data_dir or TFDS_DATA_DIR'
+    ) from None
+  if len(base) == 0:
+    raise DataError(f"dataset '{name}' split '{split}' is empty; choose another split")
+  known = known or TfdsDefaults()
+  label_map = config.get('label_map') or known.label_map
+  image_key = config.get('image_key') or known.image_key
+  mask_key = config.get('mask_key') or known.mask_key
+  return SegmentationSource(base, f'{name}[{split}]', image_key, mask_key, label_lut(label_map))
+
+
+def _stems(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+  return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _holdout_bucket(stem: str) -> int:
+  # A stable hash: adding files never moves an existing file to another split.
+  return int(hashlib.md5(stem.encode()).hexdigest(), 16) % 100
+
+
+class _FolderFiles(Sequence):
+  """Pairs of image and mask files, read with Pillow."""
+
+  def __init__(self, pairs: list[tuple[str, pathlib.Path, pathlib.Path]]):
+    self.pairs = pairs
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    stem, image_path, mask_path = self.pairs[index]
+    return {'image': read_image(image_path), 'mask': read_mask(mask_path), 'id': stem}
+
+
+def _open_image(path: pathlib.Path, kind: str) -> Image.Image:
+  try:
+    return Image.open(path)
+  except (OSError, ValueError) as e:
+    raise DataError(f'cannot read {kind} {path}: {e}; replace or remove the file') from None
+
+
+def read_image(path: pathlib.Path) -> np.ndarray:
+  """An image file as uint8 `[H, W, 3]` (grey, palette and RGBA converted to RGB)."""
+  with _open_image(path, 'image') as image:
+    try:
+      return np.asarray(image.convert('RGB'))
+    except (OSError, ValueError) as e:
+      raise DataError(f'cannot read image {path}: {e}; replace or remove the file') from None
+
+
+def read_mask(path: pathlib.Path) -> np.ndarray:
+  """A mask file as uint8 `[H, W]` values (palette indices kept; equal-channel RGB allowed)."""
+  with _open_image(path, 'mask') as image:
+    try:
+      mask = np.asarray(image.convert('L') if image.mode in ('1', 'LA') else image)
+    except (OSError, ValueError) as e:
+      raise DataError(f'cannot read mask {path}: {e}; replace or remove the file') from None
+  if mask.ndim == 3:
+    if not (mask == mask[..., :1]).all():
+      raise DataError(f'mask {path} is colour ({mask.shape[-1]} differing channels); save masks as class ids')
+    mask = mask[..., 0]
+  if mask.dtype != np.uint8:
+    if mask.min() < 0 or mask.max() > 255:
+      raise DataError(f'mask {path} has values {mask.min()}..{mask.max()}; masks hold class ids 0..255')
+    mask = mask.astype(np.uint8)
+  return mask
+
+
+def open_folder(config: Any, role: str) -> SegmentationSource:
+  """A folder dataset: `images/` and `masks/` with matching stems (module doc of the config).
+
+  `ROOT/{train,validation,test}/{images,masks}` gives the splits; otherwise `ROOT/images` and
+  `ROOT/masks` are split by a stable hash of each stem: `data.holdout_percent` percent to
+  validation, as many to test, the rest to train.
+  """
+  if not config.get('folder'):
+    raise DataError("data.name='folder' needs data.folder=PATH (a folder holding images/ and masks/)")
+  root = pathlib.Path(config.folder).expanduser()
+  if not root.is_dir():
+    raise DataError(f'data.folder {root} does not exist; point it at a folder holding images/ and masks/')
+  split_root = root / role
+  by_split = split_root.is_dir()
+  base = split_root if by_split else root
+  for sub in ('images', 'masks'):
+    if not (base / sub).is_dir():
+      raise DataError(f'{base / sub} is missing; a folder dataset has images/ and masks/ (or train/images, ...)')
+  images, masks = _stems(base / 'images'), _stems(base / 'masks')
+  unmatched = sorted(set(images) ^ set(masks))
+  if unmatched:
+    few = ', '.join(f'{s} (no {"mask" if s in images else "image"})' for s in unmatched[:3])
+    raise DataError(
+      f'{len(unmatched)} files in {base} have no partner: {few}; give every image a mask of the same stem'
+    )
+  stems = sorted(images)
+  if not by_split:
+    if role not in SPLIT_ROLES:
+      raise DataError(f"folder split '{role}' is not one of {', '.join(SPLIT_ROLES)}")
+    holdout = int(config.get('holdout_percent', 10))
+    low = {'validation': 0, 'test': holdout, 'train': 2 * holdout}[role]
+    high = {'validation': holdout, 'test': 2 * holdout, 'train': 100}[role]
+    stems = [s for s in stems if low <= _holdout_bucket(s) < high]
+  if not stems:
+    raise DataError(f"split '{role}' of folder dataset {root} is empty; add files or change data.holdout_percent")
+  pairs = [(s, images[s], masks[s]) for s in stems]
+  for stem, image_path, mask_path in pairs:  # Headers only: cheap, and fails before training.
+    with _open_image(image_path, 'image') as image, _open_image(mask_path, 'mask') as mask:
+      if image.size != mask.size:
+        raise DataError(
+          f'{stem}: image {image_path.name} is {image.size[0]}x{image.size[1]} but mask {mask_path.name} is '
+          f'{mask.size[0]}x{mask.size[1]}; they must match'
+        )
+  label_map = config.get('label_map') or {0: 0, 255: 1}
+  return SegmentationSource(_FolderFiles(pairs), f'folder {root} [{role}]', 'image', 'mask', label_lut(label_map))
+
+
+def open_split(config: Any, role: str) -> SegmentationSource:
+  """The source for `role` of the dataset described by the data config section."""
+  if config.name == 'folder':
+    return open_folder(config, role)
+  return open_tfds(config, role)
+
+
+def num_classes(config: Any) -> int:
+  """Classes, background included: from `data.label_map`, else the embedded builder's config."""
+  label_map = config.get('label_map')
+  if not label_map and config.name == 'folder':
+    label_map = {0: 0, 255: 1}
+  if not label_map:
+    label_map = KNOWN_TFDS.get(base_name(config.name), TfdsDefaults()).label_map
+  if label_map:
+    return max(int(v) for v in dict(label_map).values()) + 1
+  if base_name(config.name) in EMBEDDED:
+    builder = tfds.builder(config.name, data_dir=data_dir(config))
+    return builder.builder_config.num_classes
+  raise DataError(f"dataset '{config.name}' has no label map; set data.label_map (mask value -> class id)")

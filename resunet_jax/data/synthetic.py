@@ -1,0 +1,149 @@
+"""Procedural images and masks for the embedded datasets (numpy + Pillow, deterministic).
+
+Each `render_*` function is pure in its `rng`: the builders seed one generator per example
+from (dataset seed, split, index), so a dataset is the same on every machine.
+
+Both tasks are built so that intensity alone does not solve them (the best single global
+threshold stays below a Dice of 0.5; `tests/data/test_synthetic.py` measures it) and so that
+resolution matters (1-2 px structures are always present).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+
+def smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 1) -> np.ndarray:
+  """Low-frequency noise in [0, 1]: a `cells` x `cells` random grid upsampled bicubically.
+
+  Returns:
+    `[size, size, channels]` float32.
+  """
+  grid = rng.random((channels, cells, cells)).astype(np.float32)
+  planes = [np.asarray(Image.fromarray(g).resize((size, size), Image.BICUBIC)) for g in grid]
+  return np.clip(np.stack(planes, -1), 0.0, 1.0)
+
+
+def _curve(rng: np.random.Generator, start: np.ndarray, heading: float, size: int, steps: int) -> list[tuple]:
+  """A random smooth polyline: a walk whose heading drifts slowly."""
+  points, position = [tuple(start)], start.astype(np.float64)
+  step = size / 24
+  turn = 0.0
+  for _ in range(steps):
+    turn = 0.8 * turn + rng.normal(0.0, 0.12)
+    heading += turn
+    position = position + step * np.array([np.cos(heading), np.sin(heading)])
+    points.append(tuple(position))
+    if not (-0.2 * size < position[0] < 1.2 * size and -0.2 * size < position[1] < 1.2 * size):
+      break
+  return points
+
+
+def render_roads(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+  """An aerial-like tile with a road network (the binary task of Zhang et al. 2018).
+
+  Roads are smooth curves 1-5 px wide that cross and branch, in asphalt greys; tree crowns
+  occlude parts of them (the mask keeps the road, as road ground truth does); buildings and
+  parking lots in the same greys, and field texture, are distractors.
+
+  Returns:
+    image `[size, size, 3]` uint8 and mask `[size, size]` uint8 in {0, 1}.
+  """
+  # Fields: a low-frequency mix of two land colours plus texture.
+  land_a, land_b = rng.uniform([60, 80, 40], [110, 130, 80]), rng.uniform([110, 100, 70], [170, 150, 110])
+  mix = smooth_noise(rng, size, 4)
+  image = land_a * (1 - mix) + land_b * mix + 25 * (smooth_noise(rng, size, 24, 3) - 0.5)
+  road_grey = rng.uniform(95, 150)
+
+  def grey(spread):
+    return tuple(int(v) for v in np.clip(road_grey + rng.normal(0, spread, 3), 0, 255))
+
+  canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(canvas)
+  # Distractors: buildings and lots with roofs in the road's greys, covering more area than roads.
+  for _ in range(rng.integers(5, 10)):
+    x, y = rng.uniform(0, size, 2)
+    w, h = rng.uniform(size / 14, size / 4, 2)
+    draw.rectangle([x, y, x + w, y + h], fill=grey(10))
+
+  mask = Image.new('L', (size, size), 0)
+  mask_draw = ImageDraw.Draw(mask)
+  roads = []
+  for i in range(rng.integers(2, 5)):
+    edge = rng.integers(4)
+    start = rng.uniform(0, size, 2)
+    start[edge % 2] = 0 if edge < 2 else size
+    heading = np.arctan2(size / 2 - start[1], size / 2 - start[0]) + rng.normal(0, 0.5)
+    width = 1 if i == 0 else int(rng.integers(1, 6))  # Always one 1-px road.
+    roads.append((_curve(rng, start, heading, size, 40), width))
+  for points, width in list(roads):  # Branches leave existing roads.
+    if len(points) > 4 and rng.random() < 0.7:
+      origin = np.array(points[rng.integers(1, len(points) - 1)])
+      roads.append((_curve(rng, origin, rng.uniform(0, 2 * np.pi), size, 20), max(1, width - 1)))
+  for points, width in roads:
+    colour = grey(6)
+    draw.line(points, fill=colour, width=width, joint='curve')
+    mask_draw.line(points, fill=1, width=width, joint='curve')
+  # Tree crowns: occlude roads and fields alike.
+  for _ in range(rng.integers(4, 12)):
+    x, y = rng.uniform(0, size, 2)
+    r = rng.uniform(1.5, 4.5)
+    green = tuple(int(v) for v in rng.uniform([30, 60, 20], [70, 110, 50]))
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=green)
+
+  image = np.asarray(canvas, np.float32)
+  image += rng.normal(0, 10, image.shape)  # Sensor noise.
+  return np.clip(image, 0, 255).astype(np.uint8), np.asarray(mask, np.uint8)
+
+
+def _cell_shapes(rng: np.random.Generator, size: int, count: int) -> list[np.ndarray]:
+  """Boolean masks of irregular ellipses, placed to touch and overlap."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+  shapes, centres = [], []
+  for _ in range(count):
+    if centres and rng.random() < 0.6:  # Grow next to an existing cell: touching or overlapping.
+      cy, cx = centres[rng.integers(len(centres))] + rng.normal(0, size / 12, 2)
+    else:
+      cy, cx = rng.uniform(0, size, 2)
+    a, b = rng.uniform(size / 22, size / 11, 2)
+    angle = rng.uniform(0, np.pi)
+    u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / a
+    v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / b
+    wobble = 1 + 0.15 * np.sin(3 * np.arctan2(v, u) + rng.uniform(0, 2 * np.pi))
+    shapes.append(u**2 + v**2 < wobble)
+    centres.append(np.array([cy, cx]))
+  return shapes
+
+
+def render_cells(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+  """A microscopy-like field of touching, overlapping cells (the U-Net paper's setting).
+
+  Cells are barely brighter than the background, with granular texture and faint dark
+  membranes; a strong, smooth illumination gradient spans the field, so the background on
+  its bright side is brighter than cells on its dark side.
+
+  Returns:
+    image `[size, size, 3]` uint8 and mask `[size, size]` uint8: 0 background, 1 cell
+    interior, 2 cell boundary (1-2 px, including the borders between touching cells).
+  """
+  shapes = _cell_shapes(rng, size, int(rng.integers(6, 14)))
+  labels = np.zeros((size, size), np.int32)
+  for index, shape in enumerate(shapes, start=1):
+    labels[shape] = index  # Later cells lie on top.
+  foreground = labels > 0
+  # Boundary: pixels whose 4-neighbourhood holds another label (cell edge or cell-cell border).
+  boundary = np.zeros_like(foreground)
+  for axis in (0, 1):
+    for shift in (1, -1):
+      boundary |= (labels != np.roll(labels, shift, axis)) & foreground
+
+  texture = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 0.8)
+  body = 0.42 + 0.07 * foreground + 0.05 * texture * foreground - 0.05 * boundary
+  illumination = 0.45 + 0.9 * smooth_noise(rng, size, 2)[..., 0]
+  tint = rng.uniform(0.85, 1.0, 3)
+  image = illumination[..., None] * body[..., None] * tint * 255
+  image += rng.normal(0, 7, image.shape)
+  mask = np.where(boundary, 2, foreground.astype(np.uint8))
+  return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)

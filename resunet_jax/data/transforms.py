@@ -1,0 +1,156 @@
+"""Grain transforms on `{'image' uint8 [H, W, 3], 'mask' uint8 [H, W], ...}` records.
+
+Geometric transforms move image and mask together (image resampled bilinearly, mask by
+nearest neighbour, so class ids stay class ids); photometric ones touch the image only.
+Classes are module-level and picklable, as Grain's worker processes require. Random
+transforms draw only from the `rng` Grain passes in, so a pipeline's output is a function of
+its seed and position, and a restored iterator repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int, box=None) -> tuple[np.ndarray, np.ndarray]:
+  """Crops `box` (left, top, right, bottom; default whole) and resizes to `size` x `size`.
+
+  Image and mask may differ in size (each is resized on its own, as TFDS mocks and some
+  datasets need): the box is given in the image's pixels and scaled to the mask's.
+  """
+  height, width = image.shape[:2]
+  box = box or (0, 0, width, height)
+  mask_box = box
+  if mask.shape != (height, width):
+    sy, sx = mask.shape[0] / height, mask.shape[1] / width
+    mask_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+  if image.shape[:2] == (size, size) and mask.shape == (size, size) and box == (0, 0, width, height):
+    return image, mask
+  image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+  mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST, box=mask_box))
+  return image, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize(grain.transforms.Map):
+  """Whole image to `size` x `size` (evaluation)."""
+
+  size: int
+
+  def map(self, element: dict) -> dict:
+    image, mask = resize_pair(element['image'], element['mask'], self.size)
+    return {**element, 'image': image, 'mask': mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """A random box of `scale` of the area and `ratio` aspect, resized to `size` x `size`."""
+
+  size: int
+  scale: tuple[float, float] = (0.5, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    image = element['image']
+    height, width = image.shape[:2]
+    area = height * width * rng.uniform(*self.scale)
+    aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+    box_w = min(width, np.sqrt(area * aspect))
+    box_h = min(height, np.sqrt(area / aspect))
+    left, top = rng.uniform(0, width - box_w), rng.uniform(0, height - box_h)
+    image, mask = resize_pair(image, element['mask'], self.size, (left, top, left + box_w, top + box_h))
+    return {**element, 'image': image, 'mask': mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlipRotate(grain.transforms.RandomMap):
+  """Random horizontal/vertical flips and multiples of 90 degrees (square inputs)."""
+
+  hflip: bool = True
+  vflip: bool = True
+  rot90: bool = True
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    image, mask = element['image'], element['mask']
+    flip_h, flip_v, turns = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(4))
+    if self.hflip and flip_h:
+      image, mask = image[:, ::-1], mask[:, ::-1]
+    if self.vflip and flip_v:
+      image, mask = image[::-1], mask[::-1]
+    if self.rot90 and turns and image.shape[0] == image.shape[1]:
+      image, mask = np.rot90(image, turns), np.rot90(mask, turns)
+    return {**element, 'image': np.ascontiguousarray(image), 'mask': np.ascontiguousarray(mask)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomElastic(grain.transforms.RandomMap):
+  """Elastic deformation of the U-Net paper (Ronneberger et al. 2015, section 3.1).
+
+  Displacement vectors are drawn on a coarse `grid` x `grid` lattice from a normal
+  distribution with `sigma` pixels of standard deviation (the paper: 3x3, 10 px),
+  interpolated bicubically to every pixel; the image is resampled bilinearly, the mask by
+  nearest neighbour. Applied with probability `prob`.
+  """
+
+  grid: int = 3
+  sigma: float = 10.0
+  prob: float = 0.5
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    coarse = rng.normal(0.0, self.sigma, (2, self.grid, self.grid)).astype(np.float32)
+    if rng.random() >= self.prob:
+      return element
+    image, mask = element['image'], element['mask']
+    height, width = mask.shape
+    dy, dx = (np.asarray(Image.fromarray(c).resize((width, height), Image.BICUBIC)) for c in coarse)
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+    coords = np.stack([rows + dy, cols + dx])
+    mask = ndimage.map_coordinates(mask, coords, order=0, mode='reflect')
+    if image.shape[:2] != (height, width):
+      image, _ = resize_pair(image, mask, height)
+    channels = [ndimage.map_coordinates(image[..., c], coords, order=1, mode='reflect') for c in range(image.shape[-1])]
+    return {**element, 'image': np.stack(channels, -1), 'mask': mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomColor(grain.transforms.RandomMap):
+  """Brightness, contrast and gamma jitter on the image (the mask is untouched).
+
+  With `u` uniform in [-1, 1]: brightness adds `brightness * u` (of full scale), contrast
+  scales about the mean by `1 + contrast * u`, gamma raises to `exp(gamma * u)`.
+  """
+
+  brightness: float = 0.1
+  contrast: float = 0.1
+  gamma: float = 0.1
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    b, c, g = rng.uniform(-1.0, 1.0, 3)
+    image = element['image'].astype(np.float32) / 255.0
+    image = (image - image.mean()) * (1 + self.contrast * c) + image.mean() + self.brightness * b
+    image = np.clip(image, 0.0, 1.0) ** np.exp(self.gamma * g)
+    return {**element, 'image': (image * 255.0 + 0.5).astype(np.uint8)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  """To model inputs: image float32 `(x / 255 - mean) / std`, mask int32, `valid` float32."""
+
+  mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+  std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+  def map(self, element: dict) -> dict:
+    image = (element['image'].astype(np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(
+      self.std, np.float32
+    )
+    return {
+      'image': image,
+      'mask': element['mask'].astype(np.int32),
+      'valid': np.float32(element.get('valid', 1.0)),
+      'id': element['id'],
+    }
