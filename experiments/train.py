@@ -1,33 +1,35 @@
-r"""Trains a U-Net / ResUNet.
+r"""Trains a U-Net / ResUNet and evaluates it on the validation split.
 
-  python experiments/train.py --model=resunet [--config=experiments/configs/default.py] \
-    [--config.model.FIELD=VALUE ...]
+  python experiments/train.py --model=resunet
+  python experiments/train.py --model=unet --config=experiments/configs/quick.py --workdir=runs/try
+  python experiments/train.py --model=resunet --config.model.residual=False   # a plain U-Net
+  python experiments/train.py --model=unet --config.model.base_width=64 --summary  # blocks, parameters
 
-The training loop is not in the package yet: for now this prepares the dataset (the embedded
-ones are built into the TFDS data directory on first use), resolves the model from the preset,
-the config overrides and the dataset's class count, and prints both summaries.
+`--model` picks a preset; `--config.model.FIELD=VALUE` and every other `--config.a.b=v` win over
+the preset and the config file. Restarting with the same `--workdir` resumes.
 """
 
 from absl import flags
 
-from resunet_jax import cli, data, models
-from resunet_jax.models import summary
+from resunet_jax import cli, models
+from resunet_jax.training import loop
 
 _MODEL = flags.DEFINE_string('model', 'resunet', f'Model preset: {", ".join(models.PRESETS)}.')
 _CONFIG = cli.define_config_file('config', 'experiments/configs/default.py', 'Experiment config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder; default runs/<preset>-<data>-<config hash>.')
+_SUMMARY = flags.DEFINE_bool('summary', False, 'Print the dataset and model summaries and exit without training.')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --model=resunet')
   config = _CONFIG.value
-  model_config = cli.resolve_model(_MODEL.value, config.model)  # Config mistakes fail before any data work.
-  info = data.dataset_info(config.data)
-  if config.model.num_classes is None:
-    model_config = model_config.replace(num_classes=info.model_outputs)
-  print(f'data: {info.name}, {info.num_classes} classes, images {info.image_shape}, splits {dict(info.split_sizes)}')
-  print(f'model: {_MODEL.value} {model_config}')
-  print(summary.summarize(model_config, (1, *info.image_shape)))
+  config.preset = _MODEL.value
+  if _SUMMARY.value:
+    print(loop.summary(config))
+    return
+  result = loop.train_and_evaluate(config, _WORKDIR.value)
+  print(loop.describe(result))
 
 
 if __name__ == '__main__':

@@ -7,43 +7,16 @@ one-line `error: ...` on stderr and exit status 2, not a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
-from resunet_jax import models
 from resunet_jax.errors import UserError
 
-__all__ = ['UserError', 'define_config_file', 'model_config_dict', 'parse_flags', 'resolve_model', 'run']
-
-
-def model_config_dict() -> ml_collections.ConfigDict:
-  """A `config.model` section: every `ModelConfig` field as a typed placeholder (None).
-
-  None means "the preset's value"; a value set in a config file or by `--config.model.F=V`
-  overrides the preset picked with `--model`.
-  """
-  return ml_collections.ConfigDict(
-    {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(models.ModelConfig)}
-  )
-
-
-def resolve_model(name: str, model_section: ml_collections.ConfigDict | dict[str, Any]) -> models.ModelConfig:
-  """The preset `name` with every non-None entry of `model_section` applied over it.
-
-  Raises:
-    UserError: unknown preset, unknown field or invalid value (one line, with the valid names).
-  """
-  overrides = {key: value for key, value in dict(model_section).items() if value is not None}
-  try:
-    return models.preset(name, **overrides)
-  except ValueError as e:
-    raise UserError(str(e)) from None
+__all__ = ['UserError', 'define_config_file', 'parse_flags', 'run']
 
 
 def _one_line(error: BaseException) -> str:

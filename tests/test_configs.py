@@ -1,11 +1,12 @@
-"""Every checked-in experiment config builds and resolves with every preset."""
+"""Every checked-in experiment config builds, and its model resolves with every preset."""
 
 import importlib.util
 import pathlib
 
 import pytest
 
-from resunet_jax import cli, models
+from resunet_jax import configs, data, models
+from resunet_jax.errors import UserError
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'configs').glob('*.py'))
 
@@ -17,18 +18,42 @@ def _load(path):
   return module.get_config()
 
 
+def test_the_configs_the_issues_name_exist():
+  assert {'default.py', 'quick.py', 'tpu_pod.py'} <= {p.name for p in CONFIGS}
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize('name', list(models.PRESETS))
 def test_config_builds(path, name):
   config = _load(path)
+  base = configs.base_config()
+  assert set(config) == set(base)
+  for section in ('model', 'data', 'train', 'parallel'):
+    assert set(config[section]) == set(base[section]), section
   assert set(config.model) == set(models.ModelConfig.field_names())
-  assert isinstance(cli.resolve_model(name, config.model), models.ModelConfig)
+  assert isinstance(configs.resolve_model(name, config.model, num_classes=1), models.ModelConfig)
+  assert config.parallel.strategy in ('jit', 'pmap')
+  assert config.train.batch_size > 0 and config.train.num_steps > 0
 
 
-def test_model_section_overrides_the_preset():
-  section = cli.model_config_dict()
+def test_model_section_overrides_the_preset_and_dataset_classes():
+  section = configs.model_section()
   section.norm = 'group'
-  config = cli.resolve_model('resunet_zhang', section)
-  assert (config.norm, config.depth, config.block) == ('group', 3, 'preact')
-  with pytest.raises(cli.UserError, match='unknown model preset'):
-    cli.resolve_model('nope', section)
+  config = configs.resolve_model('resunet_zhang', section, num_classes=3)
+  assert (config.norm, config.depth, config.block, config.num_classes) == ('group', 3, 'preact', 3)
+  section.num_classes = 5  # an explicit value wins over the dataset's
+  assert configs.resolve_model('unet', section, num_classes=3).num_classes == 5
+  with pytest.raises(UserError, match='unknown model preset'):
+    configs.resolve_model('nope', section)
+
+
+def test_data_section_is_the_pipeline_default():
+  assert configs.base_config().data.to_dict() == data.default_config().to_dict()
+
+
+def test_config_hash_is_stable_and_sensitive():
+  a = configs.base_config().to_dict()
+  b = configs.base_config().to_dict()
+  assert configs.config_hash(a) == configs.config_hash(b)
+  b['seed'] = 1
+  assert configs.config_hash(a) != configs.config_hash(b)

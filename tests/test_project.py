@@ -22,11 +22,12 @@ def test_readme_module_example_runs_as_written(capsys):
   assert capsys.readouterr().out.split()[-4:] == ['(2,', '96,', '96,', '1)']
 
 
-def test_quickstart_is_two_commands_and_ci_runs_the_test_command():
-  setup_and_train, setup_and_test = (block.strip() for block in _blocks('bash'))
+def test_quickstart_is_two_commands_and_ci_runs_both():
+  setup_and_train, setup_and_test = (block.strip() for block in _blocks('bash')[:2])
   assert setup_and_train.endswith('python experiments/train.py --model=resunet')
   assert 'pytest' in setup_and_test
-  assert setup_and_test in (ROOT / '.ci' / 'run').read_text().splitlines()
+  ci = (ROOT / '.ci' / 'run').read_text().splitlines()
+  assert setup_and_test in ci and setup_and_train in ci
 
 
 @pytest.fixture(scope='module')
@@ -41,8 +42,8 @@ def _train(*args, env=None):
   )
 
 
-def test_main_job_command_builds_the_data_and_reports_the_real_network(tfds_env):
-  result = _train('--model=resunet', env=tfds_env)
+def test_summary_builds_the_data_and_reports_the_real_network(tfds_env):
+  result = _train('--model=resunet', '--config.model.base_width=64', '--summary', env=tfds_env)
   assert result.returncode == 0, result.stderr
   assert (
     "data: synthetic_roads, 2 classes, images (128, 128, 3), splits {'train': 2000, 'validation': 200" in result.stdout
@@ -52,7 +53,8 @@ def test_main_job_command_builds_the_data_and_reports_the_real_network(tfds_env)
 
 
 def test_config_overrides_win_over_the_preset(tfds_env):
-  result = _train('--model=resunet', '--config.model.residual=False', '--config.model.base_width=64', env=tfds_env)
+  args = ('--model=resunet', '--config.model.residual=False', '--config.model.base_width=64', '--summary')
+  result = _train(*args, env=tfds_env)
   assert result.returncode == 0, result.stderr
   assert 'residual=False' in result.stdout and 'total         31,378,945' in result.stdout
 

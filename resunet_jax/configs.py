@@ -1,0 +1,102 @@
+"""The base experiment config (every default, once) and how a model config is resolved from it.
+
+Experiment files in `experiments/configs/` start from `base_config()` and override what they
+change. Sections: `seed`, `preset`, `model` (ModelConfig fields; None = the preset's value),
+`data` (`resunet_jax.data.default_config`), `train`, `parallel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from resunet_jax import data, models
+from resunet_jax.errors import UserError
+
+
+def model_section() -> ml_collections.ConfigDict:
+  """A `config.model` section: every `ModelConfig` field as a typed placeholder (None).
+
+  None means "the preset's value"; a value set in a config file or by `--config.model.F=V`
+  overrides the preset named by `config.preset` (`--model`).
+  """
+  return ml_collections.ConfigDict(
+    {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(models.ModelConfig)}
+  )
+
+
+def train_section() -> ml_collections.ConfigDict:
+  """The `config.train` section with its defaults."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 16  # global, over all devices and processes
+  c.num_steps = 1000
+  c.log_every = 10
+  c.eval_every = 250
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 2  # latest kept; the best by validation Dice is kept besides
+  c.optimizer = 'adamw'  # adamw | sgd
+  c.learning_rate = 1e-3
+  c.warmup_steps = 50
+  c.final_lr_fraction = 0.01  # cosine decay ends at learning_rate * this
+  c.weight_decay = 1e-4
+  c.momentum = 0.9  # sgd only
+  c.grad_clip = 1.0  # global-norm clipping; 0 disables
+  c.ema_decay = 0.0  # EMA of weights for evaluation; 0 disables
+  c.cross_entropy_weight = 1.0
+  c.dice_weight = 1.0
+  c.boundary_tolerance = 2.0  # pixels, for boundary F1
+  c.num_sample_images = 4  # rows of the predictions figure
+  return c
+
+
+def parallel_section() -> ml_collections.ConfigDict:
+  """The `config.parallel` section: step strategy and multi-host start-up."""
+  c = ml_collections.ConfigDict()
+  c.strategy = 'jit'  # jit | pmap
+  c.distributed = 'none'  # none | auto (jax.distributed.initialize() from the environment)
+  c.coordinator_address = config_dict.placeholder(str)  # e.g. 10.0.0.1:1234: explicit start-up
+  c.num_processes = 1
+  c.process_id = 0
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full default config."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.preset = 'resunet'  # set by --model
+  config.model = model_section()
+  config.data = data.default_config()
+  config.train = train_section()
+  config.parallel = parallel_section()
+  return config
+
+
+def resolve_model(preset: str, section: Any, num_classes: int | None = None) -> models.ModelConfig:
+  """The preset with every non-None entry of the model section applied over it.
+
+  Args:
+    preset: a `models.PRESETS` name.
+    section: the `config.model` section (or a dict).
+    num_classes: used when the section leaves `num_classes` None (the dataset's outputs).
+
+  Raises:
+    UserError: unknown preset, unknown field or invalid value (one line, with the valid names).
+  """
+  overrides = {key: value for key, value in dict(section).items() if value is not None}
+  if num_classes is not None:
+    overrides.setdefault('num_classes', num_classes)
+  try:
+    return models.preset(preset, **overrides)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def config_hash(resolved: dict) -> str:
+  """A short stable hash of a resolved config (what makes two runs the same run)."""
+  return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]

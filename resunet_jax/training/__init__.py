@@ -1,0 +1,1 @@
+"""Training: state, pure steps, parallel strategies, checkpoints and the loop."""

@@ -1,0 +1,110 @@
+"""Orbax checkpoints of (train state, Grain iterator position, resolved config).
+
+Saves are asynchronous. Retention keeps the latest `keep` checkpoints and the `keep_best`
+best by validation Dice, and never deletes the latest (Orbax's `max_to_keep` with `best_fn`
+would: see the preservation policy below). A checkpoint that fails to restore is skipped with
+a warning naming it, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from resunet_jax.errors import UserError
+
+
+class Checkpoints:
+  """The checkpoints of one workdir.
+
+  Args:
+    directory: where the numbered checkpoint folders live.
+    keep: latest checkpoints kept.
+    keep_best: best checkpoints (highest `best_metric`) kept besides.
+    best_metric: key of the metrics passed to `save` that ranks checkpoints.
+  """
+
+  def __init__(self, directory: pathlib.Path, *, keep: int = 3, keep_best: int = 1, best_metric: str = 'dice'):
+    policies = ocp.checkpoint_managers
+    policy = policies.AnyPreservationPolicy(
+      [
+        policies.LatestN(n=keep),
+        policies.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric],
+          reverse=False,
+          n=keep_best,
+          keep_checkpoints_without_metrics=False,
+        ),
+      ]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
+    self.directory = pathlib.Path(directory)
+    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+
+  def save(self, step: int, state, data_iterator, config: dict, metrics: dict | None = None) -> None:
+    """Starts an asynchronous save of `state`, the iterator position and `config` at `step`."""
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data_iter=grain.checkpoint.CheckpointSave(data_iterator),
+      config=ocp.args.JsonSave(config),
+    )
+    self.manager.save(step, args=args, metrics=metrics, force=True)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def read_config(self, step: int | None = None) -> dict | None:
+    """The config saved with `step` (default latest), or None without checkpoints."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored.config
+
+  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+    """Restores the newest restorable checkpoint (or `step`) into `abstract_state`'s shardings.
+
+    Args:
+      abstract_state: the state's structure as `jax.ShapeDtypeStruct`s with shardings.
+      data_iterator: a Grain iterator to move to the saved position (restored in place).
+      step: a specific step; default the latest that restores.
+
+    Returns:
+      `(state, step)`, or `(None, None)` when there is no checkpoint.
+    """
+    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    for candidate in candidates:
+      args = {'state': ocp.args.StandardRestore(abstract_state)}
+      if data_iterator is not None:
+        args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      try:
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(**args))
+      except Exception as e:  # noqa: BLE001 (any failure to read a checkpoint means: try the previous one)
+        if step is not None:
+          raise UserError(f'checkpoint {self.directory / str(candidate)} cannot be restored: {e}') from None
+        logging.warning('checkpoint %s is unreadable (%s); trying the previous one', self.directory / str(candidate), e)
+        continue
+      return restored.state, candidate
+    return None, None
+
+  def best_step(self) -> int | None:
+    """The step with the best metric among kept checkpoints, if any has metrics."""
+    best = self.manager.best_step()
+    return best
+
+  def wait(self) -> None:
+    """Blocks until pending saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract_like(state, sharding) -> Any:
+  """`state` as `ShapeDtypeStruct`s placed with `sharding` (the restore target)."""
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), state)

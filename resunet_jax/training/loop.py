@@ -1,0 +1,284 @@
+"""`train_and_evaluate(config, workdir)`: the training loop around the pure steps.
+
+Restarting with the same workdir resumes from the newest checkpoint: step, optimizer state
+(and with it the learning-rate schedule), BatchNorm statistics, EMA and the data iterator's
+position all continue, so an interrupted run ends bit-identical to an uninterrupted one on CPU.
+SIGTERM saves a checkpoint after the current step and returns normally. A non-finite loss
+stops the run with the step number; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from resunet_jax import configs, data, losses, metrics, models
+from resunet_jax.errors import UserError
+from resunet_jax.training import checkpoint, parallel, reporting
+from resunet_jax.training import state as state_lib
+
+
+class NonFiniteLossError(UserError):
+  """The loss or gradient became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a run produced.
+
+  Attributes:
+    step: the last step trained.
+    validation: the final validation metrics (empty if none were computed).
+    files: artefact name -> path.
+    stopped: True when SIGTERM ended the run early.
+  """
+
+  step: int
+  validation: dict
+  files: dict
+  stopped: bool = False
+
+
+def resolve(config) -> tuple[models.ModelConfig, data.DatasetInfo, dict]:
+  """The model config, dataset info and the resolved config dict (what config.json holds)."""
+  configs.resolve_model(config.preset, config.model)  # Config mistakes fail before data work.
+  info = data.dataset_info(config.data)
+  model_config = configs.resolve_model(config.preset, config.model, num_classes=info.model_outputs)
+  resolved = config.to_dict()
+  resolved['model'] = model_config.to_dict()
+  return model_config, info, resolved
+
+
+def summary(config) -> str:
+  """The dataset and model summaries of `config` (no training, no allocation)."""
+  model_config, info, _ = resolve(config)
+  return '\n'.join(
+    [
+      f'data: {info.name}, {info.num_classes} classes, images {info.image_shape}, splits {dict(info.split_sizes)}',
+      f'model: {config.preset} {model_config}',
+      models.summary.summarize(model_config, (1, *info.image_shape)),
+    ]
+  )
+
+
+def default_workdir(config) -> pathlib.Path:
+  """runs/<preset>-<dataset>-<hash of the resolved config>: same config, same run (resumes)."""
+  _, _, resolved = resolve(config)
+  name = config.data.name.replace('/', '_')
+  return pathlib.Path('runs') / f'{config.preset}-{name}-{configs.config_hash(resolved)}'
+
+
+def _check_same_model(saved: dict | None, resolved: dict, workdir: pathlib.Path) -> None:
+  if saved is None:
+    return
+  differing = sorted(k for k in resolved['model'] if saved.get('model', {}).get(k) != resolved['model'][k])
+  if differing:
+    what = ', '.join(f'{k} {saved["model"].get(k)!r} -> {resolved["model"][k]!r}' for k in differing[:4])
+    raise UserError(
+      f'workdir {workdir} holds checkpoints of a different model ({what}); use another --workdir or delete it'
+    )
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps (agreed on by all processes)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(multihost_utils.process_allgather(np.int32(self.requested)).max()) or bool(
+        multihost_utils.reached_preemption_sync_point(step)
+      )
+    return self.requested
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in its local batch order."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def evaluate(eval_fn, train_state, config, mesh, *, role: str = 'validation', keep: int = 0) -> tuple[dict, dict]:
+  """Mean per-image metrics over a split, and up to `keep` samples for figures.
+
+  Returns:
+    `({'dice', 'iou', 'accuracy', 'boundary_f1', 'hd95', 'images'}, samples)` with samples
+    `{'image', 'mask', 'prediction'}` arrays of this process's first `keep` valid examples.
+  """
+  per_process = max(config.train.batch_size // jax.process_count(), 1)
+  pipeline = data.make_pipeline(config.data, role, batch_size=per_process, seed=0, train=False)
+  sharding = parallel.batch_sharding(mesh)
+  totals = np.zeros(6)  # dice, iou, accuracy, boundary_f1, hd95, images
+  samples = {'image': [], 'mask': [], 'prediction': []}
+  for batch in pipeline:
+    out = eval_fn(train_state, data.to_global(batch, sharding))
+    rows = {key: _local_rows(value) for key, value in out.items()}
+    valid = batch['valid'] > 0
+    if not valid.any():
+      continue
+    per_image = metrics.per_image_scores({k: rows[k][valid] for k in ('tp', 'fp', 'fn')})
+    outputs = rows['tp'].shape[-1] if rows['tp'].shape[-1] > 1 else 1
+    edges = metrics.boundary_scores(
+      rows['predictions'][valid], batch['mask'][valid], outputs, config.train.boundary_tolerance
+    )
+    totals += [
+      per_image['dice'].sum(),
+      per_image['iou'].sum(),
+      rows['correct'][valid].sum(),
+      edges['boundary_f1'].sum(),
+      edges['hd95'].sum(),
+      valid.sum(),
+    ]
+    if len(samples['image']) < keep:
+      take = min(keep - len(samples['image']), int(valid.sum()))
+      pixels = np.asarray(config.data.std) * batch['image'][valid][:take] + np.asarray(config.data.mean)
+      samples['image'].extend(np.clip(pixels * 255, 0, 255).astype(np.uint8))
+      samples['mask'].extend(batch['mask'][valid][:take])
+      samples['prediction'].extend(rows['predictions'][valid][:take])
+  if jax.process_count() > 1:
+    totals = multihost_utils.process_allgather(totals).sum(0)
+  count = max(totals[5], 1)
+  names = ('dice', 'iou', 'accuracy', 'boundary_f1', 'hd95')
+  result = {name: float(totals[i] / count) for i, name in enumerate(names)}
+  result['images'] = int(totals[5])
+  return result, {key: np.asarray(value) for key, value in samples.items()}
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> RunResult:
+  """Trains, evaluates and checkpoints `config` in `workdir` (resuming what is there).
+
+  Args:
+    config: the experiment config (see `resunet_jax.configs.base_config`).
+    workdir: output folder; default `default_workdir(config)`.
+
+  Returns:
+    The `RunResult`.
+  """
+  parallel.initialize_distributed(config.parallel)
+  model_config, info, resolved = resolve(config)
+  workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
+  lead = jax.process_index() == 0
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  if config.train.num_steps < 1:
+    raise UserError(f'train.num_steps={config.train.num_steps} must be at least 1')
+
+  ckpt = checkpoint.Checkpoints(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
+  _check_same_model(ckpt.read_config(), resolved, workdir)
+  files = {'config': workdir / 'config.json', 'checkpoints': workdir / 'checkpoints'}
+  if lead:
+    files['config'].write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+  model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy))
+  optimizer = state_lib.make_optimizer(config.train)
+  input_shape = (1, *info.image_shape)
+
+  def init():
+    return state_lib.create_train_state(
+      model, optimizer, input_shape, seed=config.seed, ema_decay=config.train.ema_decay
+    )
+
+  train_state = parallel.create_sharded(init, mesh)
+  per_process = config.train.batch_size // jax.process_count()
+  pipeline = data.make_pipeline(config.data, 'train', batch_size=per_process, seed=config.seed, train=True)
+  train_iter = iter(pipeline)
+  restored, restored_step = ckpt.restore(checkpoint.abstract_like(train_state, parallel.replicated(mesh)), train_iter)
+  if restored is not None:
+    train_state = restored
+    logging.info('resumed from step %d in %s', restored_step, workdir)
+
+  weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
+  train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, weights)
+  writer = reporting.MetricWriter(workdir, enabled=lead)
+  files.update(metrics=writer.jsonl, tensorboard=writer.tensorboard_dir)
+  preemption = _Preemption()
+  sharding = parallel.batch_sharding(mesh)
+  step = int(train_state.step)
+  validation: dict = {}
+  samples = None
+  keep = config.train.num_sample_images
+  last_time, last_step = time.perf_counter(), step
+  try:
+    with tqdm(total=config.train.num_steps, initial=step, disable=not lead, unit='step', dynamic_ncols=True) as bar:
+      while step < config.train.num_steps:
+        batch = data.to_global(next(train_iter), sharding)
+        train_state, step_metrics = train_fn(train_state, batch)
+        step += 1
+        bar.update(1)
+        final = step == config.train.num_steps
+        stop = preemption.should_stop(step)
+        save = final or stop or step % config.train.checkpoint_every == 0
+        if save or step % config.train.log_every == 0:
+          values = jax.device_get(step_metrics)
+          if not (np.isfinite(values['loss']) and np.isfinite(values['grad_norm'])):
+            ckpt.wait()
+            kept = ckpt.steps()
+            raise NonFiniteLossError(
+              f'loss became {values["loss"]} at step {step}; the last good checkpoint is step '
+              f'{kept[-1] if kept else "none"} in {ckpt.directory}; lower train.learning_rate or check the data'
+            )
+          now = time.perf_counter()
+          values['images_per_sec'] = (step - last_step) * config.train.batch_size / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          writer.write(step, 'train', values)
+          bar.set_postfix(
+            loss=f'{values["loss"]:.4f}', dice=f'{values["dice"]:.3f}', img_s=f'{values["images_per_sec"]:.1f}'
+          )
+        evaluated = None
+        if final or step % config.train.eval_every == 0:
+          validation, samples = evaluate(eval_fn, train_state, config, mesh, keep=keep if final else 0)
+          evaluated = validation
+          writer.write(step, 'validation', validation)
+          bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in validation.items()))
+          last_time = time.perf_counter()  # Evaluation time is not training throughput.
+        if save:
+          ckpt.save(step, train_state, train_iter, resolved, metrics=evaluated)
+        if stop and not final:
+          ckpt.wait()
+          return RunResult(step, validation, files, stopped=True)
+    ckpt.wait()
+    if samples is None:  # Resumed a finished run: evaluate it once more for the report.
+      validation, samples = evaluate(eval_fn, train_state, config, mesh, keep=keep)
+    if lead:
+      files.update(_write_figures(samples, workdir, writer))
+    return RunResult(step, validation, files)
+  finally:
+    preemption.restore()
+    writer.close()
+    ckpt.close()
+
+
+def _write_figures(samples: dict, workdir: pathlib.Path, writer) -> dict:
+  """Sample predictions and learning curves."""
+  paths = {'predictions': workdir / 'predictions.png', 'learning_curves': workdir / 'learning_curves.png'}
+  reporting.plot_predictions(samples['image'], samples['mask'], samples['prediction'], paths['predictions'])
+  if writer.jsonl.exists():
+    reporting.plot_learning_curves(writer.jsonl, paths['learning_curves'])
+  return paths
+
+
+def describe(result: RunResult) -> str:
+  """The end-of-run summary: where each artefact went and the final validation metrics."""
+  lines = [f'{"stopped by SIGTERM at" if result.stopped else "finished at"} step {result.step}']
+  lines += [f'  {name:<16} {path}' for name, path in result.files.items()]
+  if result.validation:
+    lines.append('validation: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.validation.items()))
+  return '\n'.join(lines)

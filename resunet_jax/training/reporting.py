@@ -1,0 +1,98 @@
+"""Run outputs: metrics.jsonl, TensorBoard events, and the end-of-run figures."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')  # Files only: no display on servers and CI.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class MetricWriter:
+  """Appends `{"step", "split", ...}` lines to metrics.jsonl and scalars to TensorBoard.
+
+  Only the process that should write (process 0) opens files; others get a no-op writer.
+  """
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+    self.enabled = enabled
+    self.jsonl = workdir / 'metrics.jsonl'
+    self.tensorboard_dir = workdir / 'tensorboard'
+    self._board = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      self._board = SummaryWriter(str(self.tensorboard_dir))
+
+  def write(self, step: int, split: str, values: dict) -> None:
+    if not self.enabled:
+      return
+    values = {key: float(value) for key, value in values.items()}
+    with self.jsonl.open('a') as f:
+      f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
+    for key, value in values.items():
+      self._board.add_scalar(f'{split}/{key}', value, step)
+    self._board.flush()
+
+  def close(self) -> None:
+    if self._board is not None:
+      self._board.close()
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  """The records of a metrics.jsonl (the last record wins for a repeated step and split)."""
+  records = {}
+  for line in path.read_text().splitlines():
+    record = json.loads(line)
+    records[(record['split'], record['step'])] = record
+  return sorted(records.values(), key=lambda r: (r['split'], r['step']))
+
+
+def plot_learning_curves(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
+  """Training loss and Dice, and validation Dice/IoU/boundary F1, against steps."""
+  records = read_metrics(metrics_path)
+  train = [r for r in records if r['split'] == 'train']
+  valid = [r for r in records if r['split'] == 'validation']
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  left.plot([r['step'] for r in train], [r['loss'] for r in train], label='train loss')
+  left.set_xlabel('step')
+  left.set_yscale('log')
+  left.legend()
+  right.plot([r['step'] for r in train], [r['dice'] for r in train], label='train Dice', alpha=0.5)
+  for key in ('dice', 'iou', 'boundary_f1'):
+    right.plot([r['step'] for r in valid], [r[key] for r in valid], marker='o', label=f'validation {key}')
+  right.set_xlabel('step')
+  right.set_ylim(0, 1)
+  right.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+
+
+def overlay(image: np.ndarray, prediction: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
+  """uint8 image with the nonzero prediction tinted."""
+  out = image.astype(np.float32)
+  where = prediction > 0
+  out[where] = (1 - alpha) * out[where] + alpha * np.asarray(colour, np.float32)
+  return out.astype(np.uint8)
+
+
+def plot_predictions(images: np.ndarray, masks: np.ndarray, predictions: np.ndarray, out_path: pathlib.Path) -> None:
+  """Rows of image | ground truth | prediction overlay. Images uint8 `[N, H, W, 3]`."""
+  rows = len(images)
+  fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+  top = max(int(masks.max()), int(predictions.max()), 1)
+  for row, (image, mask, prediction) in enumerate(zip(images, masks, predictions, strict=True)):
+    panels = (image, mask, overlay(image, prediction))
+    for axis, panel, title in zip(axes[row], panels, ('image', 'ground truth', 'prediction'), strict=True):
+      axis.imshow(panel, cmap='gray' if panel.ndim == 2 else None, vmin=0, vmax=top if panel.ndim == 2 else None)
+      axis.set_axis_off()
+      if row == 0:
+        axis.set_title(title)
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=80)
+  plt.close(fig)

@@ -1,0 +1,77 @@
+"""Pure, module-level training and evaluation steps.
+
+Neither applies jit, pmap or shardings, and neither does I/O: `parallel` wraps them. With
+`axis_name`, they run per device (shard_map) and average gradients, loss and metrics over
+that axis; without it, they see the global batch (jit over a mesh does the rest).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from resunet_jax import losses, metrics
+from resunet_jax.training.state import TrainState
+
+
+def _mean(value, axis_name):
+  return value if axis_name is None else jax.lax.pmean(value, axis_name)
+
+
+def train_step(
+  state: TrainState, batch: dict, *, loss_weights: losses.LossWeights, axis_name: str | None = None
+) -> tuple[TrainState, dict]:
+  """One optimizer step.
+
+  Args:
+    state: the train state.
+    batch: `image` `[B, H, W, C]` float32, `mask` `[B, H, W]` int32, `valid` `[B]` float32.
+    loss_weights: loss term weights (static).
+    axis_name: mapped device axis to average over (shard_map), or None (jit).
+
+  Returns:
+    The new state and scalar metrics: `loss`, `dice`, `iou`, `accuracy`, `grad_norm`, and
+    `grad_norm/<block>` per top-level module (the gradient flow through each block).
+  """
+  has_batch_stats = bool(state.batch_stats)
+
+  def loss_fn(params):
+    variables = state.variables(params)
+    if has_batch_stats:
+      logits, updates = state.apply_fn(variables, batch['image'], train=True, mutable=['batch_stats'])
+    else:
+      logits, updates = state.apply_fn(variables, batch['image'], train=True), {}
+    loss = losses.segmentation_loss(logits, batch['mask'], batch['valid'], loss_weights)
+    return loss, (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = _mean(grads, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats))
+  if state.ema_decay:
+    decay = state.ema_decay
+    state = state.replace(
+      ema_params=jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, state.params)
+    )
+  counts = metrics.confusion(metrics.predict(logits), batch['mask'], logits.shape[-1])
+  step_metrics = {'loss': loss, **metrics.scores(counts, batch['valid'])}
+  step_metrics = {name: _mean(value, axis_name) for name, value in step_metrics.items()}
+  step_metrics['grad_norm'] = optax.global_norm(grads)
+  step_metrics.update({f'grad_norm/{name}': optax.global_norm(g) for name, g in grads.items()})
+  return state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+  """Predictions and per-image confusion counts of the evaluation parameters.
+
+  Returns:
+    `predictions` `[B, H, W]` int32 and the `metrics.confusion` counts, per image.
+  """
+  logits = state.apply_fn(state.variables(state.eval_params), batch['image'], train=False)
+  predictions = metrics.predict(logits)
+  return {'predictions': predictions, **metrics.confusion(predictions, batch['mask'], logits.shape[-1])}
+
+
+def is_finite(step_metrics: dict) -> jax.Array:
+  """Whether the loss and gradient norm are finite."""
+  return jnp.isfinite(step_metrics['loss']) & jnp.isfinite(step_metrics['grad_norm'])

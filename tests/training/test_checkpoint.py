@@ -1,0 +1,42 @@
+"""Retention keeps the latest checkpoints and the best, never deleting the latest; bad ones are skipped."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resunet_jax import data
+from resunet_jax.training import checkpoint
+
+
+def _iterator(data_config):
+  return iter(data.make_pipeline(data_config, 'train', batch_size=2, seed=0, train=True))
+
+
+def test_latest_and_best_are_kept(tmp_path, data_config):
+  ckpt = checkpoint.Checkpoints(tmp_path, keep=2, keep_best=1)
+  iterator = _iterator(data_config)
+  for step, dice in enumerate([0.9, 0.1, 0.2, 0.3, 0.4], start=1):
+    ckpt.save(step, {'w': jnp.full(3, step, jnp.float32)}, iterator, {'step': step}, metrics={'dice': dice})
+  ckpt.save(6, {'w': jnp.full(3, 6, jnp.float32)}, iterator, {'step': 6})  # no metrics: kept as latest
+  ckpt.wait()
+  assert ckpt.steps() == [1, 5, 6]
+  assert ckpt.read_config() == {'step': 6}
+  ckpt.close()
+
+
+def test_unreadable_latest_falls_back_to_the_previous(tmp_path, data_config):
+  ckpt = checkpoint.Checkpoints(tmp_path, keep=3)
+  iterator = _iterator(data_config)
+  for step in (1, 2):
+    next(iterator)
+    ckpt.save(step, {'w': jnp.full(3, step, jnp.float32)}, iterator, {})
+  ckpt.wait()
+  for path in (tmp_path / '2' / 'state').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'corrupt')
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = checkpoint.abstract_like({'w': jnp.zeros(3, jnp.float32)}, sharding)
+  state, step = ckpt.restore(abstract, _iterator(data_config))
+  assert step == 1
+  np.testing.assert_array_equal(state['w'], [1, 1, 1])
+  ckpt.close()

@@ -1,0 +1,144 @@
+"""The training command end to end: artefacts, exact resume after SIGKILL and SIGTERM, failures."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+QUICK = ['--config=experiments/configs/quick.py']
+# Long enough to be interrupted: 64x64 inputs, 30 steps, a checkpoint every 10.
+RESUMABLE = [
+  *QUICK,
+  '--config.data.image_size=64',
+  '--config.model.base_width=8',
+  '--config.train.num_steps=30',
+  '--config.train.checkpoint_every=10',
+  '--config.train.eval_every=10',
+]
+
+
+def _command(workdir, *args, model='resunet'):
+  return [sys.executable, 'experiments/train.py', f'--model={model}', f'--workdir={workdir}', *args]
+
+
+@pytest.fixture
+def env(tfds_dir):
+  return {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'XLA_FLAGS': ''}
+
+
+def _train(workdir, env, *args, model='resunet'):
+  result = subprocess.run(
+    _command(workdir, *args, model=model), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _final_state(workdir):
+  checkpoints = pathlib.Path(workdir) / 'checkpoints'
+  step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  return step, ocp.StandardCheckpointer().restore((checkpoints / str(step) / 'state').absolute())
+
+
+def _assert_identical(a, b):
+  leaves_a, leaves_b = _flatten(a), _flatten(b)
+  assert leaves_a.keys() == leaves_b.keys()
+  for key in leaves_a:
+    np.testing.assert_array_equal(leaves_a[key], leaves_b[key], err_msg=key)
+
+
+def _flatten(tree):
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_quick_config_writes_every_artefact(tmp_path, env):
+  workdir = tmp_path / 'run'
+  result = _train(workdir, env, *QUICK)
+  for name in ('config.json', 'metrics.jsonl', 'predictions.png', 'learning_curves.png', 'checkpoints', 'tensorboard'):
+    assert str(workdir / name) in result.stdout, name
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['residual'] is True and config['model']['num_classes'] == 1
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train = [r for r in records if r['split'] == 'train']
+  validation = [r for r in records if r['split'] == 'validation']
+  assert [r['step'] for r in train] == [2, 3, 4, 6] and [r['step'] for r in validation] == [3, 6]
+  assert {'loss', 'dice', 'iou', 'accuracy', 'grad_norm', 'grad_norm/enc_0', 'images_per_sec'} <= set(train[0])
+  assert {'dice', 'iou', 'accuracy', 'boundary_f1', 'hd95'} <= set(validation[0])
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  for png in ('predictions.png', 'learning_curves.png'):
+    assert Image.open(workdir / png).size[0] > 100
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['3', '6']
+  assert 'validation: dice' in result.stdout
+
+
+def test_residual_switch_trains_a_plain_unet(tmp_path, env):
+  workdir = tmp_path / 'plain'
+  _train(workdir, env, *QUICK, '--config.model.residual=False', '--config.train.num_steps=1')
+  assert json.loads((workdir / 'config.json').read_text())['model']['residual'] is False
+  _, state = _final_state(workdir)
+  names = set(_flatten(state['params']))
+  assert names and not any('conv_proj' in name for name in names)
+  assert "['enc_0']['conv1']['kernel']" in names
+
+
+def _wait_for_checkpoint(workdir, step, process, timeout=300):
+  target = pathlib.Path(workdir) / 'checkpoints' / str(step)
+  deadline = time.time() + timeout
+  while not target.is_dir():
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, tfds_dir):
+  """The uninterrupted reference run."""
+  workdir = tmp_path_factory.mktemp('straight')
+  _train(workdir, {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'XLA_FLAGS': ''}, *RESUMABLE)
+  return _final_state(workdir)
+
+
+@pytest.mark.parametrize('kill', [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_bit_identical(tmp_path, env, straight, kill):
+  workdir = tmp_path / 'interrupted'
+  process = subprocess.Popen(
+    _command(workdir, *RESUMABLE), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  _wait_for_checkpoint(workdir, 10, process)
+  process.send_signal(kill)
+  out, err = process.communicate(timeout=120)
+  if kill == signal.SIGKILL:
+    assert process.returncode == -signal.SIGKILL
+  else:  # SIGTERM: a checkpoint after the current step, exit 0.
+    assert process.returncode == 0, err[-3000:]
+    assert 'stopped by SIGTERM at step' in out
+    stopped_at = int(out.split('stopped by SIGTERM at step ')[1].split()[0])
+    assert 10 <= stopped_at < 30 and (workdir / 'checkpoints' / str(stopped_at)).is_dir()
+  result = _train(workdir, env, *RESUMABLE)
+  assert 'finished at step 30' in result.stdout
+  step, state = _final_state(workdir)
+  assert step == straight[0] == 30
+  _assert_identical(state, straight[1])
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, env):
+  workdir = tmp_path / 'nan'
+  args = [*QUICK, '--config.train.learning_rate=1e38', '--config.train.grad_clip=0', '--config.train.num_steps=40']
+  result = subprocess.run(_command(workdir, *args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  assert result.returncode == 2
+  message = result.stderr.strip().splitlines()[-1]
+  assert message.startswith('error: loss became ') and 'at step' in message and 'last good checkpoint' in message
+  kept = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  for step in kept:
+    state = ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / str(step) / 'state').absolute())
+    assert all(np.isfinite(leaf).all() for leaf in _flatten(state['params']).values())
