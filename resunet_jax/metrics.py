@@ -23,11 +23,6 @@ def predict(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def foreground_classes(num_outputs: int) -> int:
-  """Classes scored: the foreground for a binary model, else every class."""
-  return 1 if num_outputs == 1 else num_outputs
-
-
 def confusion(predictions: jax.Array, masks: jax.Array, num_outputs: int) -> dict[str, jax.Array]:
   """Per-image, per-class counts.
 
@@ -52,17 +47,14 @@ def confusion(predictions: jax.Array, masks: jax.Array, num_outputs: int) -> dic
   }
 
 
-def scores(counts: dict, valid=None, xp=jnp) -> dict:
-  """Mean per-image Dice, IoU and pixel accuracy over valid images (classes averaged).
-
-  Works on jax arrays in a step (`xp=jnp`) and on numpy on the host (`xp=np`).
-  """
+def scores(counts: dict, valid: jax.Array | None = None) -> dict:
+  """Mean per-image Dice, IoU and pixel accuracy over valid images (classes averaged), in a step."""
   tp, fp, fn = counts['tp'], counts['fp'], counts['fn']
   empty = (tp + fp + fn) == 0
-  dice = xp.where(empty, 1.0, 2 * tp / xp.maximum(2 * tp + fp + fn, 1.0)).mean(-1)
-  iou = xp.where(empty, 1.0, tp / xp.maximum(tp + fp + fn, 1.0)).mean(-1)
-  valid = xp.ones_like(dice) if valid is None else valid
-  total = xp.maximum(valid.sum(), 1.0)
+  dice = jnp.where(empty, 1.0, 2 * tp / jnp.maximum(2 * tp + fp + fn, 1.0)).mean(-1)
+  iou = jnp.where(empty, 1.0, tp / jnp.maximum(tp + fp + fn, 1.0)).mean(-1)
+  valid = jnp.ones_like(dice) if valid is None else valid
+  total = jnp.maximum(valid.sum(), 1.0)
   return {
     'dice': (dice * valid).sum() / total,
     'iou': (iou * valid).sum() / total,

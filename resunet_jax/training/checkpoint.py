@@ -66,8 +66,17 @@ class Checkpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored.config
 
+  def _saved_processes(self, step: int) -> int | None:
+    """How many processes wrote the data-iterator state of `step` (None if it has none)."""
+    names = [p.name for p in (self.directory / str(step) / 'data_iter').glob('process_*-of-*.json')]
+    return int(names[0].rsplit('-of-', 1)[1].split('.')[0]) if names else None
+
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """Restores the newest restorable checkpoint (or `step`) into `abstract_state`'s shardings.
+
+    The data iterator's position is restored too, unless the checkpoint was written by a
+    different number of processes: the shards differ then, so the input order restarts (a
+    warning says so) while the state resumes.
 
     Args:
       abstract_state: the state's structure as `jax.ShapeDtypeStruct`s with shardings.
@@ -76,26 +85,42 @@ class Checkpoints:
 
     Returns:
       `(state, step)`, or `(None, None)` when there is no checkpoint.
+
+    Raises:
+      UserError: checkpoints exist but none can be restored (never a silent fresh start).
     """
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    failures = []
     for candidate in candidates:
       args = {'state': ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
-        args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        saved = self._saved_processes(candidate)
+        if saved == jax.process_count():
+          args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        else:
+          logging.warning(
+            'checkpoint %s holds the data position of %s processes, this run has %d: the state resumes, '
+            'the input order restarts',
+            self.directory / str(candidate),
+            saved,
+            jax.process_count(),
+          )
       try:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(**args))
       except Exception as e:  # noqa: BLE001 (any failure to read a checkpoint means: try the previous one)
-        if step is not None:
-          raise UserError(f'checkpoint {self.directory / str(candidate)} cannot be restored: {e}') from None
-        logging.warning('checkpoint %s is unreadable (%s); trying the previous one', self.directory / str(candidate), e)
+        reason = ' '.join(str(e).split())[:300]
+        failures.append(f'step {candidate}: {reason}')
+        logging.warning(
+          'checkpoint %s is unreadable (%s); trying the previous one', self.directory / str(candidate), reason
+        )
         continue
       return restored.state, candidate
+    if failures:
+      raise UserError(
+        f'no checkpoint in {self.directory} can be restored ({"; ".join(failures)}); '
+        'repair them or move the folder away to start afresh'
+      )
     return None, None
-
-  def best_step(self) -> int | None:
-    """The step with the best metric among kept checkpoints, if any has metrics."""
-    best = self.manager.best_step()
-    return best
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""

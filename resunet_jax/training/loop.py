@@ -70,11 +70,10 @@ def summary(config) -> str:
   )
 
 
-def default_workdir(config) -> pathlib.Path:
+def default_workdir(resolved: dict) -> pathlib.Path:
   """runs/<preset>-<dataset>-<hash of the resolved config>: same config, same run (resumes)."""
-  _, _, resolved = resolve(config)
-  name = config.data.name.replace('/', '_')
-  return pathlib.Path('runs') / f'{config.preset}-{name}-{configs.config_hash(resolved)}'
+  name = resolved['data']['name'].replace('/', '_')
+  return pathlib.Path('runs') / f'{resolved["preset"]}-{name}-{configs.config_hash(resolved)}'
 
 
 def _check_same_model(saved: dict | None, resolved: dict, workdir: pathlib.Path) -> None:
@@ -99,8 +98,12 @@ class _Preemption:
     del signum, frame
     self.requested = True
 
-  def should_stop(self, step: int) -> bool:
+  def should_stop(self, step: int, every: int) -> bool:
+    """Whether to checkpoint and stop after `step`; across processes only every `every` steps
+    (agreeing takes a collective), so SIGTERM is honoured within `every` steps there."""
     if jax.process_count() > 1:
+      if step % every:
+        return False
       return bool(multihost_utils.process_allgather(np.int32(self.requested)).max()) or bool(
         multihost_utils.reached_preemption_sync_point(step)
       )
@@ -135,9 +138,8 @@ def evaluate(eval_fn, train_state, config, mesh, *, role: str = 'validation', ke
     if not valid.any():
       continue
     per_image = metrics.per_image_scores({k: rows[k][valid] for k in ('tp', 'fp', 'fn')})
-    outputs = rows['tp'].shape[-1] if rows['tp'].shape[-1] > 1 else 1
     edges = metrics.boundary_scores(
-      rows['predictions'][valid], batch['mask'][valid], outputs, config.train.boundary_tolerance
+      rows['predictions'][valid], batch['mask'][valid], rows['tp'].shape[-1], config.train.boundary_tolerance
     )
     totals += [
       per_image['dice'].sum(),
@@ -167,14 +169,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
 
   Args:
     config: the experiment config (see `resunet_jax.configs.base_config`).
-    workdir: output folder; default `default_workdir(config)`.
+    workdir: output folder; default `default_workdir` of the resolved config.
 
   Returns:
     The `RunResult`.
   """
   parallel.initialize_distributed(config.parallel)
   model_config, info, resolved = resolve(config)
-  workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
+  workdir = pathlib.Path(workdir) if workdir else default_workdir(resolved)
   lead = jax.process_index() == 0
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
@@ -189,6 +191,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
 
   model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy))
   optimizer = state_lib.make_optimizer(config.train)
+  schedule = state_lib.make_schedule(config.train)
   input_shape = (1, *info.image_shape)
 
   def init():
@@ -224,7 +227,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
         step += 1
         bar.update(1)
         final = step == config.train.num_steps
-        stop = preemption.should_stop(step)
+        stop = preemption.should_stop(step, config.train.log_every)
         save = final or stop or step % config.train.checkpoint_every == 0
         if save or step % config.train.log_every == 0:
           values = jax.device_get(step_metrics)
@@ -236,6 +239,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
               f'{kept[-1] if kept else "none"} in {ckpt.directory}; lower train.learning_rate or check the data'
             )
           now = time.perf_counter()
+          values['learning_rate'] = schedule(step - 1)  # the rate this step's update used
           values['images_per_sec'] = (step - last_step) * config.train.batch_size / max(now - last_time, 1e-9)
           last_time, last_step = now, step
           writer.write(step, 'train', values)

@@ -36,6 +36,18 @@ class TrainState(train_state.TrainState):
     return variables
 
 
+def make_schedule(config: Any) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
+  `learning_rate * final_lr_fraction` at `num_steps` (the `config.train` section)."""
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=config.warmup_steps,
+    decay_steps=max(config.num_steps, config.warmup_steps + 1),
+    end_value=config.learning_rate * config.final_lr_fraction,
+  )
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   """AdamW or SGD with linear warmup + cosine decay, and optional global-norm clipping.
 
@@ -44,13 +56,7 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
       `warmup_steps`, `num_steps`, `final_lr_fraction`, `weight_decay`, `momentum` (SGD),
       `grad_clip` (0 disables).
   """
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=config.learning_rate,
-    warmup_steps=config.warmup_steps,
-    decay_steps=max(config.num_steps, config.warmup_steps + 1),
-    end_value=config.learning_rate * config.final_lr_fraction,
-  )
+  schedule = make_schedule(config)
   if config.optimizer == 'adamw':
     optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
   elif config.optimizer == 'sgd':

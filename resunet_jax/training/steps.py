@@ -56,8 +56,8 @@ def train_step(
   counts = metrics.confusion(metrics.predict(logits), batch['mask'], logits.shape[-1])
   step_metrics = {'loss': loss, **metrics.scores(counts, batch['valid'])}
   step_metrics = {name: _mean(value, axis_name) for name, value in step_metrics.items()}
-  step_metrics['grad_norm'] = optax.global_norm(grads)
-  step_metrics.update({f'grad_norm/{name}': optax.global_norm(g) for name, g in grads.items()})
+  step_metrics['grad_norm'] = optax.tree.norm(grads)
+  step_metrics.update({f'grad_norm/{name}': optax.tree.norm(g) for name, g in grads.items()})
   return state, step_metrics
 
 

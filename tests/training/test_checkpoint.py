@@ -40,3 +40,23 @@ def test_unreadable_latest_falls_back_to_the_previous(tmp_path, data_config):
   assert step == 1
   np.testing.assert_array_equal(state['w'], [1, 1, 1])
   ckpt.close()
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, data_config):
+  import pytest
+
+  from resunet_jax.errors import UserError
+
+  ckpt = checkpoint.Checkpoints(tmp_path, keep=3)
+  iterator = _iterator(data_config)
+  ckpt.save(1, {'w': jnp.ones(3, jnp.float32)}, iterator, {})
+  ckpt.wait()
+  for path in (tmp_path / '1' / 'state').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'corrupt')
+  abstract = checkpoint.abstract_like(
+    {'w': jnp.zeros(3, jnp.float32)}, jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  )
+  with pytest.raises(UserError, match=r'no checkpoint in .* can be restored \(step 1: .*\); repair them or move'):
+    ckpt.restore(abstract, _iterator(data_config))
+  ckpt.close()

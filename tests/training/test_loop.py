@@ -142,3 +142,58 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   for step in kept:
     state = ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / str(step) / 'state').absolute())
     assert all(np.isfinite(leaf).all() for leaf in _flatten(state['params']).values())
+
+
+def test_workdir_of_another_model_is_refused(tmp_path, env):
+  workdir = tmp_path / 'taken'
+  _train(workdir, env, *QUICK, '--config.train.num_steps=3')
+  result = subprocess.run(_command(workdir, *QUICK, model='unet'), cwd=ROOT, capture_output=True, text=True, env=env)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+    f'error: workdir {workdir} holds checkpoints of a different model (residual True -> False); '
+    'use another --workdir or delete it'
+  )
+
+
+def test_three_classes_with_the_per_device_strategy(tmp_path, env):
+  workdir = tmp_path / 'cells'
+  args = [*QUICK, '--config.data.name=synthetic_cells/three_class_small', '--config.parallel.strategy=pmap']
+  _train(workdir, {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}, *args, '--config.model.norm=batch')
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['num_classes'] == 3 and config['parallel']['strategy'] == 'pmap'
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert all(np.isfinite(r['dice']) for r in records)
+  assert [r['learning_rate'] for r in records if r['split'] == 'train'][:2] == pytest.approx([0.0005, 0.001])
+
+
+def test_two_processes_train_and_one_resumes_their_checkpoint(tmp_path, env):
+  import portpicker
+
+  workdir = tmp_path / 'multi'
+  port = portpicker.pick_unused_port()
+  two = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  processes = [
+    subprocess.Popen(
+      _command(
+        workdir,
+        *QUICK,
+        f'--config.parallel.coordinator_address=127.0.0.1:{port}',
+        '--config.parallel.num_processes=2',
+        f'--config.parallel.process_id={i}',
+      ),
+      cwd=ROOT,
+      env=two,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for process, (_, err) in zip(processes, outputs, strict=True):
+    assert process.returncode == 0, err[-3000:]
+  assert 'finished at step 6' in outputs[0][0] and 'predictions' in outputs[0][0]
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['3', '6']
+  # One process on one device picks the run up and trains on.
+  result = _train(workdir, env, *QUICK, '--config.train.num_steps=8')
+  assert 'finished at step 8' in result.stdout
