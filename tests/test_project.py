@@ -28,6 +28,9 @@ def test_quickstart_is_two_commands_and_ci_runs_both():
   assert 'pytest' in setup_and_test
   ci = (ROOT / '.ci' / 'run').read_text().splitlines()
   assert setup_and_test in ci and setup_and_train in ci
+  (evaluate_and_predict,) = (b for b in _blocks('bash') if 'evaluate.py' in b)
+  for command in evaluate_and_predict.strip().splitlines():
+    assert command in ci, command
 
 
 @pytest.fixture(scope='module')

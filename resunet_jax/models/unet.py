@@ -102,7 +102,11 @@ class UNet(nn.Module):
       train: BatchNorm uses batch statistics and updates `batch_stats` when True.
       skip_scale: `[depth]` multipliers on the skip tensors before concatenation, level 0
         first (apply-time knock-out: 0 removes a skip's contribution). Entries of levels
-        whose skip is absent from the config are ignored. None means all ones.
+        whose skip is absent from the config are ignored. None means all ones. A zero
+        equals the network built without that skip, given the same weights minus the skip's
+        input-channel slice of the decoder block's `conv1` (and `conv_proj`), except for
+        residual models with 'transpose' upsampling: there the skip-less block's input width
+        equals its output width, so it has an identity shortcut where this one projects.
       residual_scale: `[2 * depth + 1]` multipliers on each block's shortcut, in
         `block_names` order. Only for `residual=True`. None means all ones.
 

@@ -31,18 +31,20 @@ class Checkpoints:
 
   def __init__(self, directory: pathlib.Path, *, keep: int = 3, keep_best: int = 1, best_metric: str = 'dice'):
     policies = ocp.checkpoint_managers
+
+    def score(metrics):  # Saves between evaluations carry {} and rank last.
+      return metrics.get(best_metric, float('-inf'))
+
     policy = policies.AnyPreservationPolicy(
       [
         policies.LatestN(n=keep),
-        policies.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric],
-          reverse=False,
-          n=keep_best,
-          keep_checkpoints_without_metrics=False,
-        ),
+        policies.BestN(get_metric_fn=score, reverse=False, n=keep_best, keep_checkpoints_without_metrics=False),
       ]
     )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
+    # best_fn also makes Orbax write the metrics to disk, so "best" survives a restart.
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=score, best_mode='max', enable_async_checkpointing=True, create=True
+    )
     self.directory = pathlib.Path(directory)
     self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
 
@@ -53,7 +55,7 @@ class Checkpoints:
       data_iter=grain.checkpoint.CheckpointSave(data_iterator),
       config=ocp.args.JsonSave(config),
     )
-    self.manager.save(step, args=args, metrics=metrics, force=True)
+    self.manager.save(step, args=args, metrics=metrics or {}, force=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -121,6 +123,12 @@ class Checkpoints:
         'repair them or move the folder away to start afresh'
       )
     return None, None
+
+  def best_step(self, metric: str = 'dice') -> int | None:
+    """The kept step with the highest `metric` among those saved with metrics, or None."""
+    scored = [(self.manager.metrics(step) or {}).get(metric) for step in self.steps()]  # read from disk
+    candidates = [(value, step) for value, step in zip(scored, self.steps(), strict=True) if value is not None]
+    return max(candidates)[1] if candidates else None
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""

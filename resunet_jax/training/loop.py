@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import time
@@ -21,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from resunet_jax import configs, data, losses, metrics, models
+from resunet_jax import configs, data, evaluation, losses, models
 from resunet_jax.errors import UserError
 from resunet_jax.training import checkpoint, parallel, reporting
 from resunet_jax.training import state as state_lib
@@ -71,9 +72,24 @@ def summary(config) -> str:
 
 
 def default_workdir(resolved: dict) -> pathlib.Path:
-  """runs/<preset>-<dataset>-<hash of the resolved config>: same config, same run (resumes)."""
+  """runs/<preset>-<dataset>-<hash of the resolved config>: same config, same run (resumes).
+
+  Training there also points runs/latest at it.
+  """
   name = resolved['data']['name'].replace('/', '_')
   return pathlib.Path('runs') / f'{resolved["preset"]}-{name}-{configs.config_hash(resolved)}'
+
+
+def _link_latest(workdir: pathlib.Path) -> None:
+  """Points runs/latest at `workdir`, so the next command can say --workdir=runs/latest."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  link = workdir.parent / 'latest'
+  if link.exists() and not link.is_symlink():
+    return  # Someone's own folder named latest: leave it alone.
+  temporary = workdir.parent / f'.latest-{os.getpid()}'
+  temporary.unlink(missing_ok=True)
+  temporary.symlink_to(workdir.name)
+  os.replace(temporary, link)
 
 
 def _check_same_model(saved: dict | None, resolved: dict, workdir: pathlib.Path) -> None:
@@ -113,57 +129,6 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in its local batch order."""
-  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def evaluate(eval_fn, train_state, config, mesh, *, role: str = 'validation', keep: int = 0) -> tuple[dict, dict]:
-  """Mean per-image metrics over a split, and up to `keep` samples for figures.
-
-  Returns:
-    `({'dice', 'iou', 'accuracy', 'boundary_f1', 'hd95', 'images'}, samples)` with samples
-    `{'image', 'mask', 'prediction'}` arrays of this process's first `keep` valid examples.
-  """
-  per_process = max(config.train.batch_size // jax.process_count(), 1)
-  pipeline = data.make_pipeline(config.data, role, batch_size=per_process, seed=0, train=False)
-  sharding = parallel.batch_sharding(mesh)
-  totals = np.zeros(6)  # dice, iou, accuracy, boundary_f1, hd95, images
-  samples = {'image': [], 'mask': [], 'prediction': []}
-  for batch in pipeline:
-    out = eval_fn(train_state, data.to_global(batch, sharding))
-    rows = {key: _local_rows(value) for key, value in out.items()}
-    valid = batch['valid'] > 0
-    if not valid.any():
-      continue
-    per_image = metrics.per_image_scores({k: rows[k][valid] for k in ('tp', 'fp', 'fn')})
-    edges = metrics.boundary_scores(
-      rows['predictions'][valid], batch['mask'][valid], rows['tp'].shape[-1], config.train.boundary_tolerance
-    )
-    totals += [
-      per_image['dice'].sum(),
-      per_image['iou'].sum(),
-      rows['correct'][valid].sum(),
-      edges['boundary_f1'].sum(),
-      edges['hd95'].sum(),
-      valid.sum(),
-    ]
-    if len(samples['image']) < keep:
-      take = min(keep - len(samples['image']), int(valid.sum()))
-      pixels = np.asarray(config.data.std) * batch['image'][valid][:take] + np.asarray(config.data.mean)
-      samples['image'].extend(np.clip(pixels * 255, 0, 255).astype(np.uint8))
-      samples['mask'].extend(batch['mask'][valid][:take])
-      samples['prediction'].extend(rows['predictions'][valid][:take])
-  if jax.process_count() > 1:
-    totals = multihost_utils.process_allgather(totals).sum(0)
-  count = max(totals[5], 1)
-  names = ('dice', 'iou', 'accuracy', 'boundary_f1', 'hd95')
-  result = {name: float(totals[i] / count) for i, name in enumerate(names)}
-  result['images'] = int(totals[5])
-  return result, {key: np.asarray(value) for key, value in samples.items()}
-
-
 def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> RunResult:
   """Trains, evaluates and checkpoints `config` in `workdir` (resuming what is there).
 
@@ -176,8 +141,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
   """
   parallel.initialize_distributed(config.parallel)
   model_config, info, resolved = resolve(config)
-  workdir = pathlib.Path(workdir) if workdir else default_workdir(resolved)
   lead = jax.process_index() == 0
+  if workdir:
+    workdir = pathlib.Path(workdir)
+  else:
+    workdir = default_workdir(resolved)
+    if lead:
+      _link_latest(workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
   if config.train.num_steps < 1:
@@ -248,7 +218,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
           )
         evaluated = None
         if final or step % config.train.eval_every == 0:
-          validation, samples = evaluate(eval_fn, train_state, config, mesh, keep=keep if final else 0)
+          per_image, samples = evaluation.evaluate_split(eval_fn, train_state, config, mesh, keep=keep if final else 0)
+          validation = evaluation.summarize(per_image)
           evaluated = validation
           writer.write(step, 'validation', validation)
           bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in validation.items()))
@@ -260,7 +231,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
           return RunResult(step, validation, files, stopped=True)
     ckpt.wait()
     if samples is None:  # Resumed a finished run: evaluate it once more for the report.
-      validation, samples = evaluate(eval_fn, train_state, config, mesh, keep=keep)
+      per_image, samples = evaluation.evaluate_split(eval_fn, train_state, config, mesh, keep=keep)
+      validation = evaluation.summarize(per_image)
     if lead:
       files.update(_write_figures(samples, workdir, writer))
     return RunResult(step, validation, files)

@@ -22,6 +22,12 @@ def test_latest_and_best_are_kept(tmp_path, data_config):
   assert ckpt.steps() == [1, 5, 6]
   assert ckpt.read_config() == {'step': 6}
   ckpt.close()
+  reopened = checkpoint.Checkpoints(tmp_path, keep=2, keep_best=1)  # as a restarted run sees it
+  assert reopened.best_step('dice') == 1
+  reopened.save(7, {'w': jnp.full(3, 7, jnp.float32)}, iterator, {'step': 7}, metrics={'dice': 0.5})
+  reopened.wait()
+  assert reopened.steps() == [1, 6, 7]  # the best from before the restart is still kept
+  reopened.close()
 
 
 def test_unreadable_latest_falls_back_to_the_previous(tmp_path, data_config):

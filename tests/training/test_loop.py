@@ -197,3 +197,15 @@ def test_two_processes_train_and_one_resumes_their_checkpoint(tmp_path, env):
   # One process on one device picks the run up and trains on.
   result = _train(workdir, env, *QUICK, '--config.train.num_steps=8')
   assert 'finished at step 8' in result.stdout
+
+
+def test_latest_link_follows_the_newest_default_workdir(tmp_path):
+  from resunet_jax.training import loop
+
+  for name in ('run-a', 'run-b'):
+    loop._link_latest(tmp_path / name)
+    assert (tmp_path / 'latest').resolve() == (tmp_path / name).resolve()
+  (tmp_path / 'latest').unlink()
+  (tmp_path / 'latest').mkdir()  # a real folder of that name is never replaced
+  loop._link_latest(tmp_path / 'run-c')
+  assert not (tmp_path / 'latest').is_symlink()

@@ -1,0 +1,42 @@
+r"""Evaluates a trained run on a split.
+
+  python experiments/evaluate.py --workdir=W [--split=test] [--checkpoint=best|latest|STEP]
+
+Writes W/eval_<split>.json (per metric mean, median, 5th/95th percentile, per-class Dice) and
+W/eval_<split>.md (the same as a table), and prints the table.
+"""
+
+import json
+import pathlib
+
+from absl import flags
+
+from resunet_jax import cli, evaluation, losses
+from resunet_jax.training import parallel, restore
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
+_SPLIT = flags.DEFINE_string('split', 'test', "Split: 'train', 'validation', 'test' or a raw split string.")
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --split=test')
+  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  _, eval_fn = parallel.compile_steps('jit', run.mesh, losses.LossWeights())
+  per_image, _ = evaluation.evaluate_split(eval_fn, run.state, run.config, run.mesh, role=_SPLIT.value)
+  record = evaluation.report(per_image, tolerance=run.config.train.boundary_tolerance)
+  record.update(split=_SPLIT.value, checkpoint_step=run.step, workdir=str(_WORKDIR.value))
+  name = _SPLIT.value.replace('/', '_').replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pct')
+  out = pathlib.Path(_WORKDIR.value) / f'eval_{name}'
+  out.with_suffix('.json').write_text(json.dumps(record, indent=2))
+  table = evaluation.markdown(
+    record, f'{run.config.preset} on {run.config.data.name} [{_SPLIT.value}], step {run.step}'
+  )
+  out.with_suffix('.md').write_text(table)
+  print(table)
+  print(f'wrote {out}.json and {out}.md')
+
+
+if __name__ == '__main__':
+  cli.run(main)

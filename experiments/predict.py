@@ -1,0 +1,95 @@
+r"""Predicts masks for images of any size with a trained run (sliding-window inference).
+
+  python experiments/predict.py --workdir=W --input=PATH_OR_FOLDER --output=DIR \
+    [--checkpoint=best] [--tile=128] [--overlap=0.5] [--tta] [--probabilities]
+  python experiments/predict.py --workdir=W --input=split:test[:4] --output=DIR
+
+For every image writes DIR/<stem>_mask.png (class ids; 0/255 for a binary model),
+DIR/<stem>_overlay.png and, with --probabilities, DIR/<stem>_probabilities.npy ([H, W, C]
+float32). Grey and palette images are repeated to RGB and RGBA loses its alpha, as in
+training. `--input=split:SPLIT` reads a split of the run's own dataset.
+"""
+
+import functools
+import pathlib
+
+import numpy as np
+from absl import flags
+from PIL import Image
+from tqdm import tqdm
+
+from resunet_jax import cli, data, inference
+from resunet_jax.training import reporting, restore
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
+_INPUT = flags.DEFINE_string('input', None, 'An image, a folder of images, or split:SPLIT.', required=True)
+_OUTPUT = flags.DEFINE_string('output', None, 'Folder for the predictions.', required=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
+_TILE = flags.DEFINE_integer('tile', None, 'Tile side; default the training image size.')
+_OVERLAP = flags.DEFINE_float('overlap', 0.5, 'Fraction of a tile shared with its neighbours.')
+_BATCH = flags.DEFINE_integer('batch', 4, 'Tiles per model call.')
+_BLEND = flags.DEFINE_enum('blend', 'gaussian', list(inference.BLENDS), 'Tile blending weights.')
+_TTA = flags.DEFINE_bool('tta', False, 'Average over horizontal and vertical flips.')
+_PROBABILITIES = flags.DEFINE_bool('probabilities', False, 'Also save probabilities as .npy.')
+
+
+def _images(spec: str, config):
+  """Yields (stem, uint8 [H, W, 3]) for a file, a folder, or split:SPLIT of the run's dataset."""
+  if spec.startswith('split:'):
+    source = data.open_split(config.data, spec.removeprefix('split:'))
+    for index in range(len(source)):
+      record = source[index]
+      yield record['id'], record['image']
+    return
+  path = pathlib.Path(spec).expanduser()
+  if path.is_dir():
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in data.sources.IMAGE_SUFFIXES)
+    if not files:
+      raise cli.UserError(f'{path} holds no images ({", ".join(data.sources.IMAGE_SUFFIXES)})')
+  elif path.is_file():
+    files = [path]
+  else:
+    raise cli.UserError(f'--input={spec} is neither an image, a folder nor split:SPLIT')
+  for file in files:
+    yield file.stem, data.sources.read_image(file)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --input=PATH')
+  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  output = pathlib.Path(_OUTPUT.value)
+  try:
+    output.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise cli.UserError(f'cannot create --output={output}: {e.strerror}') from None
+  mean, std = np.asarray(run.config.data.mean, np.float32), np.asarray(run.config.data.std, np.float32)
+  apply_fn = functools.partial(run.model.apply, train=False)
+  tile = _TILE.value or run.config.data.image_size
+  count = 0
+  for stem, image in tqdm(list(_images(_INPUT.value, run.config)), unit='image'):
+    normalised = (image.astype(np.float32) / 255.0 - mean) / std
+    if not np.isfinite(normalised).all():
+      raise cli.UserError(f'{stem}: image holds non-finite pixels')
+    logits = inference.sliding_window(
+      apply_fn,
+      run.variables,
+      normalised,
+      tile=tile,
+      overlap=_OVERLAP.value,
+      batch_size=_BATCH.value,
+      blend=_BLEND.value,
+      flip_tta=_TTA.value,
+      progress=image.shape[0] * image.shape[1] > 16 * tile * tile,
+    )
+    mask = inference.classes(logits)
+    Image.fromarray(mask * 255 if logits.shape[-1] == 1 else mask).save(output / f'{stem}_mask.png')
+    Image.fromarray(reporting.overlay(image, mask)).save(output / f'{stem}_overlay.png')
+    if _PROBABILITIES.value:
+      np.save(output / f'{stem}_probabilities.npy', inference.probabilities(logits))
+    count += 1
+  print(f'wrote masks and overlays of {count} images to {output} (checkpoint step {run.step})')
+
+
+if __name__ == '__main__':
+  cli.run(main)

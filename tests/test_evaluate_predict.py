@@ -1,0 +1,106 @@
+"""experiments/evaluate.py and predict.py on a quick-config run: files exist and parse; bad inputs."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, env):
+  return subprocess.run(
+    [sys.executable, f'experiments/{script}.py', *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+  )
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, tfds_dir):
+  """A quick-config run (two checkpoints with validation metrics)."""
+  env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'XLA_FLAGS': ''}
+  workdir = tmp_path_factory.mktemp('run')
+  result = _run('train', '--model=resunet', '--config=experiments/configs/quick.py', f'--workdir={workdir}', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, env
+
+
+@pytest.mark.parametrize('checkpoint', ['best', 'latest', '3'])
+def test_evaluate_writes_json_and_markdown(trained, checkpoint):
+  workdir, env = trained
+  result = _run('evaluate', f'--workdir={workdir}', '--split=test', f'--checkpoint={checkpoint}', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((workdir / 'eval_test.json').read_text())
+  assert record['images'] == 16 and record['split'] == 'test' and record['boundary_tolerance_px'] == 2.0
+  assert record['checkpoint_step'] == (
+    3 if checkpoint == '3' else 6 if checkpoint == 'latest' else record['checkpoint_step']
+  )
+  for name in ('dice', 'iou', 'accuracy', 'boundary_f1', 'hd95'):
+    stats = record['metrics'][name]
+    assert stats['p5'] <= stats['median'] <= stats['p95']
+  table = (workdir / 'eval_test.md').read_text()
+  assert '| dice |' in table and '| hd95 |' in table and table in result.stdout
+
+
+def test_predict_on_files_of_any_size_and_channel_count(trained, tmp_path):
+  workdir, env = trained
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (150, 97, 3), dtype=np.uint8)).save(inputs / 'big.png')
+  Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).save(inputs / 'grey.png')
+  Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)).save(inputs / 'rgba.png')
+  out = tmp_path / 'out'
+  result = _run(
+    'predict', f'--workdir={workdir}', f'--input={inputs}', f'--output={out}', '--probabilities', '--tta', env=env
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  for stem, shape in (('big', (150, 97)), ('grey', (20, 30)), ('rgba', (40, 40))):
+    mask = np.asarray(Image.open(out / f'{stem}_mask.png'))
+    assert mask.shape == shape and set(np.unique(mask)) <= {0, 255}
+    assert np.asarray(Image.open(out / f'{stem}_overlay.png')).shape == (*shape, 3)
+    probabilities = np.load(out / f'{stem}_probabilities.npy')
+    assert probabilities.shape == (*shape, 1) and ((probabilities >= 0) & (probabilities <= 1)).all()
+    np.testing.assert_array_equal(mask > 0, probabilities[..., 0] > 0.5)
+
+
+def test_predict_on_a_split_of_the_runs_dataset(trained, tmp_path):
+  workdir, env = trained
+  result = _run('predict', f'--workdir={workdir}', '--input=split:test[:2]', f'--output={tmp_path}', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(list(tmp_path.glob('test_*_overlay.png'))) == 2
+
+
+@pytest.mark.parametrize(
+  ('script', 'args', 'message'),
+  [
+    ('evaluate', ['--workdir=/no/such/run'], 'error: workdir /no/such/run does not exist'),
+    ('evaluate', ['--checkpoint=99'], "error: --checkpoint=99 is not 'best', 'latest' or a saved step (3, 6)"),
+    ('evaluate', ['--split=nope'], "error: dataset 'synthetic_roads/small' split 'nope' is not available"),
+    ('predict', ['--input=/no/such/image.png', '--output=OUT'], 'error: --input=/no/such/image.png is neither'),
+    ('predict', ['--input=EMPTY', '--output=OUT'], 'error: EMPTY holds no images'),
+    ('predict', ['--input=BROKEN', '--output=OUT'], 'error: cannot read image'),
+    (
+      'predict',
+      ['--input=split:test[:1]', '--output=/proc/forbidden'],
+      'error: cannot create --output=/proc/forbidden',
+    ),
+  ],
+)
+def test_bad_inputs_fail_in_one_line(trained, tmp_path, script, args, message):
+  workdir, env = trained
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'broken.png').write_bytes(b'not a png')
+  places = {'OUT': tmp_path / 'out', 'EMPTY': tmp_path / 'empty', 'BROKEN': tmp_path / 'broken.png'}
+  for placeholder, path in places.items():
+    args = [a.replace(placeholder, str(path)) for a in args]
+  if not any(a.startswith('--workdir') for a in args):
+    args.append(f'--workdir={workdir}')
+  result = _run(script, *args, env=env)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message.replace('EMPTY', str(tmp_path / 'empty'))), lines
