@@ -69,8 +69,6 @@ def main(argv: list[str]) -> None:
   count = 0
   for stem, image in tqdm(list(_images(_INPUT.value, run.config)), unit='image'):
     normalised = (image.astype(np.float32) / 255.0 - mean) / std
-    if not np.isfinite(normalised).all():
-      raise cli.UserError(f'{stem}: image holds non-finite pixels')
     logits = inference.sliding_window(
       apply_fn,
       run.variables,

@@ -7,6 +7,7 @@ one-line `error: ...` on stderr and exit status 2, not a traceback.
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,10 +66,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` with one-line errors for `UserError` and bad flags."""
 
   def wrapped(argv):
-    if not flags.FLAGS['verbosity'].present:  # Library INFO chatter only on request (-v 0).
+    if not flags.FLAGS['verbosity'].present:  # Library chatter only on request (-v 0).
       logging.set_verbosity(logging.WARNING)
-    # TFDS recommends OpenCV on every image decode; Pillow decodes our PNGs fine.
-    logging.get_absl_handler().addFilter(lambda record: 'OpenCV is not installed' not in record.getMessage())
+      # TFDS warns about its folders and recommends OpenCV; our errors say what matters.
+      logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= std_logging.ERROR or 'tensorflow_datasets' not in record.pathname
+      )
     try:
       return main(argv)
     except UserError as e:

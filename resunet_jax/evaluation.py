@@ -57,13 +57,12 @@ def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', ke
   samples = {'image': [], 'mask': [], 'prediction': []}
   for batch in pipeline:
     out = {key: _local_rows(value) for key, value in eval_fn(state, data.to_global(batch, sharding)).items()}
-    tp, fp, fn = out['tp'], out['fp'], out['fn']
-    empty = (tp + fp + fn) == 0
-    class_dice = np.where(empty, 1.0, 2 * tp / np.maximum(2 * tp + fp + fn, 1.0))
-    edges = metrics.boundary_scores(out['predictions'], batch['mask'], tp.shape[-1], config.train.boundary_tolerance)
-    rows['class_dice'].append(class_dice)
-    rows['dice'].append(class_dice.mean(-1))
-    rows['iou'].append(np.where(empty, 1.0, tp / np.maximum(tp + fp + fn, 1.0)).mean(-1))
+    per_class = metrics.class_scores(out)
+    outputs = out['tp'].shape[-1]
+    edges = metrics.boundary_scores(out['predictions'], batch['mask'], outputs, config.train.boundary_tolerance)
+    rows['class_dice'].append(per_class['dice'])
+    rows['dice'].append(per_class['dice'].mean(-1))
+    rows['iou'].append(per_class['iou'].mean(-1))
     rows['accuracy'].append(out['correct'])
     rows['boundary_f1'].append(edges['boundary_f1'])
     rows['hd95'].append(edges['hd95'])

@@ -81,6 +81,10 @@ def sliding_window(
   if tile < 1 or batch_size < 1:
     raise ValueError(f'tile={tile} and batch_size={batch_size} must be positive')
   image = np.asarray(image, np.float32)
+  if image.ndim != 3:
+    raise ValueError(f'image has shape {image.shape}; sliding_window takes one [H, W, C] image')
+  if not np.isfinite(image).all():
+    raise ValueError(f'image holds {int((~np.isfinite(image)).sum())} non-finite values (NaN or inf); clean it first')
   height, width, channels = image.shape
   padded = np.pad(image, ((0, max(0, tile - height)), (0, max(0, tile - width)), (0, 0)))
   full_h, full_w = padded.shape[:2]

@@ -62,13 +62,13 @@ def scores(counts: dict, valid: jax.Array | None = None) -> dict:
   }
 
 
-def per_image_scores(counts: dict) -> dict[str, np.ndarray]:
-  """Per-image Dice and IoU (classes averaged), numpy `[B]` each."""
+def class_scores(counts: dict) -> dict[str, np.ndarray]:
+  """Per-image, per-class Dice and IoU on the host, numpy `[B, K]` each (empty convention above)."""
   tp, fp, fn = (np.asarray(counts[k]) for k in ('tp', 'fp', 'fn'))
   empty = (tp + fp + fn) == 0
   return {
-    'dice': np.where(empty, 1.0, 2 * tp / np.maximum(2 * tp + fp + fn, 1.0)).mean(-1),
-    'iou': np.where(empty, 1.0, tp / np.maximum(tp + fp + fn, 1.0)).mean(-1),
+    'dice': np.where(empty, 1.0, 2 * tp / np.maximum(2 * tp + fp + fn, 1.0)),
+    'iou': np.where(empty, 1.0, tp / np.maximum(tp + fp + fn, 1.0)),
   }
 
 

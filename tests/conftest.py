@@ -23,3 +23,20 @@ def data_config(tfds_dir):
   config.name, config.data_dir, config.image_size = 'synthetic_roads/small', tfds_dir, 64
   config.read_threads, config.prefetch = 2, 4
   return config
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory, tfds_dir):
+  """A quick-config run (checkpoints 3 and 6, both with validation metrics) and its environment."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'XLA_FLAGS': ''}
+  workdir = tmp_path_factory.mktemp('trained_run')
+  command = [sys.executable, 'experiments/train.py', '--model=resunet', '--config=experiments/configs/quick.py']
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run([*command, f'--workdir={workdir}'], cwd=root, capture_output=True, text=True, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, env

@@ -37,16 +37,16 @@ def test_confusion_and_scores_by_hand():
   np.testing.assert_array_equal(counts['tp'][:, 0], [1, 0])
   np.testing.assert_array_equal(counts['fp'][:, 0], [1, 0])
   np.testing.assert_array_equal(counts['fn'][:, 0], [1, 0])
-  per_image = metrics.per_image_scores(counts)
-  np.testing.assert_allclose(per_image['dice'], [0.5, 1.0])  # image 2: both empty -> 1
-  np.testing.assert_allclose(per_image['iou'], [1 / 3, 1.0])
+  per_class = metrics.class_scores(counts)
+  np.testing.assert_allclose(per_class['dice'][:, 0], [0.5, 1.0])  # image 2: both empty -> 1
+  np.testing.assert_allclose(per_class['iou'][:, 0], [1 / 3, 1.0])
   mean = metrics.scores(counts, jnp.array([1.0, 0.0]))
   np.testing.assert_allclose([mean['dice'], mean['iou'], mean['accuracy']], [0.5, 1 / 3, 0.5], rtol=1e-6)
 
 
 def test_one_empty_mask_scores_zero():
   counts = metrics.confusion(jnp.ones((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2), jnp.int32), 1)
-  assert metrics.per_image_scores(counts)['dice'][0] == 0.0
+  assert metrics.class_scores(counts)['dice'][0, 0] == 0.0
 
 
 def test_boundary_f1_and_hd95_known_cases():

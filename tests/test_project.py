@@ -60,25 +60,3 @@ def test_config_overrides_win_over_the_preset(tfds_env):
   result = _train(*args, env=tfds_env)
   assert result.returncode == 0, result.stderr
   assert 'residual=False' in result.stdout and 'total         31,378,945' in result.stdout
-
-
-@pytest.mark.parametrize(
-  ('args', 'message'),
-  [
-    (['--model=resnet'], "error: unknown model preset 'resnet' (did you mean 'resunet'?)"),
-    (['--config.model.base_widht=8'], 'error: \'base_widht\' Did you mean "base_width"'),
-    (['--config.model.depth=abc'], 'error: flag --config.model.depth=abc: invalid literal for int()'),
-    (['--config.model.norm=btach'], "error: ModelConfig.norm='btach' (did you mean 'batch'?)"),
-    (['--config=experiments/configs/missing.py'], 'error: Configuration is not available'),
-    (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
-    (
-      ['--config.data.name=synthetic_cels'],
-      "error: unknown dataset 'synthetic_cels' (did you mean 'synthetic_cells'?)",
-    ),
-  ],
-)
-def test_bad_command_lines_fail_in_one_line(args, message):
-  result = _train(*args)
-  assert result.returncode == 2
-  assert result.stderr.startswith(message), result.stderr
-  assert len(result.stderr.strip().splitlines()) == 1

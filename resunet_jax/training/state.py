@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from resunet_jax.errors import UserError
+
 
 class TrainState(train_state.TrainState):
   """Flax's TrainState plus BatchNorm statistics and an optional EMA of the parameters.
@@ -64,7 +66,7 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
       optax.add_decayed_weights(config.weight_decay), optax.sgd(schedule, momentum=config.momentum, nesterov=True)
     )
   else:
-    raise ValueError(f"train.optimizer='{config.optimizer}' is not one of adamw, sgd")
+    raise UserError(f"train.optimizer='{config.optimizer}' is not one of adamw, sgd")
   if config.grad_clip:
     optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip), optimizer)
   return optimizer

@@ -8,7 +8,6 @@ that axis; without it, they see the global batch (jit over a mesh does the rest)
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from resunet_jax import losses, metrics
@@ -70,8 +69,3 @@ def eval_step(state: TrainState, batch: dict) -> dict:
   logits = state.apply_fn(state.variables(state.eval_params), batch['image'], train=False)
   predictions = metrics.predict(logits)
   return {'predictions': predictions, **metrics.confusion(predictions, batch['mask'], logits.shape[-1])}
-
-
-def is_finite(step_metrics: dict) -> jax.Array:
-  """Whether the loss and gradient norm are finite."""
-  return jnp.isfinite(step_metrics['loss']) & jnp.isfinite(step_metrics['grad_norm'])

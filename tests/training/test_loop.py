@@ -209,3 +209,14 @@ def test_latest_link_follows_the_newest_default_workdir(tmp_path):
   (tmp_path / 'latest').mkdir()  # a real folder of that name is never replaced
   loop._link_latest(tmp_path / 'run-c')
   assert not (tmp_path / 'latest').is_symlink()
+
+
+def test_restore_onto_fewer_devices(tmp_path, env):
+  """4 fake devices -> 2 -> 1: each run restores the previous one's checkpoint and trains on."""
+  workdir = tmp_path / 'devices'
+  for devices, steps in ((4, 3), (2, 6), (1, 9)):
+    run_env = {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    result = _train(workdir, run_env, *QUICK, f'--config.train.num_steps={steps}')
+    assert f'finished at step {steps}' in result.stdout
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert sorted({r['step'] for r in records if r['split'] == 'train'}) == [2, 3, 4, 6, 8, 9]

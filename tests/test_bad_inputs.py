@@ -1,0 +1,244 @@
+"""The catalogue of bad inputs: each one ends in a single `error: ...` line (exit status 2) that
+says what is wrong and what to do, or, through the Python API, in one exception of that kind.
+
+Add a row whenever a new mistake is found. Data-set mistakes (folders, masks, label maps) are
+catalogued in `tests/data/test_errors.py`; faults (kills, corrupt checkpoints, non-finite loss)
+in `tests/training/`. docs/reliability.md lists them all.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resunet_jax import data, inference, models
+from resunet_jax.errors import DataError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICK = '--config=experiments/configs/quick.py'
+
+# (script, arguments, fake devices, start of the single stderr line). RUN: a trained workdir;
+# BARE: an existing folder that is not a run; TMP: a scratch folder.
+CLI = {
+  'unknown preset': ('train', ['--model=resnet'], 1, "error: unknown model preset 'resnet' (did you mean 'resunet'?)"),
+  'mistyped config key': (
+    'train',
+    ['--config.model.base_widht=8'],
+    1,
+    'error: \'base_widht\' Did you mean "base_width"',
+  ),
+  'wrong value type': (
+    'train',
+    ['--config.model.depth=abc'],
+    1,
+    'error: flag --config.model.depth=abc: invalid literal',
+  ),
+  'mistyped choice': (
+    'train',
+    ['--config.model.norm=btach'],
+    1,
+    "error: ModelConfig.norm='btach' (did you mean 'batch'?)",
+  ),
+  'negative width': (
+    'train',
+    ['--config.model.base_width=-8'],
+    1,
+    'error: ModelConfig.base_width=-8 must be a positive',
+  ),
+  'depth too large': ('train', ['--config.model.depth=9'], 1, 'error: ModelConfig.depth=9 is above 8'),
+  'skips of wrong length': ('train', ['--config.model.skips=10'], 1, "error: skips='10' has 2 entries but depth is 4"),
+  'zero batch': ('train', [QUICK, '--config.train.batch_size=0'], 1, 'error: train.batch_size=0 must be a positive'),
+  'batch not divisible by devices': (
+    'train',
+    [QUICK, '--config.train.batch_size=3'],
+    2,
+    'error: train.batch_size=3 must be a positive multiple of the device count (2)',
+  ),
+  'zero steps': ('train', [QUICK, '--config.train.num_steps=0'], 1, 'error: train.num_steps=0 must be at least 1'),
+  'unknown optimizer': (
+    'train',
+    [QUICK, '--config.train.optimizer=adam_w'],
+    1,
+    "error: train.optimizer='adam_w' is not",
+  ),
+  'unknown strategy': (
+    'train',
+    [QUICK, '--config.parallel.strategy=pmapp'],
+    1,
+    "error: parallel.strategy='pmapp' is not",
+  ),
+  'unknown distributed mode': (
+    'train',
+    [QUICK, '--config.parallel.distributed=yes'],
+    1,
+    "error: parallel.distributed='yes'",
+  ),
+  'unknown dataset': (
+    'train',
+    ['--config.data.name=synthetic_cels'],
+    1,
+    "error: unknown dataset 'synthetic_cels' (did you",
+  ),
+  'dataset not prepared': (
+    'train',
+    ['--config.data.name=mnist'],
+    1,
+    "error: dataset 'mnist' split 'train' is not available",
+  ),
+  'folder without path': (
+    'train',
+    ['--config.data.name=folder'],
+    1,
+    "error: data.name='folder' needs data.folder=PATH",
+  ),
+  'missing data folder': (
+    'train',
+    ['--config.data.name=folder', '--config.data.folder=/no/such/folder'],
+    1,
+    'error: data.folder /no/such/folder does not exist',
+  ),
+  'missing config file': (
+    'train',
+    ['--config=experiments/configs/missing.py'],
+    1,
+    'error: Configuration is not available',
+  ),
+  'unknown flag': ('train', ['--bogus=1'], 1, "error: Unknown command line flag 'bogus'"),
+  'stray argument': ('train', ['extra'], 1, "error: unexpected arguments ['extra']"),
+  'workdir of another model': (
+    'train',
+    [QUICK, '--model=unet', '--workdir=RUN'],
+    1,
+    'error: workdir RUN holds checkpoints of',
+  ),
+  'missing workdir': ('evaluate', ['--workdir=/no/such/run'], 1, 'error: workdir /no/such/run does not exist'),
+  'workdir that is not a run': ('evaluate', ['--workdir=BARE'], 1, 'error: BARE/config.json is missing'),
+  'missing checkpoint step': (
+    'evaluate',
+    ['--workdir=RUN', '--checkpoint=99'],
+    1,
+    "error: --checkpoint=99 is not 'best'",
+  ),
+  'unknown split': (
+    'evaluate',
+    ['--workdir=RUN', '--split=nope'],
+    1,
+    "error: dataset 'synthetic_roads/small' split 'nope'",
+  ),
+  'wrong input path': (
+    'predict',
+    ['--workdir=RUN', '--input=/no/such.png', '--output=TMP/out'],
+    1,
+    'error: --input=/no/such.png is neither',
+  ),
+  'folder without images': (
+    'predict',
+    ['--workdir=RUN', '--input=BARE', '--output=TMP/out'],
+    1,
+    'error: BARE holds no images',
+  ),
+  'zero-byte image': (
+    'predict',
+    ['--workdir=RUN', '--input=TMP/empty.png', '--output=TMP/out'],
+    1,
+    'error: cannot read image',
+  ),
+  'output not writable': (
+    'predict',
+    ['--workdir=RUN', '--input=split:test[:1]', '--output=/proc/forbidden'],
+    1,
+    'error: cannot create --output=/proc/forbidden',
+  ),
+}
+
+
+@pytest.mark.parametrize('case', list(CLI))
+def test_command_line_mistakes(case, trained_run, tmp_path):
+  script, args, devices, expected = CLI[case]
+  workdir, env = trained_run
+  bare = tmp_path / 'bare'
+  bare.mkdir()
+  (tmp_path / 'empty.png').write_bytes(b'')
+  places = {'RUN': str(workdir), 'BARE': str(bare), 'TMP': str(tmp_path)}
+  for placeholder, path in places.items():
+    args = [a.replace(placeholder, path) for a in args]
+    expected = expected.replace(placeholder, path)
+  env = {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  result = subprocess.run(
+    [sys.executable, f'experiments/{script}.py', *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+  )
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+UNET = models.UNet(models.ModelConfig(base_width=2, depth=2))
+X = jnp.zeros((1, 8, 8, 3))
+
+API = {
+  'unknown config field': (
+    lambda: models.ModelConfig(base_widht=8),
+    ValueError,
+    "'base_widht' \\(did you mean 'base_width'",
+  ),
+  'unknown preset': (lambda: models.preset('resnet'), ValueError, 'presets: unet, resunet, resunet_zhang'),
+  'skip_scale of wrong length': (
+    lambda: UNet_apply(skip_scale=jnp.ones(3)),
+    ValueError,
+    r'skip_scale has shape \(3,\); it needs one multiplier per level: shape \(2,\)',
+  ),
+  'residual_scale on a plain network': (lambda: UNet_apply(residual_scale=jnp.ones(5)), ValueError, 'residual=False'),
+  'image without batch axis': (lambda: UNET.init(jax_key(), X[0], train=False), ValueError, 'NHWC'),
+  'NaN pixels': (
+    lambda: inference.sliding_window(lambda v, x: x, {}, np.full((8, 8, 3), np.nan), tile=8),
+    ValueError,
+    'image holds 192 non-finite values',
+  ),
+  'overlap of 1': (
+    lambda: inference.sliding_window(lambda v, x: x, {}, np.zeros((8, 8, 3)), tile=8, overlap=1),
+    ValueError,
+    'overlap',
+  ),
+  'label map that is not int to int': (
+    lambda: data.sources.label_lut({'x': 1}),
+    DataError,
+    'not an int-to-int mapping',
+  ),
+  'mask value out of range in a label map': (lambda: data.sources.label_lut({300: 1}), DataError, 'out of range'),
+  'float image where 8-bit is expected': (
+    lambda: data.sources.to_rgb(np.zeros((4, 4, 3), np.float32), 'x'),
+    DataError,
+    '8-bit images are expected',
+  ),
+  'image with 2 channels': (
+    lambda: data.sources.to_rgb(np.zeros((4, 4, 2), np.uint8), 'x'),
+    DataError,
+    'expected grey, RGB',
+  ),
+}
+
+
+def jax_key():
+  import jax
+
+  return jax.random.key(0)
+
+
+def UNet_apply(**scales):  # noqa: N802 (reads as the call it stands for)
+  variables = UNET.init(jax_key(), X, train=False)
+  return UNET.apply(variables, X, train=False, **scales)
+
+
+@pytest.mark.parametrize('case', list(API))
+def test_python_api_mistakes(case):
+  build, error, message = API[case]
+  with pytest.raises(error, match=message) as excinfo:
+    build()
+  assert '\n' not in str(excinfo.value)
+
+
+def test_the_catalogue_is_long_enough():
+  assert len(CLI) + len(API) >= 25  # and tests/data/test_errors.py adds the data-set mistakes
