@@ -9,6 +9,8 @@ HD95 is 0 and the image diagonal respectively.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -34,6 +36,46 @@ def _encode(ids: list[str], width: int = 64) -> np.ndarray:
   return rows
 
 
+def map_split(fn, state, config, mesh, *, role: str, args: tuple = ()) -> Iterator[tuple[dict, dict]]:
+  """One pass over a split: yields each host batch and this process's rows of `fn`'s outputs.
+
+  Args:
+    fn: a function compiled with `parallel.compile_eval`: `fn(state, global batch, *args)`
+      returning a dict of arrays whose leading axis is the batch.
+    state: the train state.
+    config: the experiment config.
+    mesh: the device mesh.
+    role: 'validation' | 'test' | 'train' (or a raw split string).
+    args: further (replicated) arguments of `fn`.
+
+  Yields:
+    `(batch, rows)`: the process-local batch (`image`, `mask`, `valid`, `id`) and `fn`'s
+    outputs as numpy, the rows of that batch in its order. Padding rows have `valid = 0`.
+  """
+  per_process = max(config.train.batch_size // jax.process_count(), 1)
+  pipeline = data.make_pipeline(config.data, role, batch_size=per_process, seed=0, train=False)
+  sharding = parallel.batch_sharding(mesh)
+  for batch in pipeline:
+    out = fn(state, data.to_global(batch, sharding), *args)
+    yield batch, {key: _local_rows(value) for key, value in out.items()}
+
+
+def gather_rows(local: dict[str, np.ndarray], ids: list[str]) -> dict[str, np.ndarray]:
+  """Per-example rows of every process, padding dropped: `local` must hold `valid` `[N]`.
+
+  Returns:
+    Every entry of `local` but `valid`, over the whole split, and `id` `[N]` str.
+  """
+  if jax.process_count() > 1:  # Every process holds the same number of (padded) rows.
+    local = {name: np.concatenate(list(multihost_utils.process_allgather(v))) for name, v in local.items()}
+    gathered = multihost_utils.process_allgather(_encode(ids))  # strings are not JAX types
+    ids = [bytes(row).rstrip(b'\0').decode('utf-8', 'replace') for part in gathered for row in part]
+  valid = local.pop('valid') > 0
+  rows = {name: values[valid] for name, values in local.items()}
+  rows['id'] = np.asarray(ids)[valid]
+  return rows
+
+
 def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', keep: int = 0) -> tuple[dict, dict]:
   """Per-image metrics of `state` on a split, over all processes.
 
@@ -49,14 +91,10 @@ def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', ke
     `per_image`: `{'id': [N] str, metric: [N] for METRICS, 'class_dice': [N, K]}` over the
     whole split; `samples`: `{'image' uint8, 'mask', 'prediction'}` of up to `keep` images.
   """
-  per_process = max(config.train.batch_size // jax.process_count(), 1)
-  pipeline = data.make_pipeline(config.data, role, batch_size=per_process, seed=0, train=False)
-  sharding = parallel.batch_sharding(mesh)
   rows: dict[str, list] = {name: [] for name in (*METRICS, 'class_dice', 'valid')}
   ids: list[str] = []
   samples = {'image': [], 'mask': [], 'prediction': []}
-  for batch in pipeline:
-    out = {key: _local_rows(value) for key, value in eval_fn(state, data.to_global(batch, sharding)).items()}
+  for batch, out in map_split(eval_fn, state, config, mesh, role=role):
     per_class = metrics.class_scores(out)
     outputs = out['tp'].shape[-1]
     edges = metrics.boundary_scores(out['predictions'], batch['mask'], outputs, config.train.boundary_tolerance)
@@ -75,14 +113,7 @@ def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', ke
       samples['image'].extend(np.clip(pixels * 255, 0, 255).astype(np.uint8))
       samples['mask'].extend(batch['mask'][valid][:take])
       samples['prediction'].extend(out['predictions'][valid][:take])
-  local = {name: np.concatenate(values) for name, values in rows.items()}
-  if jax.process_count() > 1:  # Every process holds the same number of (padded) rows.
-    local = {name: np.concatenate(list(multihost_utils.process_allgather(v))) for name, v in local.items()}
-    gathered = multihost_utils.process_allgather(_encode(ids))  # strings are not JAX types
-    ids = [bytes(row).rstrip(b'\0').decode('utf-8', 'replace') for part in gathered for row in part]
-  valid = local.pop('valid') > 0
-  per_image = {name: values[valid] for name, values in local.items()}
-  per_image['id'] = np.asarray(ids)[valid]
+  per_image = gather_rows({name: np.concatenate(values) for name, values in rows.items()}, ids)
   return per_image, {key: np.asarray(value) for key, value in samples.items()}
 
 

@@ -47,28 +47,30 @@ def confusion(predictions: jax.Array, masks: jax.Array, num_outputs: int) -> dic
   }
 
 
-def scores(counts: dict, valid: jax.Array | None = None) -> dict:
-  """Mean per-image Dice, IoU and pixel accuracy over valid images (classes averaged), in a step."""
+def class_scores(counts: dict) -> dict:
+  """Per-image, per-class Dice and IoU `[B, K]` (empty convention above).
+
+  Works in a jitted step (jax arrays in, jax arrays out) and on the host (numpy in, numpy out).
+  """
+  xp = np if isinstance(counts['tp'], np.ndarray) else jnp
   tp, fp, fn = counts['tp'], counts['fp'], counts['fn']
   empty = (tp + fp + fn) == 0
-  dice = jnp.where(empty, 1.0, 2 * tp / jnp.maximum(2 * tp + fp + fn, 1.0)).mean(-1)
-  iou = jnp.where(empty, 1.0, tp / jnp.maximum(tp + fp + fn, 1.0)).mean(-1)
+  return {
+    'dice': xp.where(empty, 1.0, 2 * tp / xp.maximum(2 * tp + fp + fn, 1.0)),
+    'iou': xp.where(empty, 1.0, tp / xp.maximum(tp + fp + fn, 1.0)),
+  }
+
+
+def scores(counts: dict, valid: jax.Array | None = None) -> dict:
+  """Mean per-image Dice, IoU and pixel accuracy over valid images (classes averaged), in a step."""
+  per_class = class_scores(counts)
+  dice, iou = per_class['dice'].mean(-1), per_class['iou'].mean(-1)
   valid = jnp.ones_like(dice) if valid is None else valid
   total = jnp.maximum(valid.sum(), 1.0)
   return {
     'dice': (dice * valid).sum() / total,
     'iou': (iou * valid).sum() / total,
     'accuracy': (counts['correct'] * valid).sum() / total,
-  }
-
-
-def class_scores(counts: dict) -> dict[str, np.ndarray]:
-  """Per-image, per-class Dice and IoU on the host, numpy `[B, K]` each (empty convention above)."""
-  tp, fp, fn = (np.asarray(counts[k]) for k in ('tp', 'fp', 'fn'))
-  empty = (tp + fp + fn) == 0
-  return {
-    'dice': np.where(empty, 1.0, 2 * tp / np.maximum(2 * tp + fp + fn, 1.0)),
-    'iou': np.where(empty, 1.0, tp / np.maximum(tp + fp + fn, 1.0)),
   }
 
 

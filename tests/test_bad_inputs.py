@@ -146,6 +146,28 @@ CLI = {
     1,
     'error: cannot read image',
   ),
+  'ablation config without a grid': (
+    'ablate',
+    ['--config=experiments/configs/quick.py', '--workdir=TMP/sweep'],
+    1,
+    'error: the config has no `ablation` section',
+  ),
+  'ablation with zero seeds': (
+    'ablate',
+    ['--config=experiments/configs/ablate_quick.py', '--config.ablation.seeds=0', '--workdir=TMP/sweep'],
+    1,
+    'error: ablation.seeds=0 must be at least 1',
+  ),
+  'ablation study of an unknown dataset': (
+    'ablate',
+    [
+      '--config=experiments/configs/ablate_quick.py',
+      '--config.ablation.studies.roads.data=synthetic_rods',
+      '--workdir=TMP/sweep',
+    ],
+    1,
+    "error: unknown dataset 'synthetic_rods'",
+  ),
   'output not writable': (
     'predict',
     ['--workdir=RUN', '--input=split:test[:1]', '--output=/proc/forbidden'],

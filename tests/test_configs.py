@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from resunet_jax import configs, data, models
+from resunet_jax import ablation, configs, data, models
 from resunet_jax.errors import UserError
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'configs').glob('*.py'))
@@ -19,7 +19,15 @@ def _load(path):
 
 
 def test_the_configs_the_issues_name_exist():
-  assert {'default.py', 'quick.py', 'tpu_pod.py'} <= {p.name for p in CONFIGS}
+  assert {
+    'default.py',
+    'quick.py',
+    'tpu_pod.py',
+    'ablate.py',
+    'ablate_quick.py',
+    'ablate_depth.py',
+    'ablate_tpu_pod.py',
+  } <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
@@ -27,7 +35,10 @@ def test_the_configs_the_issues_name_exist():
 def test_config_builds(path, name):
   config = _load(path)
   base = configs.base_config()
-  assert set(config) == set(base)
+  if 'ablation' in config:  # an ablation grid: every run of it must build too
+    assert ablation.run_specs(config)
+    assert set(config.ablation) == set(ablation.section())
+  assert set(config) - {'ablation'} == set(base)
   for section in ('model', 'data', 'train', 'parallel'):
     assert set(config[section]) == set(base[section]), section
   assert set(config.model) == set(models.ModelConfig.field_names())

@@ -19,7 +19,9 @@ def _blocks(language):
 def test_readme_module_example_runs_as_written(capsys):
   (example,) = _blocks('python')
   exec(compile(example, 'README.md', 'exec'), {})
-  assert capsys.readouterr().out.split()[-4:] == ['(2,', '96,', '96,', '1)']
+  first, second = capsys.readouterr().out.strip().splitlines()
+  assert first == 'none (8, 2, 96, 96, 1)'
+  assert second.split()[-4:] == ['(2,', '96,', '96,', '1)']
 
 
 def test_quickstart_is_two_commands_and_ci_runs_both():

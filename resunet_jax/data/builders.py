@@ -97,6 +97,14 @@ def _configs(tasks: dict[str, int]) -> list[SyntheticConfig]:
     )
     configs.append(
       SyntheticConfig(
+        name=f'{prefix}size64',
+        description=f'{task}, 64x64, 2000/200/200 examples (CPU-sized experiments)',
+        image_size=64,
+        num_classes=num_classes,
+      )
+    )
+    configs.append(
+      SyntheticConfig(
         name=f'{prefix}small',
         description=f'{task}, 64x64, 64/16/16 examples (for tests)',
         image_size=64,
@@ -118,7 +126,9 @@ class SyntheticRoads(_SyntheticBuilder):
     with buildings and parking lots in the same greys, plus sensor noise.
   - Difficulty: the best single global intensity threshold reaches a Dice of about 0.39;
     roads are about 6% of pixels.
-  - Configs: `default` 128x128, 2000/200/200; `small` 64x64, 64/16/16.
+  - Configs: `default` 128x128, 2000/200/200; `size64` 64x64, 2000/200/200 (rendered at
+    that size, so 1 px roads stay 1 px; the CPU-sized ablation grids use it); `small` 64x64,
+    64/16/16.
   - Features: `image` uint8 [H, W, 3] (PNG), `mask` uint8 [H, W] class ids, `id` text.
   - Generation: deterministic from the config's seed; no download.
   """
@@ -140,8 +150,8 @@ class SyntheticCells(_SyntheticBuilder):
     illumination field varies about threefold across the image.
   - Difficulty: the best single global intensity threshold reaches a Dice of about 0.24
     (binary); cells are about 10% of pixels.
-  - Configs: `default`, `three_class_default` 128x128, 2000/200/200; `small`,
-    `three_class_small` 64x64, 64/16/16.
+  - Configs: `default`, `three_class_default` 128x128, 2000/200/200; `size64`,
+    `three_class_size64` 64x64, 2000/200/200; `small`, `three_class_small` 64x64, 64/16/16.
   - Features: `image` uint8 [H, W, 3] (PNG), `mask` uint8 [H, W] class ids, `id` text.
   - Generation: deterministic from the config's seed; no download.
   """

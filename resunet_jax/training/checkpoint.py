@@ -8,7 +8,10 @@ a warning naming it, and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
+import tempfile
 from typing import Any
 
 import grain
@@ -17,6 +20,19 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from resunet_jax.errors import UserError
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint or another workdir file could not be written (full disk, read-only workdir)."""
+
+
+def _reason(error: BaseException) -> str:
+  """The OS's words for a failed write (e.g. 'No space left on device'), else the message."""
+  while error is not None:
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror
+    error = error.__cause__ or error.__context__
+  return ''
 
 
 class Checkpoints:
@@ -46,16 +62,42 @@ class Checkpoints:
       preservation_policy=policy, best_fn=score, best_mode='max', enable_async_checkpointing=True, create=True
     )
     self.directory = pathlib.Path(directory)
-    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+    except OSError as e:
+      raise CheckpointWriteError(
+        f'cannot create {self.directory} ({e.strerror or e}); choose a --workdir that is writable'
+      ) from e
+    self._pending: int | None = None  # the step of the asynchronous save in flight
 
   def save(self, step: int, state, data_iterator, config: dict, metrics: dict | None = None) -> None:
-    """Starts an asynchronous save of `state`, the iterator position and `config` at `step`."""
+    """Starts an asynchronous save of `state`, the iterator position and `config` at `step`.
+
+    Raises:
+      CheckpointWriteError: this save, or the previous one still in flight, failed to write.
+    """
+    self.wait()  # One save at a time; a failure of the previous one is reported with its step.
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data_iter=grain.checkpoint.CheckpointSave(data_iterator),
       config=ocp.args.JsonSave(config),
     )
-    self.manager.save(step, args=args, metrics=metrics or {}, force=True)
+    try:
+      self._check_writable()
+      self.manager.save(step, args=args, metrics=metrics or {}, force=True)
+    except Exception as e:  # noqa: BLE001 (whatever failed, the checkpoint was not written)
+      raise self.write_error(f'checkpoint step {step}', e) from e
+    self._pending = step
+
+  def _check_writable(self) -> None:
+    # Orbax creates a checkpoint's folders in a background thread, and a failure there shows
+    # only as a timeout minutes later: a one-byte write here fails at once, with the OS's words.
+    descriptor, name = tempfile.mkstemp(dir=self.directory, prefix='.write-test-')
+    try:
+      os.write(descriptor, b'0')
+    finally:
+      os.close(descriptor)
+      os.unlink(name)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -131,8 +173,29 @@ class Checkpoints:
     return max(candidates)[1] if candidates else None
 
   def wait(self) -> None:
-    """Blocks until pending saves are on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until pending saves are on disk.
+
+    Raises:
+      CheckpointWriteError: the save in flight failed.
+    """
+    pending, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (an asynchronous save failed: say which and why)
+      raise self.write_error(f'checkpoint step {pending}', e) from e
+
+  def write_error(self, what: str, error: BaseException) -> CheckpointWriteError:
+    """A one-line error for a failed write of `what`, naming the last complete checkpoint."""
+    with contextlib.suppress(Exception):  # already failing: only the complete checkpoints matter now
+      self.manager.wait_until_finished()
+    self.manager.reload()  # what is on disk, not what was asked for
+    complete = self.steps()
+    last = f'step {complete[-1]}' if complete else 'none'
+    reason = _reason(error) or ' '.join(str(error).split())[:200]
+    return CheckpointWriteError(
+      f'cannot write {what} in {self.directory.parent} ({reason}); the last complete checkpoint is {last}: '
+      'free disk space or make the workdir writable, then rerun the same command to resume from it'
+    )
 
   def close(self) -> None:
     self.manager.close()

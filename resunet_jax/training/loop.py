@@ -129,12 +129,14 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> RunResult:
+def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, verbose: bool = True) -> RunResult:
   """Trains, evaluates and checkpoints `config` in `workdir` (resuming what is there).
 
   Args:
     config: the experiment config (see `resunet_jax.configs.base_config`).
     workdir: output folder; default `default_workdir` of the resolved config.
+    verbose: print each validation and keep the progress bar when done; False inside a
+      sweep, whose own display says where it is.
 
   Returns:
     The `RunResult`.
@@ -157,7 +159,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
   _check_same_model(ckpt.read_config(), resolved, workdir)
   files = {'config': workdir / 'config.json', 'checkpoints': workdir / 'checkpoints'}
   if lead:
-    files['config'].write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    try:
+      files['config'].write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    except OSError as e:
+      raise ckpt.write_error(files['config'].name, e) from e
 
   model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy))
   optimizer = state_lib.make_optimizer(config.train)
@@ -181,6 +186,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
   weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
   train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, weights)
   writer = reporting.MetricWriter(workdir, enabled=lead)
+
+  def log(step: int, split: str, values: dict) -> None:
+    try:
+      writer.write(step, split, values)
+    except OSError as e:
+      raise ckpt.write_error(writer.jsonl.name, e) from e
+
   files.update(metrics=writer.jsonl, tensorboard=writer.tensorboard_dir)
   preemption = _Preemption()
   sharding = parallel.batch_sharding(mesh)
@@ -190,7 +202,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
   keep = config.train.num_sample_images
   last_time, last_step = time.perf_counter(), step
   try:
-    with tqdm(total=config.train.num_steps, initial=step, disable=not lead, unit='step', dynamic_ncols=True) as bar:
+    bar = tqdm(
+      total=config.train.num_steps, initial=step, disable=not lead, leave=verbose, unit='step', dynamic_ncols=True
+    )
+    with bar:
       while step < config.train.num_steps:
         batch = data.to_global(next(train_iter), sharding)
         train_state, step_metrics = train_fn(train_state, batch)
@@ -212,7 +227,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
           values['learning_rate'] = schedule(step - 1)  # the rate this step's update used
           values['images_per_sec'] = (step - last_step) * config.train.batch_size / max(now - last_time, 1e-9)
           last_time, last_step = now, step
-          writer.write(step, 'train', values)
+          log(step, 'train', values)
           bar.set_postfix(
             loss=f'{values["loss"]:.4f}', dice=f'{values["dice"]:.3f}', img_s=f'{values["images_per_sec"]:.1f}'
           )
@@ -221,8 +236,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None) -> Run
           per_image, samples = evaluation.evaluate_split(eval_fn, train_state, config, mesh, keep=keep if final else 0)
           validation = evaluation.summarize(per_image)
           evaluated = validation
-          writer.write(step, 'validation', validation)
-          bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in validation.items()))
+          log(step, 'validation', validation)
+          if verbose:
+            bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in validation.items()))
           last_time = time.perf_counter()  # Evaluation time is not training throughput.
         if save:
           ckpt.save(step, train_state, train_iter, resolved, metrics=evaluated)

@@ -101,8 +101,15 @@ def compile_steps(strategy: str, mesh, loss_weights: losses.LossWeights):
     train = jax.jit(per_device, donate_argnums=0)
   else:
     raise UserError(f"parallel.strategy='{strategy}' is not one of {', '.join(STRATEGIES)}")
-  evaluate = jax.jit(steps.eval_step, in_shardings=(state_sharding, data_sharding), out_shardings=data_sharding)
-  return train, evaluate
+  return train, compile_eval(steps.eval_step, mesh)
+
+
+def compile_eval(eval_fn, mesh, *, extra_args: int = 0):
+  """`eval_fn(state, batch, *extra)` jitted with the state and `extra` replicated, the batch and
+  the outputs (leading axis = batch) split over the devices."""
+  replicated_sharding = replicated(mesh)
+  in_shardings = (replicated_sharding, batch_sharding(mesh)) + (replicated_sharding,) * extra_args
+  return jax.jit(eval_fn, in_shardings=in_shardings, out_shardings=batch_sharding(mesh))
 
 
 def model_axis_name(strategy: str) -> str | None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 
 import matplotlib
+from absl import logging
 
 matplotlib.use('Agg')  # Files only: no display on servers and CI.
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,15 +41,31 @@ class MetricWriter:
     self._board.flush()
 
   def close(self) -> None:
-    if self._board is not None:
+    if self._board is None:
+      return
+    try:
       self._board.close()
+    except OSError as e:  # A full or read-only disk: the run's own error says so already.
+      logging.warning('TensorBoard events in %s could not be written: %s', self.tensorboard_dir, e)
+      # Stop tensorboardX's writer thread and exit hook too, which would fail again, noisily.
+      with contextlib.suppress(AttributeError):
+        events = self._board.file_writer.event_writer
+        events._closed = True
+        events._worker.stop()
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
-  """The records of a metrics.jsonl (the last record wins for a repeated step and split)."""
+  """The records of a metrics.jsonl (the last record wins for a repeated step and split).
+
+  A line cut short (the process was killed while appending it) is skipped: a resumed run
+  writes that step again.
+  """
   records = {}
   for line in path.read_text().splitlines():
-    record = json.loads(line)
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
     records[(record['split'], record['step'])] = record
   return sorted(records.values(), key=lambda r: (r['split'], r['step']))
 

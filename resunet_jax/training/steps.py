@@ -69,3 +69,28 @@ def eval_step(state: TrainState, batch: dict) -> dict:
   logits = state.apply_fn(state.variables(state.eval_params), batch['image'], train=False)
   predictions = metrics.predict(logits)
   return {'predictions': predictions, **metrics.confusion(predictions, batch['mask'], logits.shape[-1])}
+
+
+def knockout_step(state: TrainState, batch: dict, scales: dict) -> dict:
+  """Per-image Dice of the evaluation parameters under each row of apply-time knock-out scales.
+
+  A pure function of (state, batch, scales), vmapped over the rows, so every knock-out mask of
+  a trained model is evaluated in one call.
+
+  Args:
+    state: the train state.
+    batch: `image` `[B, H, W, C]`, `mask` `[B, H, W]`.
+    scales: `skip_scale` `[M, depth]` and/or `residual_scale` `[M, 2 * depth + 1]` (the
+      `UNet` arguments of those names, one row per knock-out).
+
+  Returns:
+    `dice`: `[B, M]` float32, classes averaged (the foreground for binary models).
+  """
+  variables = state.variables(state.eval_params)
+
+  def one(row):
+    logits = state.apply_fn(variables, batch['image'], train=False, **row)
+    counts = metrics.confusion(metrics.predict(logits), batch['mask'], logits.shape[-1])
+    return metrics.class_scores(counts)['dice'].mean(-1)
+
+  return {'dice': jax.vmap(one, out_axes=1)(scales)}

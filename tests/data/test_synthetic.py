@@ -105,6 +105,14 @@ def test_builds_are_identical_across_directories(tfds_dir, tmp_path):
 
 def test_builder_configs_and_metadata():
   configs = {c.name: c for c in builders.SyntheticCells.BUILDER_CONFIGS}
-  assert set(configs) == {'default', 'small', 'three_class_default', 'three_class_small'}
+  assert set(configs) == {
+    'default',
+    'size64',
+    'small',
+    'three_class_default',
+    'three_class_size64',
+    'three_class_small',
+  }
+  assert (configs['size64'].image_size, configs['size64'].split_sizes) == (64, (2000, 200, 200))
   assert configs['default'].split_sizes == (2000, 200, 200) and configs['default'].image_size == 128
   assert configs['three_class_default'].num_classes == 3

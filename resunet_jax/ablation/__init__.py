@@ -1,0 +1,31 @@
+"""Ablation experiments on the skip and residual paths.
+
+- `grid`: ablations as pure config transforms (`ablate`) and the runs an ablation config
+  describes (`run_specs`).
+- `runner`: one experiment as a function, `run(config, root) -> Result`, knock-outs of a
+  trained model, and `sweep`, a resumable map over the grid.
+- `stats`: t-intervals over seeds, paired differences, convergence and gradient-flow figures.
+- `report`, `plots`: `results.csv`, `knockouts.csv`, `report.md` with verdicts, and figures.
+"""
+
+from resunet_jax.ablation import grid, plots, report, runner, stats
+from resunet_jax.ablation.grid import RunSpec, ablate, run_specs, section, study
+from resunet_jax.ablation.runner import Result, residual_masks, run, skip_masks, sweep
+
+__all__ = [
+  'Result',
+  'RunSpec',
+  'ablate',
+  'grid',
+  'plots',
+  'report',
+  'residual_masks',
+  'run',
+  'run_specs',
+  'runner',
+  'section',
+  'skip_masks',
+  'stats',
+  'study',
+  'sweep',
+]

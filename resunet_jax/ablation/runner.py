@@ -1,0 +1,223 @@
+"""One experiment as a function, `run(config, root) -> Result`, and a sweep as a map over runs.
+
+`run` trains `config` (the training loop, resuming whatever is in its folder), evaluates the
+final weights on the test split, and evaluates apply-time knock-outs of the trained model: all
+2**depth skip masks in one vmapped call (2**k for an arm with k skips), and each block's
+residual shortcut zeroed. Its only
+side effect is its own folder, `root/runs/<hash of the resolved config>/`, which ends with
+`result.json`; a run whose `result.json` exists is read back, not trained again, so an
+interrupted sweep resumes where it stopped (a run cut off mid-training resumes from its last
+checkpoint). Given the config and its seed a run is deterministic (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from resunet_jax import configs, evaluation, models
+from resunet_jax.ablation import grid
+from resunet_jax.training import loop, parallel, reporting, restore, steps
+
+
+@dataclasses.dataclass
+class Result:
+  """What one run of a sweep measured (its `result.json`).
+
+  Attributes:
+    run_id: hash of the resolved config (the run's folder name).
+    data: dataset name.
+    residual: `model.residual`.
+    skips: skip string, level 0 first.
+    depth: `model.depth`.
+    seed: the config's seed.
+    num_steps: the training budget.
+    test: mean per-image test metrics (`evaluation.METRICS`) of the final weights.
+    curve: `(step, validation Dice)` pairs during training.
+    gradients: logged training records: `step`, `grad_norm` and `grad_norm/<block>`.
+    param_counts: parameters per top-level module.
+    knockouts: `{'skip' | 'residual': {'labels': [str], 'scales': [[float]], 'dice': [float]}}`,
+      mean test Dice per knock-out row (absent when the model has no such path). Skip labels
+      give each level, level 0 first: '1' kept, '0' zeroed, '-' no skip in this arm.
+    wall_s: seconds of the call that finished the run.
+  """
+
+  run_id: str
+  data: str
+  residual: bool
+  skips: str
+  depth: int
+  seed: int
+  num_steps: int
+  test: dict[str, float]
+  curve: list[tuple[int, float]]
+  gradients: list[dict[str, float]]
+  param_counts: dict[str, int]
+  knockouts: dict[str, dict[str, list]]
+  wall_s: float
+
+  @classmethod
+  def load(cls, path: pathlib.Path) -> Result:
+    values = json.loads(pathlib.Path(path).read_text())
+    values['curve'] = [tuple(point) for point in values['curve']]
+    return cls(**values)
+
+  def save(self, path: pathlib.Path) -> None:
+    """Writes atomically: a run is either complete on disk or absent."""
+    temporary = path.with_suffix(f'.tmp{os.getpid()}')
+    temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+    os.replace(temporary, path)
+
+
+def skip_masks(depth: int) -> np.ndarray:
+  """All `2**depth` skip masks, `[2**depth, depth]` float32: row r keeps level l iff bit l of r is 1."""
+  rows = np.arange(2**depth)[:, None]
+  return ((rows >> np.arange(depth)[None, :]) & 1).astype(np.float32)
+
+
+def residual_masks(depth: int) -> tuple[list[str], np.ndarray]:
+  """Residual knock-outs: none, each block's shortcut zeroed (in `models.block_names` order), all.
+
+  Returns:
+    Labels and the `[2 * depth + 3, 2 * depth + 1]` float32 scale rows.
+  """
+  blocks = 2 * depth + 1
+  rows = np.concatenate([np.ones((1, blocks)), 1 - np.eye(blocks), np.zeros((1, blocks))]).astype(np.float32)
+  names = models.block_names(models.ModelConfig(depth=depth))
+  return ['none', *(f'-{name}' for name in names), 'all'], rows
+
+
+def knockout_dice(loaded: restore.LoadedRun, role: str, scales: dict[str, np.ndarray]) -> np.ndarray:
+  """Mean Dice over the split `role` for each row of `scales` (see `steps.knockout_step`), `[M]`."""
+  knockout_fn = parallel.compile_eval(steps.knockout_step, loaded.mesh, extra_args=1)
+  scales = {name: jnp.asarray(value) for name, value in scales.items()}
+  rows, valid, ids = [], [], []
+  for batch, out in evaluation.map_split(
+    knockout_fn, loaded.state, loaded.config, loaded.mesh, role=role, args=(scales,)
+  ):
+    rows.append(out['dice'])
+    valid.append(batch['valid'])
+    ids.extend(str(i) for i in batch['id'])
+  per_image = evaluation.gather_rows({'dice': np.concatenate(rows), 'valid': np.concatenate(valid)}, ids)
+  return per_image['dice'].mean(0)
+
+
+def _knockouts(loaded: restore.LoadedRun, role: str) -> dict[str, dict[str, list]]:
+  model_config = loaded.model.config
+  out: dict[str, dict[str, list]] = {}
+  present = np.asarray(model_config.skip_levels)
+  if present.any():
+    masks = skip_masks(model_config.depth)
+    masks = masks[(masks[:, ~present] == 1).all(1)]  # a level without a skip ignores its scale
+    labels = [''.join(('1' if v else '0') if p else '-' for v, p in zip(row, present, strict=True)) for row in masks]
+    dice = knockout_dice(loaded, role, {'skip_scale': masks})
+    out['skip'] = {'labels': labels, 'scales': masks.tolist(), 'dice': dice.tolist()}
+  if model_config.residual:
+    labels, masks = residual_masks(model_config.depth)
+    dice = knockout_dice(loaded, role, {'residual_scale': masks})
+    out['residual'] = {'labels': labels, 'scales': masks.tolist(), 'dice': dice.tolist()}
+  return out
+
+
+def run_dir(config, root: str | pathlib.Path) -> pathlib.Path:
+  """The folder of `config`'s run under a sweep `root`: `root/runs/<hash of the resolved config>`."""
+  _, _, resolved = loop.resolve(config)
+  return pathlib.Path(root) / 'runs' / configs.config_hash(resolved)
+
+
+def run(config, root: str | pathlib.Path, *, test_split: str = 'test') -> Result:
+  """Trains and measures one experiment config, or reads back its finished result.
+
+  Args:
+    config: an experiment config (no `ablation` section), e.g. a `RunSpec.config`.
+    root: the sweep folder; the run lives in `run_dir(config, root)`.
+    test_split: the split of the final metrics and the knock-outs.
+
+  Returns:
+    The run's `Result` (also in `result.json` of its folder).
+  """
+  workdir = run_dir(config, root)
+  path = workdir / 'result.json'
+  if path.exists():
+    try:
+      return Result.load(path)
+    except (ValueError, KeyError, TypeError) as e:
+      logging.warning('%s is unreadable (%s); measuring the run again', path, e)
+  start = time.perf_counter()
+  loop.train_and_evaluate(config, workdir, verbose=False)
+  loaded = restore.load_run(workdir, 'latest')  # the final weights: the same budget for every arm
+  eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
+  per_image, _ = evaluation.evaluate_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=test_split)
+  records = reporting.read_metrics(workdir / 'metrics.jsonl')
+  model_config = loaded.model.config
+  result = Result(
+    run_id=workdir.name,
+    data=config.data.name,
+    residual=model_config.residual,
+    skips=''.join('1' if s else '0' for s in model_config.skip_levels),
+    depth=model_config.depth,
+    seed=int(config.seed),
+    num_steps=int(config.train.num_steps),
+    test={name: float(np.mean(per_image[name])) for name in evaluation.METRICS},
+    curve=[(r['step'], r['dice']) for r in records if r['split'] == 'validation'],
+    gradients=[
+      {k: v for k, v in r.items() if k == 'step' or k.startswith('grad_norm')} for r in records if r['split'] == 'train'
+    ],
+    param_counts={name: models.count_params(p) for name, p in loaded.state.params.items()},
+    knockouts=_knockouts(loaded, test_split),
+    wall_s=time.perf_counter() - start,
+  )
+  if jax.process_index() == 0:
+    result.save(path)
+  return result
+
+
+def _use_compilation_cache(directory: pathlib.Path) -> None:
+  # Seeds of one arm compile the same programs: JAX's persistent cache turns the second and
+  # later compilations into a disk read (about 5 s -> 1 s per step function on a 2-core CPU).
+  jax.config.update('jax_compilation_cache_dir', str(directory))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def sweep(config, root: str | pathlib.Path, *, progress: bool = True) -> list[tuple[grid.RunSpec, Result]]:
+  """Runs (or reads back) every run of an ablation config, with a progress display.
+
+  Args:
+    config: an ablation config (`grid.section()` in `config.ablation`).
+    root: the sweep folder.
+    progress: show runs done, the current run and the ETA.
+
+  Returns:
+    `(spec, result)` for every run, in `grid.run_specs` order.
+  """
+  root = pathlib.Path(root)
+  specs = grid.run_specs(config)
+  root.mkdir(parents=True, exist_ok=True)
+  if config.ablation.compilation_cache:
+    _use_compilation_cache(root / 'compilation_cache')
+  done = {spec: (run_dir(spec.config, root) / 'result.json').exists() for spec in specs}
+  show = progress and jax.process_index() == 0
+  finished = sum(done.values())
+  if show:
+    print(f'sweep of {len(specs)} runs in {root}: {finished} already done, {len(specs) - finished} to run')
+  bar = tqdm(total=len(specs), initial=finished, unit='run', disable=not show)
+  results: list[tuple[grid.RunSpec, Any]] = []
+  with bar:
+    for spec in specs:
+      if not done[spec]:
+        bar.set_postfix_str(f'{spec.study} {spec.arm} seed {spec.seed}')
+      results.append((spec, run(spec.config, root, test_split=config.ablation.test_split)))
+      if not done[spec]:
+        bar.update(1)
+  return results

@@ -1,0 +1,114 @@
+"""The report's tables and verdicts on made-up results whose answers are known."""
+
+import csv
+
+import pytest
+
+from resunet_jax import ablation, models
+from resunet_jax.ablation import report
+
+
+def _result(residual, seed, *, dice, boundary_f1, curve, bottleneck_grad, depth=2):
+  skips = '1' * depth
+  blocks = models.block_names(models.ModelConfig(depth=depth))
+  counts = {name: 100 for name in (*blocks, 'head')}
+  gradient = {
+    'step': 10,
+    'grad_norm': 1.0,
+    **{f'grad_norm/{b}': 0.1 for b in blocks},
+    'grad_norm/bottleneck': bottleneck_grad,
+  }
+  return ablation.Result(
+    run_id=f'{int(residual)}{skips}{depth}{seed}',
+    data='synthetic_roads/size64',
+    residual=residual,
+    skips=skips,
+    depth=depth,
+    seed=seed,
+    num_steps=200,
+    test={'dice': dice, 'iou': dice / 2, 'accuracy': 0.9, 'boundary_f1': boundary_f1, 'hd95': 10 - 5 * dice},
+    curve=curve,
+    gradients=[gradient],
+    param_counts=counts,
+    knockouts={'skip': {'labels': ['00', '10', '01', '11'], 'scales': [], 'dice': [0.1, 0.5, 0.2, dice]}},
+    wall_s=1.0,
+  )
+
+
+def _spec(study, arm, residual, seed, depth=2):
+  return ablation.RunSpec(study, arm, seed, residual, '1' * depth, depth, None)
+
+
+def _pairs(residual_better: bool, depths=(2,)):
+  pairs = []
+  for depth in depths:
+    for seed in range(3):
+      jitter = 0.01 * seed
+      good = dict(
+        dice=0.8 + jitter, boundary_f1=0.85 + jitter, curve=[(50, 0.3), (100, 0.6)], bottleneck_grad=0.5 + jitter
+      )
+      bad = dict(
+        dice=0.6 + jitter, boundary_f1=0.7 + jitter, curve=[(50, 0.1), (100, 0.3), (150, 0.55)], bottleneck_grad=0.01
+      )
+      plain, residual = (bad, good) if residual_better else (good, bad)
+      if depth == depths[-1] and len(depths) > 1:  # deeper: the gap widens
+        plain = {**plain, 'dice': plain['dice'] - 0.1}
+      suffix = f'-d{depth}' if len(depths) > 1 else ''
+      pairs.append(
+        (_spec('roads', f'plain-all{suffix}', False, seed, depth), _result(False, seed, depth=depth, **plain))
+      )
+      pairs.append(
+        (_spec('roads', f'residual-all{suffix}', True, seed, depth), _result(True, seed, depth=depth, **residual))
+      )
+  return pairs
+
+
+def _verdicts(pairs, study='roads'):
+  """The verdict lines of `study`, claim by claim, and all lines."""
+  lines = report.claim_verdicts(report.group(pairs), target=0.5)
+  return [line.removeprefix(f'   - {study}: ') for line in lines if line.startswith(f'   - {study}: ')], lines
+
+
+def test_clear_residual_advantages_are_supported():
+  (convergence, gradients, edges), lines = _verdicts(_pairs(True))
+  assert convergence.startswith('supported') and 'reached by 3/3 residual' in convergence  # 150 vs 100 steps
+  assert gradients.startswith('supported')
+  assert edges.startswith('supported') and 'boundary F1 difference (residual minus plain) 0.150' in edges
+  assert lines[-1] == '   - not tested in this grid: run the depth sweep, --config=experiments/configs/ablate_depth.py'
+  assert [line[:3] for line in lines if not line.startswith(' ')] == ['1. ', '2. ', '3. ', '4. ']
+
+
+def test_residual_disadvantages_are_not_supported():
+  verdicts, _ = _verdicts(_pairs(False))
+  assert [v.split(' — ')[0] for v in verdicts] == ['not supported'] * 3
+
+
+def test_noise_is_inconclusive():
+  pairs = []
+  for seed, (a, b) in enumerate([(0.7, 0.6), (0.6, 0.7), (0.65, 0.66)]):
+    common = {'curve': [(50, 0.6)], 'bottleneck_grad': 0.1}
+    pairs.append((_spec('cells', 'plain-all', False, seed), _result(False, seed, dice=a, boundary_f1=a, **common)))
+    pairs.append((_spec('cells', 'residual-all', True, seed), _result(True, seed, dice=b, boundary_f1=b, **common)))
+  (_, _, edges), _ = _verdicts(pairs, 'cells')
+  assert edges.startswith('inconclusive at this budget')
+
+
+def test_depth_claim_needs_a_widening_gap():
+  verdicts, _ = _verdicts(_pairs(True, depths=(2, 4)))
+  assert verdicts[-1].startswith('supported') and 'depth 2: 0.200' in verdicts[-1] and 'depth 4: 0.300' in verdicts[-1]
+
+
+def test_files_of_a_report(tmp_path):
+  pairs = _pairs(True)
+  paths = report.write(pairs, tmp_path, target=0.5, command='python experiments/ablate.py')
+  rows = list(csv.DictReader(paths['results'].open()))
+  assert len(rows) == 6 and {r['arm'] for r in rows} == {'plain-all', 'residual-all'}
+  assert float(rows[1]['dice']) == pytest.approx(0.8) and rows[0]['steps_to_target'] == '150'
+  knockouts = list(csv.DictReader(paths['knockouts'].open()))
+  assert len(knockouts) == 6 * 4
+  text = paths['report'].read_text()
+  assert (
+    'Command: `python experiments/ablate.py`' in text and '| `residual-all` | 11 | 3 | 0.810 [0.785, 0.835]' in text
+  )
+  for name in ('learning_curves', 'metrics_ci', 'gradient_norms', 'gradient_profile', 'knockout_heatmap'):
+    assert paths[name].stat().st_size > 1000

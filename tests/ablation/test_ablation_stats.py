@@ -1,0 +1,58 @@
+"""The statistics of a sweep against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from resunet_jax.ablation import stats
+
+
+def test_t_interval_of_three_values_by_hand():
+  # mean 2, s = 1, n = 3: half width t_{0.975,2} / sqrt(3) = 4.302653 / 1.732051 = 2.484138.
+  interval = stats.t_interval([1.0, 2.0, 3.0])
+  assert interval.n == 3 and interval.mean == 2.0
+  assert interval.low == pytest.approx(2 - 2.484138, abs=1e-6)
+  assert interval.high == pytest.approx(2 + 2.484138, abs=1e-6)
+  assert interval.format() == '2.000 [-0.484, 4.484]'
+
+
+def test_t_interval_matches_scipy_and_shrinks_with_more_seeds():
+  values = [0.71, 0.74, 0.69, 0.75, 0.72]
+  interval = stats.t_interval(values)
+  low, high = scipy_stats.t.interval(0.95, 4, loc=np.mean(values), scale=scipy_stats.sem(values))
+  assert (interval.low, interval.high) == pytest.approx((low, high))
+  assert stats.t_interval(values[:3]).half_width > interval.half_width
+
+
+def test_single_values_and_empty_lists_have_no_interval():
+  one = stats.t_interval([0.5])
+  assert one.mean == 0.5 and math.isnan(one.low) and one.excludes_zero() == 0 and one.format() == '0.500 (n=1)'
+  assert stats.t_interval([]).n == 0
+
+
+def test_paired_difference_pairs_by_seed():
+  a = {0: 0.80, 1: 0.70, 2: 0.90, 3: 0.5}
+  b = {0: 0.75, 1: 0.66, 2: 0.84}  # seed 3 has no partner and is left out
+  interval = stats.paired_difference(a, b)
+  assert interval.n == 3 and interval.mean == pytest.approx(0.05)
+  # differences 0.05, 0.04, 0.06: s = 0.01, half width 4.302653 * 0.01 / sqrt(3) = 0.024841
+  assert interval.half_width == pytest.approx(0.024841, abs=1e-6)
+  assert interval.excludes_zero() == 1
+  assert stats.paired_difference(b, a).excludes_zero() == -1
+
+
+def test_steps_to_target_and_area_under_curve():
+  curve = [(50, 0.2), (100, 0.45), (150, 0.6), (200, 0.55)]
+  assert stats.steps_to_target(curve, 0.5) == 150
+  assert stats.steps_to_target(curve, 0.7) is None
+  # trapezoids from (0, 0): 50*0.1 + 50*0.325 + 50*0.525 + 50*0.575 = 76.25 over 200 steps
+  assert stats.area_under_curve(curve, 200) == pytest.approx(76.25 / 200)
+
+
+def test_gradient_share_normalises_by_parameter_count():
+  counts = {'enc_0': 100, 'bottleneck': 400}
+  # bottleneck RMS 2/20 = 0.1; network RMS 10/sqrt(500) = 0.4472: log10(0.1/0.4472) = -0.6505
+  records = [{'grad_norm': 10.0, 'grad_norm/bottleneck': 2.0}, {'grad_norm': 10.0, 'grad_norm/bottleneck': 2.0}]
+  assert stats.gradient_share(records, 'bottleneck', counts) == pytest.approx(math.log10(0.1 / (10 / math.sqrt(500))))

@@ -1,0 +1,103 @@
+"""Injected faults: kills at 10 points of a run, a full or read-only disk at checkpoint time.
+
+Every interrupted run is restarted with the same command and must end bit-identical to the
+uninterrupted one; no fault may leave a workdir that cannot be resumed.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).with_name('fault_worker.py')
+# 12 steps, a checkpoint and a validation every 4: kill points before, during and after each.
+ARGS = [
+  '--model=resunet',
+  '--config=experiments/configs/quick.py',
+  '--config.train.num_steps=12',
+  '--config.train.checkpoint_every=4',
+  '--config.train.eval_every=4',
+]
+# Ten kill points: in a step, in an asynchronous checkpoint write, in an evaluation.
+KILLS = ['step:2', 'step:6', 'step:11', 'save:4', 'save:8', 'save:12', 'eval:4', 'eval:8', 'eval:12', 'step:5']
+
+
+@pytest.fixture(scope='module')
+def env(tfds_dir, tmp_path_factory):
+  # Every process compiles the same programs: share them through JAX's persistent cache.
+  cache = str(tmp_path_factory.mktemp('compilation_cache'))
+  return {
+    **os.environ,
+    'TFDS_DATA_DIR': tfds_dir,
+    'XLA_FLAGS': '',
+    'JAX_COMPILATION_CACHE_DIR': cache,
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+  }
+
+
+def _run(workdir, env, fault=None):
+  command = [sys.executable, 'experiments/train.py'] if fault is None else [sys.executable, str(WORKER)]
+  run_env = env if fault is None else {**env, 'FAULT': fault}
+  return subprocess.run(
+    [*command, *ARGS, f'--workdir={workdir}'], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600
+  )
+
+
+def _final_state(workdir):
+  checkpoints = pathlib.Path(workdir) / 'checkpoints'
+  step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  return step, ocp.StandardCheckpointer().restore((checkpoints / str(step) / 'state').absolute())
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _assert_same_run(workdir, reference):
+  step, state = _final_state(workdir)
+  assert step == reference[0] == 12
+  expected, actual = _leaves(reference[1]), _leaves(state)
+  assert expected.keys() == actual.keys()
+  for key in expected:
+    np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, env):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  result = _run(workdir, env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _final_state(workdir)
+
+
+@pytest.mark.parametrize('fault', KILLS)
+def test_a_run_killed_anywhere_resumes_bit_identical(fault, tmp_path, env, reference):
+  killed = _run(tmp_path, env, fault)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  resumed = _run(tmp_path, env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'finished at step 12' in resumed.stdout
+  _assert_same_run(tmp_path, reference)
+
+
+@pytest.mark.parametrize(
+  ('fault', 'reason'), [('disk_full:8', 'File too large'), ('read_only:8', 'Read-only file system')]
+)
+def test_an_unwritable_disk_is_a_clear_error_and_the_previous_checkpoint_survives(
+  fault, reason, tmp_path, env, reference
+):
+  failed = _run(tmp_path, env, fault)
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  message = failed.stderr.strip().splitlines()[-1]
+  assert message.startswith('error: cannot write ') and reason in message, message
+  assert 'the last complete checkpoint is step 4' in message
+  resumed = _run(tmp_path, env)  # space freed: the same command resumes from step 4
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  _assert_same_run(tmp_path, reference)
