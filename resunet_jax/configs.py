@@ -62,6 +62,8 @@ def parallel_section() -> ml_collections.ConfigDict:
   c.coordinator_address = config_dict.placeholder(str)  # e.g. 10.0.0.1:1234: explicit start-up
   c.num_processes = 1
   c.process_id = 0
+  # A process silent this long counts as dead and the others stop (jax.distributed's default).
+  c.heartbeat_timeout_s = 100
   return c
 
 
@@ -97,6 +99,25 @@ def resolve_model(preset: str, section: Any, num_classes: int | None = None) -> 
     raise UserError(str(e)) from None
 
 
+# Keys that say where or how fast a run executes, not what it computes. They are left out of the
+# hash, so that changing one (or adding one) neither forks a run's default workdir nor re-runs a
+# finished sweep, and so that the processes of a multi-process run agree on it.
+PLACEMENT_KEYS = {
+  'data': ('data_dir', 'read_threads', 'prefetch', 'num_workers'),
+  'parallel': ('distributed', 'coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout_s'),
+}
+
+
 def config_hash(resolved: dict) -> str:
-  """A short stable hash of a resolved config (what makes two runs the same run)."""
-  return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
+  """A short stable hash of a resolved config: what makes two runs the same run.
+
+  Args:
+    resolved: the resolved config dict (what config.json holds). `PLACEMENT_KEYS` are ignored.
+  """
+  what = {
+    section: {k: v for k, v in values.items() if k not in PLACEMENT_KEYS[section]}
+    if section in PLACEMENT_KEYS
+    else values
+    for section, values in resolved.items()
+  }
+  return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]

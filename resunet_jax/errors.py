@@ -9,6 +9,11 @@ class DataError(UserError):
   """A dataset that is missing, unprepared, or whose files do not match what the config says."""
 
 
+class PeerLostError(UserError):
+  """A multi-process run lost a peer. The process exits at once: JAX's exit-time shutdown
+  barrier would otherwise wait for the dead peer until its heartbeat times out, then abort."""
+
+
 def suggest(name: str, valid) -> str:
   """ " (did you mean 'x'?)" for the closest of `valid`, or ''."""
   import difflib

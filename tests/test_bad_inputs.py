@@ -197,6 +197,14 @@ def test_command_line_mistakes(case, trained_run, tmp_path):
   assert len(lines) == 1 and lines[0].startswith(expected), lines
 
 
+def test_verbose_adds_the_traceback():
+  result = subprocess.run(
+    [sys.executable, 'experiments/train.py', '--model=resnet', '-v', '1'], cwd=ROOT, capture_output=True, text=True
+  )
+  assert result.returncode == 2 and 'Traceback (most recent call last)' in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model preset 'resnet'")
+
+
 UNET = models.UNet(models.ModelConfig(base_width=2, depth=2))
 X = jnp.zeros((1, 8, 8, 3))
 
@@ -260,6 +268,12 @@ def test_python_api_mistakes(case):
   with pytest.raises(error, match=message) as excinfo:
     build()
   assert '\n' not in str(excinfo.value)
+
+
+def test_docs_list_every_case():
+  listed = (ROOT / 'docs' / 'reliability.md').read_text()
+  missing = [case for case in [*CLI, *API] if f'| {case} |' not in listed]
+  assert not missing, f'add these to docs/reliability.md: {missing}'
 
 
 def test_the_catalogue_is_long_enough():

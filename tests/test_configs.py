@@ -68,3 +68,7 @@ def test_config_hash_is_stable_and_sensitive():
   assert configs.config_hash(a) == configs.config_hash(b)
   b['seed'] = 1
   assert configs.config_hash(a) != configs.config_hash(b)
+  # Where and how fast a run executes is not what it computes.
+  c = configs.base_config().to_dict()
+  c['data']['read_threads'], c['parallel']['process_id'], c['parallel']['heartbeat_timeout_s'] = 16, 3, 10
+  assert configs.config_hash(c) == configs.config_hash(a)

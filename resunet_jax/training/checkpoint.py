@@ -99,6 +99,11 @@ class Checkpoints:
       os.close(descriptor)
       os.unlink(name)
 
+  def complete_steps(self) -> list[int]:
+    """The steps whose checkpoints are complete on disk (not those still being written)."""
+    self.manager.reload()
+    return self.steps()
+
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
@@ -188,8 +193,7 @@ class Checkpoints:
     """A one-line error for a failed write of `what`, naming the last complete checkpoint."""
     with contextlib.suppress(Exception):  # already failing: only the complete checkpoints matter now
       self.manager.wait_until_finished()
-    self.manager.reload()  # what is on disk, not what was asked for
-    complete = self.steps()
+    complete = self.complete_steps()
     last = f'step {complete[-1]}' if complete else 'none'
     reason = _reason(error) or ' '.join(str(error).split())[:200]
     return CheckpointWriteError(

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from resunet_jax import configs, data, evaluation, losses, models
-from resunet_jax.errors import UserError
+from resunet_jax.errors import PeerLostError, UserError
 from resunet_jax.training import checkpoint, parallel, reporting
 from resunet_jax.training import state as state_lib
 
@@ -201,6 +201,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   samples = None
   keep = config.train.num_sample_images
   last_time, last_step = time.perf_counter(), step
+  lost_peer = False
   try:
     bar = tqdm(
       total=config.train.num_steps, initial=step, disable=not lead, leave=verbose, unit='step', dynamic_ncols=True
@@ -252,10 +253,22 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     if lead:
       files.update(_write_figures(samples, workdir, writer))
     return RunResult(step, validation, files)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    lost_peer = True  # a collective failed: most often another process died
+    complete = ckpt.complete_steps()
+    reason = ' '.join(str(e).split())[:200]
+    raise PeerLostError(
+      f'a collective of the {jax.process_count()}-process run failed after step {step} ({reason}); if a process '
+      f'died, restart every process with the same command: the run resumes from the last complete checkpoint, '
+      f'step {complete[-1] if complete else "none"}'
+    ) from None
   finally:
     preemption.restore()
     writer.close()
-    ckpt.close()
+    if not lost_peer:  # closing waits on the other processes
+      ckpt.close()
 
 
 def _write_figures(samples: dict, workdir: pathlib.Path, writer) -> dict:

@@ -40,9 +40,10 @@ def initialize_distributed(config: Any) -> None:
       coordinator_address=config.coordinator_address,
       num_processes=config.num_processes,
       process_id=config.process_id,
+      heartbeat_timeout_seconds=config.heartbeat_timeout_s,
     )
   elif config.distributed == 'auto':
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=config.heartbeat_timeout_s)
   elif config.distributed != 'none':
     raise UserError(f"parallel.distributed='{config.distributed}' is not one of none, auto")
 

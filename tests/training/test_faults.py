@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -101,3 +102,55 @@ def test_an_unwritable_disk_is_a_clear_error_and_the_previous_checkpoint_survive
   resumed = _run(tmp_path, env)  # space freed: the same command resumes from step 4
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   _assert_same_run(tmp_path, reference)
+
+
+@pytest.mark.parametrize('victim', [1, 0], ids=['peer dies', 'coordinator dies'])
+def test_the_survivor_of_a_dead_peer_exits_with_a_clear_error_in_bounded_time(victim, tmp_path, env):
+  """Bound: the next collective (our one-line error) or JAX's heartbeat timeout, set to 10 s here
+  (`parallel.heartbeat_timeout_s`, default 100 s); when the coordinator dies JAX stops at once."""
+  import portpicker
+
+  port = portpicker.pick_unused_port()
+  two = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  args = [
+    '--model=resunet',
+    '--config=experiments/configs/quick.py',
+    '--config.train.num_steps=100000',
+    f'--config.parallel.coordinator_address=127.0.0.1:{port}',
+    '--config.parallel.num_processes=2',
+    '--config.parallel.heartbeat_timeout_s=10',
+    f'--workdir={tmp_path}',
+  ]
+  logs = [tmp_path / f'stderr_{i}.txt' for i in range(2)]  # files: a full pipe would stall a process
+  processes = [
+    subprocess.Popen(
+      [sys.executable, 'experiments/train.py', *args, f'--config.parallel.process_id={i}'],
+      cwd=ROOT,
+      env=two,
+      stdout=subprocess.DEVNULL,
+      stderr=log.open('w'),
+    )
+    for i, log in enumerate(logs)
+  ]
+  try:
+    deadline = time.monotonic() + 300
+    while not (tmp_path / 'checkpoints' / '3').is_dir():  # both are training
+      assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+      assert time.monotonic() < deadline, 'the run did not get going'
+      time.sleep(0.05)
+    processes[victim].kill()
+    killed = time.monotonic()
+    processes[1 - victim].wait(timeout=120)  # never hangs: would raise TimeoutExpired
+    took = time.monotonic() - killed
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
+  err = logs[1 - victim].read_text()
+  assert processes[1 - victim].returncode != 0
+  assert took < 10 + 30, took  # the heartbeat timeout plus the time to notice and exit
+  ours = 'error: a collective of the 2-process run failed after step '
+  jax_message = 'This most likely indicates that another task died'
+  assert ours in err or jax_message in err, err[-3000:]
+  if ours in err:
+    assert err.strip().splitlines()[-1].startswith(ours) and 'restart every process with the same command' in err
