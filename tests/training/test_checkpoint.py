@@ -30,19 +30,27 @@ def test_latest_and_best_are_kept(tmp_path, data_config):
   reopened.close()
 
 
-def test_unreadable_latest_falls_back_to_the_previous(tmp_path, data_config):
-  ckpt = checkpoint.Checkpoints(tmp_path, keep=3)
+def _two_checkpoints(directory, data_config):
+  """Checkpoints at steps 1 and 2 holding `w = [step] * 3`."""
+  ckpt = checkpoint.Checkpoints(directory, keep=3)
   iterator = _iterator(data_config)
   for step in (1, 2):
     next(iterator)
     ckpt.save(step, {'w': jnp.full(3, step, jnp.float32)}, iterator, {})
   ckpt.wait()
+  return ckpt
+
+
+def _abstract():
+  return checkpoint.abstract_like({'w': jnp.zeros(3, jnp.float32)}, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def test_unreadable_latest_falls_back_to_the_previous(tmp_path, data_config):
+  ckpt = _two_checkpoints(tmp_path, data_config)
   for path in (tmp_path / '2' / 'state').rglob('*'):
     if path.is_file():
       path.write_bytes(b'corrupt')
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = checkpoint.abstract_like({'w': jnp.zeros(3, jnp.float32)}, sharding)
-  state, step = ckpt.restore(abstract, _iterator(data_config))
+  state, step = ckpt.restore(_abstract(), _iterator(data_config))
   assert step == 1
   np.testing.assert_array_equal(state['w'], [1, 1, 1])
   ckpt.close()
@@ -60,32 +68,20 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, data_c
   for path in (tmp_path / '1' / 'state').rglob('*'):
     if path.is_file():
       path.write_bytes(b'corrupt')
-  abstract = checkpoint.abstract_like(
-    {'w': jnp.zeros(3, jnp.float32)}, jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  )
   with pytest.raises(UserError, match=r'no checkpoint in .* can be restored \(step 1: .*\); repair them or move'):
-    ckpt.restore(abstract, _iterator(data_config))
+    ckpt.restore(_abstract(), _iterator(data_config))
   ckpt.close()
 
 
 def test_latest_with_files_removed_falls_back_with_a_warning_naming_it(tmp_path, data_config, caplog):
-  ckpt = checkpoint.Checkpoints(tmp_path, keep=3)
-  iterator = _iterator(data_config)
-  for step in (1, 2):
-    next(iterator)
-    ckpt.save(step, {'w': jnp.full(3, step, jnp.float32)}, iterator, {})
-  ckpt.wait()
-  ckpt.close()
+  _two_checkpoints(tmp_path, data_config).close()
   removed = [p for p in (tmp_path / '2' / 'state').rglob('*') if p.is_file()]
   assert removed
   for path in removed[: len(removed) // 2 + 1]:  # a copy cut short: some of its files are missing
     path.unlink()
   reopened = checkpoint.Checkpoints(tmp_path, keep=3)
-  abstract = checkpoint.abstract_like(
-    {'w': jnp.zeros(3, jnp.float32)}, jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  )
   with caplog.at_level('WARNING'):
-    state, step = reopened.restore(abstract, _iterator(data_config))
+    state, step = reopened.restore(_abstract(), _iterator(data_config))
   assert step == 1
   np.testing.assert_array_equal(state['w'], [1, 1, 1])
   warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING' and 'unreadable' in r.getMessage()]
