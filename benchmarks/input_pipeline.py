@@ -11,15 +11,12 @@ over `--steps`, and `pipeline_over_step`, how many times faster the input is tha
 
 import json
 import os
-import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
 from absl import app, flags
 
-from resunet_jax import data, models
+from resunet_jax import data
 
 _DATA = flags.DEFINE_string('data', 'synthetic_roads', 'Dataset name.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
@@ -45,32 +42,22 @@ def pipeline_rate(config) -> tuple[float, float]:
 
 
 def step_rate(size: int) -> tuple[float, float]:
-  model = models.UNet(models.preset(_MODEL.value, base_width=_WIDTH.value))
-  images = jax.random.normal(jax.random.key(0), (_BATCH.value, size, size, 3))
-  masks = (jax.random.uniform(jax.random.key(1), (_BATCH.value, size, size, 1)) > 0.9).astype(jnp.float32)
-  variables = model.init(jax.random.key(2), images, train=False)
-  optimizer = optax.adam(1e-3)
+  """Images/s and median ms of the training step of `benchmarks/train_step.py` at this batch shape."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import train_step
 
-  @jax.jit
-  def step(params, opt_state, images, masks):
-    def loss_fn(params):
-      logits = model.apply({**variables, 'params': params}, images, train=False)
-      return optax.sigmoid_binary_cross_entropy(logits, masks).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  params, opt_state = variables['params'], optimizer.init(variables['params'])
-  times = []
-  for i in range(_STEPS.value + 2):
-    start = time.perf_counter()
-    params, opt_state, loss = step(params, opt_state, images, masks)
-    loss.block_until_ready()
-    if i >= 2:
-      times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  return _BATCH.value / median, median * 1000
+  args = train_step.parse_args(
+    [
+      f'--model={_MODEL.value}',
+      f'--base-width={_WIDTH.value}',
+      f'--batch={_BATCH.value}',
+      f'--size={size}',
+      f'--steps={_STEPS.value}',
+      '--warmup=2',
+    ]
+  )
+  figures, _ = train_step.jax_step(args)
+  return figures['images_per_sec'], figures['step_ms_median']
 
 
 def main(argv):

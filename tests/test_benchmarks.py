@@ -1,12 +1,17 @@
 """The benchmark commands the README quotes run and print their JSON line."""
 
 import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+from resunet_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,3 +34,33 @@ def test_input_pipeline_benchmark_prints_its_figures(tfds_dir):
   assert figures['images_per_sec'] > 0 and figures['step_images_per_sec'] > 0
   ratio = figures['images_per_sec'] / figures['step_images_per_sec']
   assert figures['pipeline_over_step'] == pytest.approx(ratio, rel=0.05, abs=0.1)
+
+
+@pytest.mark.parametrize('extra', [[], ['--infer'], ['--devices=2']], ids=['train', 'infer', 'two devices'])
+def test_train_step_benchmark_prints_its_figures(extra):
+  command = [
+    sys.executable,
+    'benchmarks/train_step.py',
+    '--model=resunet',
+    '--base-width=2',
+    '--batch=2',
+    '--size=32',
+    '--steps=2',
+    '--warmup=1',
+    *extra,
+  ]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert figures['benchmark'] == ('infer' if extra == ['--infer'] else 'train_step')
+  config = models.preset('resunet', base_width=2)
+  shapes = jax.eval_shape(lambda: models.UNet(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  assert figures['params'] == sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params']))
+  for key in ('images_per_sec', 'step_ms_median', 'compile_s', 'gflops_per_step', 'matmul_peak_gflops', 'peak_rss_mb'):
+    assert figures[key] > 0, key
+  assert figures['images_per_sec'] == pytest.approx(2 / figures['step_ms_median'] * 1000, rel=0.05)
+  assert figures['percent_of_matmul_peak'] == pytest.approx(
+    100 * figures['gflops_per_sec'] / figures['matmul_peak_gflops'],
+    rel=0.02,
+    abs=0.1,  # both rounded to 0.1
+  )

@@ -1,0 +1,280 @@
+r"""Training-step and inference throughput of a preset, ours (JAX) or a PyTorch port, or both.
+
+  python benchmarks/train_step.py --model=unet --base-width=64 --batch=4 --size=128
+  python benchmarks/train_step.py --model=unet --base-width=64 --batch=4 --size=128 --infer
+  python benchmarks/train_step.py --model=resunet --base-width=16 --compare   # vs PyTorch, needs .[bench]
+
+One training step is forward, sigmoid BCE, backward and Adam on random float32 inputs;
+inference is the forward pass. Prints one JSON line: `images_per_sec`, `step_ms_median` (the
+median of `--steps` steps after `--warmup`), `compile_s` (JAX: the first call), `gflops_per_sec`
+(XLA's count of the step's floating-point operations over the median time, for both frameworks),
+`percent_of_matmul_peak` (against a jitted 2048x2048 float32 matmul timed in the same process),
+`peak_rss_mb` (the process's resident set size at its peak) and `params`. `--compare` runs ours,
+PyTorch NCHW and PyTorch channels_last, each in its own process (so each peak memory is its
+own), and prints their lines and the ratios ours/PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='unet', help='preset: unet, resunet, resunet_zhang')
+  parser.add_argument('--base-width', type=int, default=64)
+  parser.add_argument('--batch', type=int, default=4)
+  parser.add_argument('--size', type=int, default=128)
+  parser.add_argument('--infer', action='store_true', help='time inference instead of a training step')
+  parser.add_argument('--steps', type=int, default=10, help='timed steps (at least 10 for reported figures)')
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--framework', choices=('jax', 'torch'), default='jax')
+  parser.add_argument('--channels-last', action='store_true', help='PyTorch: NHWC memory format')
+  parser.add_argument(
+    '--devices', type=int, default=1, help='JAX: split the CPU into this many devices and the batch over them'
+  )
+  parser.add_argument('--compare', action='store_true', help='ours, PyTorch NCHW and channels_last, side by side')
+  # Set by --compare for its PyTorch processes, which then import neither JAX nor our package:
+  parser.add_argument('--torch-model', help=argparse.SUPPRESS)  # JSON of torch_unet.fields(config)
+  parser.add_argument('--flops', type=float, default=float('nan'), help=argparse.SUPPRESS)
+  parser.add_argument('--matmul-peak', type=float, default=float('nan'), help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def _config(args):
+  from resunet_jax import models
+
+  return models.preset(args.model, base_width=args.base_width)
+
+
+def _timed(step, count: int) -> list[float]:
+  times = []
+  for _ in range(count):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of a jitted float32 `size` x `size` matmul: this machine's practical peak."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, a).block_until_ready()
+  times = _timed(lambda: matmul(a, a).block_until_ready(), repeats)
+  return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def jax_step(args) -> tuple[dict, float]:
+  """Our step: returns the figures and XLA's flop count of one step."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from resunet_jax import models
+  from resunet_jax.training import parallel
+
+  config = _config(args)
+  model = models.UNet(config)
+  mesh = parallel.make_mesh()
+  images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
+  masks = (jax.random.uniform(jax.random.key(1), (args.batch, args.size, args.size, 1)) > 0.9).astype(jnp.float32)
+  variables = jax.device_put(model.init(jax.random.key(2), images, train=False), parallel.replicated(mesh))
+  images, masks = jax.device_put((images, masks), parallel.batch_sharding(mesh))
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  optimizer = optax.adam(1e-3)
+
+  def forward(params, batch_stats, images, train):
+    if batch_stats and train:
+      logits, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+      )
+      return logits, updates['batch_stats']
+    return model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False), batch_stats
+
+  if args.infer:
+    step = jax.jit(lambda params, batch_stats, images: forward(params, batch_stats, images, False)[0])
+    operands = (params, batch_stats, images)
+
+    def run(operands):
+      step(*operands).block_until_ready()
+      return operands
+  else:
+
+    def train_step(params, opt_state, batch_stats, images, masks):
+      def loss_fn(params):
+        logits, new_stats = forward(params, batch_stats, images, True)
+        return optax.sigmoid_binary_cross_entropy(logits, masks).mean(), new_stats
+
+      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, new_stats, loss
+
+    step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    operands = (params, optimizer.init(params), batch_stats, images, masks)
+
+    def run(operands):
+      params, opt_state, stats, loss = step(*operands)
+      loss.block_until_ready()
+      return (params, opt_state, stats, *operands[3:])
+
+  start = time.perf_counter()
+  compiled = step.lower(*operands).compile()
+  compile_s = time.perf_counter() - start
+  flops = compiled.cost_analysis()
+  # Per device for a program split over several: the step's total is that times the devices.
+  flops = (flops[0] if isinstance(flops, list) else flops).get('flops', float('nan')) * mesh.devices.size
+  step = compiled
+  for _ in range(args.warmup):
+    operands = run(operands)
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    operands = run(operands)
+    times.append(time.perf_counter() - start)
+  figures = {'compile_s': round(compile_s, 2), 'params': models.count_params(params)}
+  return figures | _rates(args, times, flops), flops
+
+
+def torch_step(args) -> dict:
+  """The PyTorch port's step."""
+  import torch
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_unet
+
+  torch.manual_seed(0)
+  fields = json.loads(args.torch_model) if args.torch_model else torch_unet.fields(_config(args))
+  model = torch_unet.UNet(**fields)
+  images = torch.randn(args.batch, 3, args.size, args.size)
+  masks = (torch.rand(args.batch, 1, args.size, args.size) > 0.9).float()
+  if args.channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    images, masks = (
+      images.contiguous(memory_format=torch.channels_last),
+      masks.contiguous(memory_format=torch.channels_last),
+    )
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+  loss_fn = torch.nn.BCEWithLogitsLoss()
+
+  if args.infer:
+    model.eval()
+
+    def run():
+      with torch.inference_mode():
+        model(images)
+  else:
+    model.train()
+
+    def run():
+      optimizer.zero_grad(set_to_none=True)
+      loss = loss_fn(model(images), masks)
+      loss.backward()
+      optimizer.step()
+
+  for _ in range(args.warmup):
+    run()
+  times = _timed(run, args.steps)
+  params = sum(p.numel() for p in model.parameters())
+  figures = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'params': params}
+  return figures | _rates(args, times, args.flops)
+
+
+def _rates(args, times: list[float], flops: float) -> dict:
+  median = statistics.median(times)
+  return {
+    'images_per_sec': round(args.batch / median, 2),
+    'step_ms_median': round(median * 1000, 1),
+    'step_ms_min': round(min(times) * 1000, 1),
+    'gflops_per_sec': round(flops / median / 1e9, 1),
+  }
+
+
+def measure(args) -> dict:
+  """The figures of one framework, in this process."""
+  if args.framework == 'jax':
+    if args.devices > 1:  # before JAX starts
+      os.environ['XLA_FLAGS'] = (
+        f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={args.devices}'
+      )
+    import jax
+
+    peak = matmul_peak_gflops()
+    figures, flops = jax_step(args)
+    device = jax.devices()[0].device_kind
+  else:
+    peak, flops = args.matmul_peak, args.flops
+    figures, device = torch_step(args), 'cpu'
+  result = {
+    'benchmark': 'infer' if args.infer else 'train_step',
+    'framework': args.framework + ('_channels_last' if args.channels_last else ''),
+    'model': args.model,
+    'base_width': args.base_width,
+    'batch': args.batch,
+    'size': args.size,
+    'devices': args.devices if args.framework == 'jax' else 1,
+    'gflops_per_step': float(f'{flops / 1e9:.4g}'),
+    'matmul_peak_gflops': round(peak, 1),
+    **figures,
+    'device': device,
+    'cpu_count': os.cpu_count(),
+  }
+  result['percent_of_matmul_peak'] = round(100 * result['gflops_per_sec'] / peak, 1)
+  result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  return result
+
+
+def compare(argv: list[str]) -> list[dict]:
+  """Ours, PyTorch NCHW and PyTorch channels_last, each in a fresh process; then the ratios."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_unet
+
+  argv = [a for a in argv if a != '--compare']
+
+  def child(*extra):
+    out = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  ours = child('--framework=jax')
+  torch_args = [
+    '--framework=torch',
+    f'--torch-model={json.dumps(torch_unet.fields(_config(parse_args(argv))))}',
+    f'--flops={ours["gflops_per_step"] * 1e9}',
+    f'--matmul-peak={ours["matmul_peak_gflops"]}',
+  ]
+  nchw, nhwc = child(*torch_args), child(*torch_args, '--channels-last')
+  lines = [ours, nchw, nhwc]
+  if not ours['params'] == nchw['params'] == nhwc['params']:
+    raise SystemExit(f'parameter counts differ: ours {ours["params"]}, PyTorch {nchw["params"]}')
+  lines.append(
+    {
+      'benchmark': f'{ours["benchmark"]}_ratio',
+      'model': ours['model'],
+      'base_width': ours['base_width'],
+      'params': ours['params'],
+      'ours_over_torch': round(ours['images_per_sec'] / nchw['images_per_sec'], 3),
+      'ours_over_torch_channels_last': round(ours['images_per_sec'] / nhwc['images_per_sec'], 3),
+      'memory_ours_over_torch_channels_last': round(ours['peak_rss_mb'] / nhwc['peak_rss_mb'], 3),
+    }
+  )
+  return lines
+
+
+def main(argv: list[str]) -> None:
+  args = parse_args(argv)
+  for line in compare(argv) if args.compare else [measure(args)]:
+    print(json.dumps(line))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
