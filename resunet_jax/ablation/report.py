@@ -336,9 +336,9 @@ def _knockout_section(arms: Sequence[Arm]) -> list[str]:
 
 
 def _platform() -> str:
-  device = jax.devices()[0]
-  cores = f'{os.cpu_count()} CPU cores'
-  return f'{jax.device_count()} x {device.device_kind} ({device.platform}), {cores}, jax {jax.__version__}'
+  device, count = jax.devices()[0], jax.device_count()
+  name = f'{device.platform} device' if device.device_kind == device.platform else f'{device.device_kind}'
+  return f'{count} {name}{"s" if count > 1 else ""}, {os.cpu_count()} CPU cores, jax {jax.__version__}'
 
 
 def markdown(pairs: Sequence[tuple[RunSpec, Result]], *, target: float, command: str, figures: Sequence[str]) -> str:
