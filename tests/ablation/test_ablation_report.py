@@ -96,6 +96,26 @@ def test_noise_is_inconclusive():
 def test_depth_claim_needs_a_widening_gap():
   verdicts, _ = _verdicts(_pairs(True, depths=(2, 4)))
   assert verdicts[-1].startswith('supported') and 'depth 2: 0.200' in verdicts[-1] and 'depth 4: 0.300' in verdicts[-1]
+  assert verdicts[-1].endswith('its change from depth 2 to 4: 0.100 [0.100, 0.100]')
+
+
+def test_depth_claim_with_a_noisy_widening_is_inconclusive():
+  """A larger mean gain at depth 4 whose seed-to-seed change straddles zero does not support the claim."""
+  pairs = []
+  for depth, gains in (
+    (2, (0.05, 0.05, 0.05)),
+    (4, (0.30, 0.02, 0.04)),
+  ):  # mean 0.05 -> 0.12, changes +0.25 -0.03 -0.01
+    for seed, gain in enumerate(gains):
+      common = {'boundary_f1': 0.7, 'curve': [(50, 0.6)], 'bottleneck_grad': 0.1, 'depth': depth}
+      arm = f'-d{depth}'
+      pairs.append((_spec('roads', f'plain-all{arm}', False, seed, depth), _result(False, seed, dice=0.6, **common)))
+      pairs.append(
+        (_spec('roads', f'residual-all{arm}', True, seed, depth), _result(True, seed, dice=0.6 + gain, **common))
+      )
+  verdicts, _ = _verdicts(pairs)
+  assert verdicts[-1].startswith('inconclusive at this budget') and 'depth 4: 0.120 [' in verdicts[-1]
+  assert 'its change from depth 2 to 4: 0.070 [' in verdicts[-1]
 
 
 def test_files_of_a_report(tmp_path):
