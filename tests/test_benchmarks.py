@@ -64,3 +64,52 @@ def test_train_step_benchmark_prints_its_figures(extra):
     rel=0.02,
     abs=0.1,  # both rounded to 0.1
   )
+
+
+def test_conv_layers_benchmark_lists_every_convolution_of_the_model():
+  command = [
+    sys.executable,
+    'benchmarks/conv_layers.py',
+    '--model=resunet_zhang',
+    '--base-width=2',
+    '--batch=2',
+    '--size=32',
+    '--repeats=1',
+  ]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  config = models.preset('resunet_zhang', base_width=2)
+  shapes = jax.eval_shape(lambda: models.UNet(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  kernels = [leaf.shape for leaf in jax.tree.leaves(shapes['params']) if leaf.ndim == 4]
+  layers = figures['layers']
+  assert figures['conv_calls'] == len(kernels) == sum(layer['count'] for layer in layers)
+  # Every kernel of the model is timed, with its multiplicity; strided ones (the encoder's) too.
+  timed = sorted(tuple(layer['w']) for layer in layers for _ in range(layer['count']))
+  assert timed == sorted(kernels)
+  assert any(layer['stride'] == [2, 2] for layer in layers)
+  assert all(layer['x'][0] == 2 and all(layer['jax_ms'][part] > 0 for part in ('fwd', 'dx', 'dw')) for layer in layers)
+  per_part = {p: sum(layer['count'] * layer['jax_ms'][p] for layer in layers) for p in ('fwd', 'dx', 'dw')}
+  assert figures['jax_total_ms']['all'] == pytest.approx(sum(per_part.values()), abs=0.05)
+
+
+@pytest.mark.parametrize('script', ['train_step.py', 'conv_layers.py'])
+def test_side_by_side_with_pytorch(script):
+  """`--compare` (needs the `bench` extra; skipped without PyTorch) prints PyTorch's figures and the ratios."""
+  pytest.importorskip('torch')
+  command = [sys.executable, f'benchmarks/{script}', '--model=resunet', '--base-width=2', '--batch=2', '--size=32']
+  command += ['--steps=2', '--warmup=1'] if script == 'train_step.py' else ['--repeats=1']
+  result = subprocess.run([*command, '--compare'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  if script == 'train_step.py':
+    ours, nchw, nhwc, ratio = lines
+    assert (nchw['framework'], nhwc['framework']) == ('torch', 'torch_channels_last')
+    assert ours['params'] == nchw['params'] == nhwc['params'] == ratio['params']
+    speed = ours['images_per_sec'] / nhwc['images_per_sec']
+    assert ratio['ours_over_torch_channels_last'] == pytest.approx(speed, rel=0.01)
+  else:
+    (figures,) = lines
+    ours, theirs = figures['jax_total_ms'], figures['torch_channels_last_total_ms']
+    assert all(layer['torch_channels_last_ms']['dw'] > 0 for layer in figures['layers'])
+    assert figures['ours_over_torch_channels_last']['all'] == pytest.approx(theirs['all'] / ours['all'], rel=0.01)
