@@ -14,23 +14,20 @@ import pytest
 from resunet_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--base-width=2', '--batch=2', '--size=32']  # the smallest network and images that compile fast
+
+
+def _run(script: str, *args: str, env=None) -> list[dict]:
+  """Runs `benchmarks/<script>` with `args`; returns its JSON lines."""
+  command = [sys.executable, f'benchmarks/{script}', *args]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return [json.loads(line) for line in result.stdout.strip().splitlines()]
 
 
 def test_input_pipeline_benchmark_prints_its_figures(tfds_dir):
-  command = [
-    sys.executable,
-    'benchmarks/input_pipeline.py',
-    '--data=synthetic_roads/small',
-    '--batch=4',
-    '--batches=3',
-    '--step',
-    '--base_width=2',
-    '--steps=1',
-  ]
-  env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir}
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-  assert result.returncode == 0, result.stderr[-2000:]
-  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  args = ['--data=synthetic_roads/small', '--batch=4', '--batches=3', '--step', '--base_width=2', '--steps=1']
+  (figures,) = _run('input_pipeline.py', *args, env={**os.environ, 'TFDS_DATA_DIR': tfds_dir})
   assert figures['images_per_sec'] > 0 and figures['step_images_per_sec'] > 0
   ratio = figures['images_per_sec'] / figures['step_images_per_sec']
   assert figures['pipeline_over_step'] == pytest.approx(ratio, rel=0.05, abs=0.1)
@@ -38,20 +35,7 @@ def test_input_pipeline_benchmark_prints_its_figures(tfds_dir):
 
 @pytest.mark.parametrize('extra', [[], ['--infer'], ['--devices=2']], ids=['train', 'infer', 'two devices'])
 def test_train_step_benchmark_prints_its_figures(extra):
-  command = [
-    sys.executable,
-    'benchmarks/train_step.py',
-    '--model=resunet',
-    '--base-width=2',
-    '--batch=2',
-    '--size=32',
-    '--steps=2',
-    '--warmup=1',
-    *extra,
-  ]
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  (figures,) = _run('train_step.py', '--model=resunet', *TINY, '--steps=2', '--warmup=1', *extra)
   assert figures['benchmark'] == ('infer' if extra == ['--infer'] else 'train_step')
   config = models.preset('resunet', base_width=2)
   shapes = jax.eval_shape(lambda: models.UNet(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
@@ -67,18 +51,7 @@ def test_train_step_benchmark_prints_its_figures(extra):
 
 
 def test_conv_layers_benchmark_lists_every_convolution_of_the_model():
-  command = [
-    sys.executable,
-    'benchmarks/conv_layers.py',
-    '--model=resunet_zhang',
-    '--base-width=2',
-    '--batch=2',
-    '--size=32',
-    '--repeats=1',
-  ]
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  (figures,) = _run('conv_layers.py', '--model=resunet_zhang', *TINY, '--repeats=1')
   config = models.preset('resunet_zhang', base_width=2)
   shapes = jax.eval_shape(lambda: models.UNet(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   kernels = [leaf.shape for leaf in jax.tree.leaves(shapes['params']) if leaf.ndim == 4]
@@ -97,11 +70,8 @@ def test_conv_layers_benchmark_lists_every_convolution_of_the_model():
 def test_side_by_side_with_pytorch(script):
   """`--compare` (needs the `bench` extra; skipped without PyTorch) prints PyTorch's figures and the ratios."""
   pytest.importorskip('torch')
-  command = [sys.executable, f'benchmarks/{script}', '--model=resunet', '--base-width=2', '--batch=2', '--size=32']
-  command += ['--steps=2', '--warmup=1'] if script == 'train_step.py' else ['--repeats=1']
-  result = subprocess.run([*command, '--compare'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  timing = ['--steps=2', '--warmup=1'] if script == 'train_step.py' else ['--repeats=1']
+  lines = _run(script, '--model=resunet', *TINY, *timing, '--compare')
   if script == 'train_step.py':
     ours, nchw, nhwc, ratio = lines
     assert (nchw['framework'], nhwc['framework']) == ('torch', 'torch_channels_last')
