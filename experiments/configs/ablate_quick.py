@@ -1,28 +1,24 @@
 """A tiny ablation grid for tests: 2 arms (plain, residual) x 2 seeds x 6 steps, in about a minute.
 
 python experiments/ablate.py --config=experiments/configs/ablate_quick.py --workdir=runs/ablate-quick
+
+The training settings are those of `quick.py` (tiny network, 32x32, 6 steps).
 """
+
+import pathlib
+import runpy
 
 import ml_collections
 
-from resunet_jax import ablation, configs
+from resunet_jax import ablation
+
+_quick = runpy.run_path(str(pathlib.Path(__file__).with_name('quick.py')))['get_config']
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the quick ablation config."""
-  config = configs.base_config()
+  config = _quick()
   config.preset = 'unet'
-  config.model.base_width = 4
-  config.model.depth = 2
-  config.data.image_size = 32
-  config.data.read_threads = 2
-  config.data.prefetch = 4
-  config.train.batch_size = 4
-  config.train.num_steps = 6
-  config.train.log_every = 2
-  config.train.eval_every = 3
-  config.train.checkpoint_every = 3
-  config.train.warmup_steps = 2
   config.train.num_sample_images = 1
   config.ablation = ablation.section()
   config.ablation.seeds = 2

@@ -80,7 +80,7 @@ def gradient_norms(studies: dict[str, list], path: pathlib.Path) -> None:
     length = min(len(r.gradients) for r in results)
     steps = [g['step'] for g in results[0].gradients[:length]]
     for colour, block in zip(colours, names, strict=True):
-      rms = [[g[f'grad_norm/{block}'] / np.sqrt(counts[block]) for g in r.gradients[:length]] for r in results]
+      rms = [[stats.gradient_rms(g, block, counts) for g in r.gradients[:length]] for r in results]
       axis.plot(steps, np.exp(np.mean(np.log(np.maximum(rms, 1e-30)), 0)), color=colour, label=block)
     axis.set(title=f'{arm.study}: {arm.name}', xlabel='step', ylabel='gradient RMS per parameter', yscale='log')
     axis.legend(fontsize=6, ncol=2)
@@ -98,9 +98,7 @@ def gradient_profile(studies: dict[str, list], path: pathlib.Path) -> None:
       results = list(arm.results.values())
       counts = results[0].param_counts
       profile = [
-        np.exp(
-          np.mean([np.log(max(g[f'grad_norm/{b}'] / np.sqrt(counts[b]), 1e-30)) for r in results for g in r.gradients])
-        )
+        np.exp(np.mean([np.log(max(stats.gradient_rms(g, b, counts), 1e-30)) for r in results for g in r.gradients]))
         for b in names
       ]
       # Blocks sit at their distance from the bottleneck, so different depths line up there.

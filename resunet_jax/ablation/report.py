@@ -115,6 +115,17 @@ def _find(arms: Sequence[Arm], *, residual: bool, skips: str, depth: int) -> Arm
   return None
 
 
+def _full_pairs(arms: Sequence[Arm]) -> list[tuple[int, Arm, Arm]]:
+  """`(depth, plain arm, residual arm)` with all skips, at every depth that has both."""
+  pairs = []
+  for depth in sorted({a.depth for a in arms}):
+    plain = _find(arms, residual=False, skips='1' * depth, depth=depth)
+    residual = _find(arms, residual=True, skips='1' * depth, depth=depth)
+    if plain and residual:
+      pairs.append((depth, plain, residual))
+  return pairs
+
+
 def result_rows(pairs: Sequence[tuple[RunSpec, Result]], target: float) -> list[dict]:
   """One row per run: its arm, settings, test metrics, convergence and gradient figures."""
   rows = []
@@ -169,12 +180,9 @@ def claim_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
   lines = []
   pairs = []  # (label, plain arm, residual arm) with all skips, at each depth
   for name, arms in studies.items():
-    depths = sorted({a.depth for a in arms})
-    for depth in depths:
-      plain = _find(arms, residual=False, skips='1' * depth, depth=depth)
-      residual = _find(arms, residual=True, skips='1' * depth, depth=depth)
-      if plain and residual:
-        pairs.append((name if len(depths) == 1 else f'{name}, depth {depth}', plain, residual))
+    several = len({a.depth for a in arms}) > 1
+    for depth, plain, residual in _full_pairs(arms):
+      pairs.append((f'{name}, depth {depth}' if several else name, plain, residual))
   if not pairs:
     return [
       f'{i}. {claim}: not tested (no study has plain and residual arms with all skips)'
@@ -220,12 +228,9 @@ def _depth_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
   lines = []
   for name, arms in studies.items():
     gaps = []  # (depth, {seed: residual Dice - plain Dice})
-    for depth in sorted({a.depth for a in arms}):
-      plain = _find(arms, residual=False, skips='1' * depth, depth=depth)
-      residual = _find(arms, residual=True, skips='1' * depth, depth=depth)
-      if plain and residual:
-        dice_r, dice_p = residual.values('dice', target), plain.values('dice', target)
-        gaps.append((depth, {s: dice_r[s] - dice_p[s] for s in dice_r.keys() & dice_p.keys()}))
+    for depth, plain, residual in _full_pairs(arms):
+      dice_r, dice_p = residual.values('dice', target), plain.values('dice', target)
+      gaps.append((depth, {s: dice_r[s] - dice_p[s] for s in dice_r.keys() & dice_p.keys()}))
     if len(gaps) < 2:
       continue
     (shallow, first), (deep, last) = gaps[0], gaps[-1]
@@ -344,7 +349,7 @@ def _knockout_section(arms: Sequence[Arm]) -> list[str]:
 
 def _platform() -> str:
   device, count = jax.devices()[0], jax.device_count()
-  name = f'{device.platform} device' if device.device_kind == device.platform else f'{device.device_kind}'
+  name = f'{device.platform} device' if device.device_kind == device.platform else device.device_kind
   return f'{count} {name}{"s" if count > 1 else ""}, {os.cpu_count()} CPU cores, jax {jax.__version__}'
 
 

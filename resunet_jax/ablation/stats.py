@@ -95,6 +95,14 @@ def area_under_curve(curve: Sequence[tuple[int, float]], num_steps: int) -> floa
   return float(np.sum((steps[1:] - steps[:-1]) * (values[1:] + values[:-1]) / 2) / max(num_steps, 1))
 
 
+def gradient_rms(record: Mapping[str, float], block: str, param_counts: Mapping[str, int]) -> float:
+  """Per-parameter gradient RMS of `block` in one logged record: its norm over sqrt(its size).
+
+  Makes blocks of different sizes comparable.
+  """
+  return record[f'grad_norm/{block}'] / math.sqrt(param_counts[block])
+
+
 def gradient_share(records: Sequence[Mapping[str, float]], block: str, param_counts: Mapping[str, int]) -> float:
   """Mean over logged steps of log10(per-parameter gradient RMS of `block` / that of the network).
 
@@ -109,7 +117,7 @@ def gradient_share(records: Sequence[Mapping[str, float]], block: str, param_cou
   total = sum(param_counts.values())
   ratios = []
   for record in records:
-    block_rms = record[f'grad_norm/{block}'] / math.sqrt(param_counts[block])
+    block_rms = gradient_rms(record, block, param_counts)
     total_rms = record['grad_norm'] / math.sqrt(total)
     if block_rms > 0 and total_rms > 0:
       ratios.append(math.log10(block_rms / total_rms))

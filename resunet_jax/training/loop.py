@@ -203,10 +203,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   last_time, last_step = time.perf_counter(), step
   lost_peer = False
   try:
-    bar = tqdm(
+    with tqdm(
       total=config.train.num_steps, initial=step, disable=not lead, leave=verbose, unit='step', dynamic_ncols=True
-    )
-    with bar:
+    ) as bar:
       while step < config.train.num_steps:
         batch = data.to_global(next(train_iter), sharding)
         train_state, step_metrics = train_fn(train_state, batch)
