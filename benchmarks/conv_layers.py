@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--size', type=int, default=128)
   parser.add_argument('--repeats', type=int, default=10, help='timed calls per part (median)')
+  parser.add_argument('--conv', default='auto', help="ours: 'auto', 'xla' or 'onednn' (ModelConfig.conv)")
   parser.add_argument('--compare', action='store_true', help='time the same shapes in PyTorch channels_last too')
   parser.add_argument('--torch-layers', help=argparse.SUPPRESS)  # set by --compare for its child
   return parser.parse_args(argv)
@@ -58,7 +59,8 @@ def conv_layers(args) -> list[dict]:
 
   from resunet_jax import models
 
-  model = models.UNet(models.preset(args.model, base_width=args.base_width))
+  # Traced with XLA's convolutions, whose primitives carry the shapes (oneDNN's are custom calls).
+  model = models.UNet(models.preset(args.model, base_width=args.base_width, conv='xla'))
   images = jnp.zeros((args.batch, args.size, args.size, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, train=False))(variables)
@@ -80,17 +82,21 @@ def conv_layers(args) -> list[dict]:
   return [{'x': x, 'w': w, 'stride': s, 'padding': p, 'count': n} for (x, w, s, p), n in found.items()]
 
 
-def time_jax(layers: list[dict], repeats: int) -> list[dict]:
-  """Ours: each part of each layer jitted on its own, in milliseconds."""
-  return [_time_jax_layer(layer, repeats) for layer in layers]
-
-
-def _time_jax_layer(layer: dict, repeats: int) -> dict:
-  import jax
+def time_jax(layers: list[dict], repeats: int, backend: str = 'auto') -> list[dict]:
+  """Ours: each part of each layer jitted on its own, in milliseconds, with `backend`'s convolution."""
   from jax import lax
 
+  from resunet_jax.kernels import onednn
+
+  conv_general_dilated = onednn.resolve(backend) or lax.conv_general_dilated
+  return [_time_jax_layer(layer, repeats, conv_general_dilated) for layer in layers]
+
+
+def _time_jax_layer(layer: dict, repeats: int, conv_general_dilated) -> dict:
+  import jax
+
   def conv(x, w):
-    return lax.conv_general_dilated(x, w, layer['stride'], layer['padding'], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return conv_general_dilated(x, w, layer['stride'], layer['padding'], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], layer['x'])
@@ -147,10 +153,11 @@ def main(argv: list[str]) -> None:
     print(json.dumps(time_torch(json.loads(args.torch_layers), args.repeats)))
     return
   layers = conv_layers(args)
-  ours = time_jax(layers, args.repeats)
+  ours = time_jax(layers, args.repeats, args.conv)
   result = {
     'benchmark': 'conv_layers',
     'model': args.model,
+    'conv': args.conv,
     'base_width': args.base_width,
     'batch': args.batch,
     'size': args.size,

@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=10, help='timed steps (at least 10 for reported figures)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--framework', choices=('jax', 'torch'), default='jax')
+  parser.add_argument('--conv', default='auto', help="JAX: 'auto', 'xla' or 'onednn' convolutions (ModelConfig.conv)")
   parser.add_argument('--channels-last', action='store_true', help='PyTorch: NHWC memory format')
   parser.add_argument(
     '--devices', type=int, default=1, help='JAX: split the CPU into this many devices and the batch over them'
@@ -46,12 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--flops', type=float, default=float('nan'), help=argparse.SUPPRESS)
   parser.add_argument('--matmul-peak', type=float, default=float('nan'), help=argparse.SUPPRESS)
   return parser.parse_args(argv)
-
-
-def _config(args):
-  from resunet_jax import models
-
-  return models.preset(args.model, base_width=args.base_width)
 
 
 def _timed(step, count: int) -> list[float]:
@@ -75,8 +70,14 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
   return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def jax_step(args) -> tuple[dict, float]:
-  """Our step: returns the figures and XLA's flop count of one step."""
+def _config(args):
+  from resunet_jax import models
+
+  return models.preset(args.model, base_width=args.base_width)
+
+
+def _jax_program(args, mesh, conv: str):
+  """The jitted step (or forward pass) with `conv` convolutions, its operands and `run(step, operands) -> operands`."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -84,9 +85,7 @@ def jax_step(args) -> tuple[dict, float]:
   from resunet_jax import models
   from resunet_jax.training import parallel
 
-  config = _config(args)
-  model = models.UNet(config)
-  mesh = parallel.make_mesh()
+  model = models.UNet(models.preset(args.model, base_width=args.base_width, conv=conv))
   images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
   masks = (jax.random.uniform(jax.random.key(1), (args.batch, args.size, args.size, 1)) > 0.9).astype(jnp.float32)
   # As the training loop does: one jitted init on one image, created replicated (an eager init
@@ -109,7 +108,7 @@ def jax_step(args) -> tuple[dict, float]:
     step = jax.jit(lambda params, batch_stats, images: forward(params, batch_stats, images, False)[0])
     operands = (params, batch_stats, images)
 
-    def run(operands):
+    def run(step, operands):
       step(*operands).block_until_ready()
       return operands
   else:
@@ -126,26 +125,38 @@ def jax_step(args) -> tuple[dict, float]:
     step = jax.jit(train_step, donate_argnums=(0, 1, 2))
     operands = (params, optimizer.init(params), batch_stats, images, masks)
 
-    def run(operands):
+    def run(step, operands):
       params, opt_state, stats, loss = step(*operands)
       loss.block_until_ready()
       return (params, opt_state, stats, *operands[3:])
 
+  return step, operands, run
+
+
+def jax_step(args) -> tuple[dict, float]:
+  """Our step: returns the figures and XLA's flop count of one step."""
+  from resunet_jax import models
+  from resunet_jax.training import parallel
+
+  mesh = parallel.make_mesh()
+  step, operands, run = _jax_program(args, mesh, args.conv)
+  params = operands[0]
   start = time.perf_counter()
   compiled = step.lower(*operands).compile()
   compile_s = time.perf_counter() - start
-  flops = compiled.cost_analysis()
+  # XLA counts no flops in custom calls (oneDNN's convolutions): count the same step with XLA's.
+  counted = compiled if args.conv == 'xla' else _jax_program(args, mesh, 'xla')[0].lower(*operands).compile()
+  flops = counted.cost_analysis()
   # Per device for a program split over several: the step's total is that times the devices.
   flops = (flops[0] if isinstance(flops, list) else flops).get('flops', float('nan')) * mesh.devices.size
-  step = compiled
   for _ in range(args.warmup):
-    operands = run(operands)
+    operands = run(compiled, operands)
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
-    operands = run(operands)
+    operands = run(compiled, operands)
     times.append(time.perf_counter() - start)
-  figures = {'compile_s': round(compile_s, 2), 'params': models.count_params(params)}
+  figures = {'compile_s': round(compile_s, 2), 'params': models.count_params(params), 'conv': args.conv}
   return figures | _rates(args, times, flops), flops
 
 
@@ -212,8 +223,11 @@ def measure(args) -> dict:
       )
     import jax
 
+    from resunet_jax import hostmem
+
     peak = matmul_peak_gflops()
     figures, flops = jax_step(args)
+    figures['huge_pages'] = hostmem.enabled()
     device = jax.devices()[0].device_kind
   else:
     peak, flops = args.matmul_peak, args.flops
@@ -275,6 +289,10 @@ def compare(argv: list[str]) -> list[dict]:
 
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
+  if args.framework == 'jax' and not args.compare:  # as the command-line tools run; PyTorch with glibc's defaults
+    from resunet_jax import hostmem
+
+    hostmem.relaunch_with_huge_pages()
   for line in compare(argv) if args.compare else [measure(args)]:
     print(json.dumps(line))
 

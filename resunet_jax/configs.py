@@ -103,6 +103,7 @@ def resolve_model(preset: str, section: Any, num_classes: int | None = None) -> 
 # hash, so that changing one (or adding one) neither forks a run's default workdir nor re-runs a
 # finished sweep, and so that the processes of a multi-process run agree on it.
 PLACEMENT_KEYS = {
+  'model': ('conv',),
   'data': ('data_dir', 'read_threads', 'prefetch', 'num_workers'),
   'parallel': ('distributed', 'coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout_s'),
 }

@@ -82,4 +82,5 @@ def test_side_by_side_with_pytorch(script):
     (figures,) = lines
     ours, theirs = figures['jax_total_ms'], figures['torch_channels_last_total_ms']
     assert all(layer['torch_channels_last_ms']['dw'] > 0 for layer in figures['layers'])
-    assert figures['ours_over_torch_channels_last']['all'] == pytest.approx(theirs['all'] / ours['all'], rel=0.01)
+    expected = theirs['all'] / ours['all']  # printed to 3 decimals
+    assert figures['ours_over_torch_channels_last']['all'] == pytest.approx(expected, rel=0.01, abs=6e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -48,6 +49,31 @@ def make_norm(
   raise ValueError(f"unknown norm '{kind}'; valid: none, batch, group, layer")
 
 
+class ConvTranspose2x2(nn.Module):
+  """x2 learned upsampling: `nn.ConvTranspose(features, (2, 2), strides=(2, 2))` as one matmul.
+
+  Same parameters (`kernel` `[2, 2, C_in, features]`, `bias`), initialisers and outputs as
+  flax's module. A stride-2 2x2 transposed convolution writes each input pixel to its own 2x2
+  output block, so it is `einsum('bhwc,ijco->bhiwjo')` with the kernel flipped in both spatial
+  axes (flax's `transpose_kernel=False` convention), then a reshape. XLA's CPU backend lowers
+  flax's form to a dilated convolution whose backward pass is 5-8x slower than this matmul
+  (benchmarks/README.md); on GPU and TPU both are matmuls.
+  """
+
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (2, 2, channels, self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jnp.einsum('bhwc,ijco->bhiwjo', x, kernel[::-1, ::-1])
+    return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
+
+
 class ConvBlock(nn.Module):
   """Two 3x3 'same' convolutions with ReLU, optionally with a residual shortcut.
 
@@ -81,6 +107,7 @@ class ConvBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None
+  conv_general_dilated: Callable | None = None  # None: XLA's (see kernels.onednn.resolve)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, residual_scale: jax.Array | None = None) -> jax.Array:
@@ -103,6 +130,7 @@ class ConvBlock(nn.Module):
         padding='SAME',
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        conv_general_dilated=self.conv_general_dilated,
         name=name,
       )
 

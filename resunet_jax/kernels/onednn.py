@@ -1,0 +1,252 @@
+"""oneDNN convolutions for XLA's CPU backend, called through `jax.ffi`.
+
+XLA's CPU backend lowers convolutions to Eigen's; on the 2-core AVX-512 machine this project is
+measured on they run at 0.37-0.78 of oneDNN's speed (PyTorch's CPU convolutions), the kernel
+gradients worst (benchmarks/README.md, "Where the time goes"). This module binds oneDNN's own
+convolution primitives (forward, backward-data, backward-weights) as XLA FFI custom calls:
+
+  conv_general_dilated(lhs, rhs, ...)   a drop-in for `lax.conv_general_dilated` (what flax's
+                                        `nn.Conv(conv_general_dilated=...)` takes)
+  resolve(backend)                      'xla' | 'onednn' | 'auto' -> that function or None
+
+Only what it supports goes to oneDNN: float32, 2-D, NHWC/HWIO, any stride and padding, no
+dilation or grouping. Anything else, and every platform other than CPU (the lowering is chosen
+per platform), uses XLA's own convolution. Results match XLA's to float32 rounding (~1e-6
+relative), not bit for bit.
+
+The handlers (onednn_conv.cc, next to this file) are compiled on first use with the C++
+compiler (`$CXX`, else g++) against the oneDNN wheels `onednn-cpu-gomp` and
+`onednn-devel-cpu-gomp` (oneDNN 3.2, GNU OpenMP), into `$RESUNET_JAX_CACHE` (default
+~/.cache/resunet_jax); about 5 s, once per machine and source version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import numpy as np
+from jax import lax
+
+from resunet_jax.errors import UserError
+
+BACKENDS = ('auto', 'xla', 'onednn')
+SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
+_TARGETS = ('ConvForward', 'ConvBackwardData', 'ConvBackwardWeights')
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 (Linux x86-64), or set conv='xla'"
+
+
+class OneDNNUnavailable(UserError):
+  """oneDNN convolutions were asked for but cannot be built or loaded here."""
+
+
+class OneDNNNotInstalled(OneDNNUnavailable):
+  """The oneDNN wheels are not installed (the install step adds them on Linux x86-64 only)."""
+
+
+def _wheel_file(distribution: str, name: str) -> pathlib.Path:
+  try:
+    files = importlib.metadata.files(distribution) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise OneDNNNotInstalled(f'oneDNN convolutions need the {distribution} package: {_INSTALL}') from None
+  for file in files:
+    if file.name == name:
+      return pathlib.Path(file.locate()).resolve()
+  raise OneDNNUnavailable(f'{distribution} is installed but holds no {name}; reinstall it: {_INSTALL}')
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get('RESUNET_JAX_CACHE') or pathlib.Path.home() / '.cache' / 'resunet_jax')
+
+
+def build() -> pathlib.Path:
+  """Compiles onednn_conv.cc if this source, oneDNN and jaxlib have no library yet; returns its path."""
+  library = _wheel_file('onednn-cpu-gomp', 'libdnnl.so.3')
+  header = _wheel_file('onednn-devel-cpu-gomp', 'dnnl.hpp')
+  include = header.parent.parent if header.parent.name == 'dnnl' else header.parent
+  key = hashlib.sha256(
+    SOURCE.read_bytes() + str(library).encode() + importlib.metadata.version('jaxlib').encode()
+  ).hexdigest()[:12]
+  target = _cache_dir() / f'onednn_conv-{key}.so'
+  if target.exists():
+    return target
+  compiler = os.environ.get('CXX') or 'g++'
+  if shutil.which(compiler) is None:
+    raise OneDNNUnavailable(
+      f"oneDNN convolutions are compiled on first use, but no C++ compiler '{compiler}' is on PATH"
+    )
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Compile to a temporary name and rename: processes that build at once never load half a file.
+  with tempfile.NamedTemporaryFile(dir=target.parent, suffix='.so', delete=False) as tmp:
+    partial = pathlib.Path(tmp.name)
+  command = [
+    compiler,
+    '-O2',
+    '-std=c++17',
+    '-shared',
+    '-fPIC',
+    f'-I{include}',
+    f'-I{jax.ffi.include_dir()}',
+    str(SOURCE),
+    '-o',
+    str(partial),
+    str(library),
+    f'-Wl,-rpath,{library.parent}',
+  ]
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode != 0:
+    partial.unlink(missing_ok=True)
+    lines = result.stderr.strip().splitlines() or ['(no output)']
+    first_error = next((line for line in lines if 'error' in line), lines[-1])
+    raise OneDNNUnavailable(f'compiling {SOURCE.name} failed ({compiler}): {first_error.strip()}')
+  os.replace(partial, target)
+  return target
+
+
+@functools.cache
+def load() -> None:
+  """Builds (if needed) and registers the handlers with XLA; raises `OneDNNUnavailable`."""
+  path = build()
+  # libdnnl first, globally, so that our library's dependency on it resolves to the wheel's copy.
+  ctypes.CDLL(str(_wheel_file('onednn-cpu-gomp', 'libdnnl.so.3')), mode=ctypes.RTLD_GLOBAL)
+  handlers = ctypes.CDLL(str(path))
+  for name in _TARGETS:
+    jax.ffi.register_ffi_target(f'resunet_onednn_{name}', jax.ffi.pycapsule(getattr(handlers, name)), platform='cpu')
+
+
+@functools.cache
+def available() -> bool:
+  """Whether oneDNN convolutions can be used here (logs why not, once)."""
+  try:
+    load()
+  except OneDNNUnavailable as e:
+    # Without the wheels (not Linux x86-64) XLA's are the expected path; a failed build is not.
+    level = logging.INFO if isinstance(e, OneDNNNotInstalled) else logging.WARNING
+    logging.log(level, 'Using XLA convolutions (2x slower on CPU): %s', e)
+    return False
+  return True
+
+
+def resolve(backend: str):
+  """The `conv_general_dilated` for a model's `conv` setting; None means flax's default (XLA).
+
+  'auto' takes oneDNN when JAX runs on one CPU device and oneDNN is available. Several devices
+  keep XLA's: a custom call is not partitioned over a sharded batch.
+  """
+  if backend == 'xla':
+    return None
+  if backend == 'onednn':
+    load()
+    return conv_general_dilated
+  if backend == 'auto':
+    on_one_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
+    return conv_general_dilated if on_one_cpu and available() else None
+  raise UserError(f'conv={backend!r} is not a convolution backend; valid: {", ".join(BACKENDS)}')
+
+
+def _attrs(strides, pads) -> dict:
+  (top, bottom), (left, right) = pads
+  values = dict(
+    stride_h=strides[0], stride_w=strides[1], pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right
+  )
+  return {name: np.int64(value) for name, value in values.items()}
+
+
+def _call(target: str, shape, dtype, *operands, strides, pads):
+  return jax.ffi.ffi_call(f'resunet_onednn_{target}', jax.ShapeDtypeStruct(shape, dtype), vmap_method='sequential')(
+    *operands, **_attrs(strides, pads)
+  )
+
+
+def _xla(x, w, strides, pads):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+def _forward(x, w, strides, pads):
+  def onednn(x, w):
+    shape = jax.eval_shape(functools.partial(_xla, strides=strides, pads=pads), x, w)
+    return _call('ConvForward', shape.shape, x.dtype, x, w, strides=strides, pads=pads)
+
+  return lax.platform_dependent(x, w, cpu=onednn, default=functools.partial(_xla, strides=strides, pads=pads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, strides, pads):
+  return _forward(x, w, strides, pads)
+
+
+def _conv_fwd(x, w, strides, pads):
+  return _forward(x, w, strides, pads), (x, w)
+
+
+def _conv_bwd(strides, pads, residuals, dy):
+  x, w = residuals
+
+  def onednn(x, w, dy):
+    dx = _call('ConvBackwardData', x.shape, x.dtype, dy, w, strides=strides, pads=pads)
+    dw = _call('ConvBackwardWeights', w.shape, w.dtype, x, dy, strides=strides, pads=pads)
+    return dx, dw
+
+  def xla(x, w, dy):
+    return jax.vjp(functools.partial(_xla, strides=strides, pads=pads), x, w)[1](dy)
+
+  return lax.platform_dependent(x, w, dy, cpu=onednn, default=xla)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+):
+  """`lax.conv_general_dilated`, computed by oneDNN on CPU where it supports the case."""
+  supported = (
+    lhs.ndim == 4
+    and lhs.dtype == rhs.dtype == np.float32
+    and feature_group_count == batch_group_count == 1
+    and all(d == 1 for d in (lhs_dilation or (1, 1)))
+    and all(d == 1 for d in (rhs_dilation or (1, 1)))
+    and preferred_element_type in (None, np.float32)
+    and dimension_numbers is not None
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  )
+  if not supported:
+    return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+  load()
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  pads = tuple((int(low), int(high)) for low, high in padding)
+  return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)

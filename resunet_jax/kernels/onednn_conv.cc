@@ -1,0 +1,203 @@
+// oneDNN convolutions as XLA FFI handlers: forward, input gradient and kernel gradient of a 2-D
+// convolution with NHWC activations and HWIO kernels in float32, any stride and padding.
+//
+// Built on first use by resunet_jax/kernels/onednn.py (g++, the headers of the onednn-devel-cpu-gomp
+// wheel) and registered with jax.ffi for the CPU platform. oneDNN picks its kernel for the shape
+// (brgemm convolutions on AVX-512) and keeps the kernels in its own blocked layout; the HWIO
+// kernel is reordered into that layout on each call (small next to the activations). A plan
+// (primitive descriptors and primitives, JIT-compiled by oneDNN) is built once per shape and kept.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Shape {
+  int64_t n, h, w, c, o, kh, kw, sh, sw, pt, pb, pl, pr;
+  int64_t oh() const { return (h + pt + pb - kh) / sh + 1; }
+  int64_t ow() const { return (w + pl + pr - kw) / sw + 1; }
+  auto key() const { return std::make_tuple(n, h, w, c, o, kh, kw, sh, sw, pt, pb, pl, pr); }
+  bool operator<(const Shape& b) const { return key() < b.key(); }
+};
+
+struct Plan {
+  memory::desc src, wei_user, dst;
+  dnnl::convolution_forward::primitive_desc fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights;
+  dnnl::convolution_forward fwd_p;
+  dnnl::convolution_backward_data bwd_data_p;
+  dnnl::convolution_backward_weights bwd_weights_p;
+  bool fwd_reorder, bwd_data_reorder, bwd_weights_reorder;
+  dnnl::reorder fwd_r, bwd_data_r, bwd_weights_r;
+};
+
+std::mutex mu;
+std::map<Shape, std::unique_ptr<Plan>> plans;
+
+Plan& GetPlan(const Shape& s) {
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans.find(s);
+  if (it != plans.end()) return *it->second;
+  auto& e = Engine();
+  auto p = std::make_unique<Plan>();
+  p->src = memory::desc({s.n, s.c, s.h, s.w}, dt::f32, tag::nhwc);
+  p->dst = memory::desc({s.n, s.o, s.oh(), s.ow()}, dt::f32, tag::nhwc);
+  p->wei_user = memory::desc({s.o, s.c, s.kh, s.kw}, dt::f32, tag::hwio);
+  memory::desc wei_any({s.o, s.c, s.kh, s.kw}, dt::f32, tag::any);
+  memory::dims strides{s.sh, s.sw}, pad_l{s.pt, s.pl}, pad_r{s.pb, s.pr};
+  p->fwd = dnnl::convolution_forward::primitive_desc(
+      e, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, p->src, wei_any,
+      memory::desc(), p->dst, strides, pad_l, pad_r);
+  p->bwd_data = dnnl::convolution_backward_data::primitive_desc(
+      e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd);
+  p->bwd_weights = dnnl::convolution_backward_weights::primitive_desc(
+      e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd);
+  p->fwd_p = dnnl::convolution_forward(p->fwd);
+  p->bwd_data_p = dnnl::convolution_backward_data(p->bwd_data);
+  p->bwd_weights_p = dnnl::convolution_backward_weights(p->bwd_weights);
+  p->fwd_reorder = p->fwd.weights_desc() != p->wei_user;
+  if (p->fwd_reorder) p->fwd_r = dnnl::reorder(dnnl::reorder::primitive_desc(e, p->wei_user, e, p->fwd.weights_desc()));
+  p->bwd_data_reorder = p->bwd_data.weights_desc() != p->wei_user;
+  if (p->bwd_data_reorder)
+    p->bwd_data_r = dnnl::reorder(dnnl::reorder::primitive_desc(e, p->wei_user, e, p->bwd_data.weights_desc()));
+  p->bwd_weights_reorder = p->bwd_weights.diff_weights_desc() != p->wei_user;
+  if (p->bwd_weights_reorder)
+    p->bwd_weights_r =
+        dnnl::reorder(dnnl::reorder::primitive_desc(e, p->bwd_weights.diff_weights_desc(), e, p->wei_user));
+  if (std::getenv("RESUNET_ONEDNN_VERBOSE"))
+    fprintf(stderr, "conv n%ld %ldx%ld %ld->%ld k%ld: fwd %s bwd_data %s bwd_weights %s reorders %d%d%d\n", s.n, s.h, s.w,
+            s.c, s.o, s.kh, p->fwd.impl_info_str(), p->bwd_data.impl_info_str(), p->bwd_weights.impl_info_str(),
+            p->fwd_reorder, p->bwd_data_reorder, p->bwd_weights_reorder);
+  auto& ref = *p;
+  plans.emplace(s, std::move(p));
+  return ref;
+}
+
+using Dims = ffi::Buffer<ffi::F32>::Dimensions;
+Shape MakeShape(Dims x, Dims w, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                int64_t pr) {
+  return Shape{x[0], x[1], x[2], x[3], w[3], w[0], w[1], sh, sw, pt, pb, pl, pr};
+}
+
+memory Wrap(const memory::desc& d, const void* ptr) { return memory(d, Engine(), const_cast<void*>(ptr)); }
+
+// The kernel in the primitive's own layout: `user` itself, or a reordered copy.
+memory InLayout(dnnl::stream& stream, bool differs, dnnl::reorder& reorder, const memory::desc& desc,
+                memory user) {
+  if (!differs) return user;
+  memory converted(desc, Engine());
+  reorder.execute(stream, user, converted);
+  return converted;
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  Plan& p = GetPlan(MakeShape(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
+  dnnl::stream stream(Engine());
+  memory wei = InLayout(stream, p.fwd_reorder, p.fwd_r, p.fwd.weights_desc(), Wrap(p.wei_user, w.typed_data()));
+  p.fwd_p.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
+                           {DNNL_ARG_WEIGHTS, wei},
+                           {DNNL_ARG_DST, Wrap(p.dst, y->typed_data())}});
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  Plan& p = GetPlan(MakeShape(dx->dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
+  dnnl::stream stream(Engine());
+  memory wei =
+      InLayout(stream, p.bwd_data_reorder, p.bwd_data_r, p.bwd_data.weights_desc(), Wrap(p.wei_user, w.typed_data()));
+  p.bwd_data_p.execute(stream, {{DNNL_ARG_DIFF_DST, Wrap(p.dst, dy.typed_data())},
+                                {DNNL_ARG_WEIGHTS, wei},
+                                {DNNL_ARG_DIFF_SRC, Wrap(p.src, dx->typed_data())}});
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  Plan& p = GetPlan(MakeShape(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr));
+  dnnl::stream stream(Engine());
+  memory user = Wrap(p.wei_user, dw->typed_data());
+  memory grad = p.bwd_weights_reorder ? memory(p.bwd_weights.diff_weights_desc(), Engine()) : user;
+  p.bwd_weights_p.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
+                                   {DNNL_ARG_DIFF_DST, Wrap(p.dst, dy.typed_data())},
+                                   {DNNL_ARG_DIFF_WEIGHTS, grad}});
+  if (p.bwd_weights_reorder) p.bwd_weights_r.execute(stream, grad, user);
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+// oneDNN reports failures by throwing; an exception must not cross the FFI boundary.
+template <typename F>
+ffi::Error Guarded(F&& body) {
+  try {
+    return body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
+  }
+}
+
+#define CONV_PARAMS int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr
+#define CONV_ARGS sh, sw, pt, pb, pl, pr
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, CONV_PARAMS) {
+  return Guarded([&] { return ForwardImpl(x, w, y, CONV_ARGS); });
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                        CONV_PARAMS) {
+  return Guarded([&] { return BackwardDataImpl(dy, w, dx, CONV_ARGS); });
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                           CONV_PARAMS) {
+  return Guarded([&] { return BackwardWeightsImpl(x, dy, dw, CONV_ARGS); });
+}
+
+}  // namespace
+
+#define CONV_ATTRS                                                                                             \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top").Attr<int64_t>("pad_bottom") \
+      .Attr<int64_t>("pad_left")                                                                               \
+      .Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, BackwardData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardWeights, BackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);

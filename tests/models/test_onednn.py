@@ -1,0 +1,208 @@
+"""oneDNN convolutions (kernels.onednn) against XLA's, the model's `conv` setting, and the host allocator."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from resunet_jax import configs, models
+from resunet_jax.kernels import onednn
+from resunet_jax.models import blocks, unet
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason='oneDNN is not installed here')
+
+
+def _conv_and_grads(conv, x, w, strides, padding):
+  def f(x, w):
+    return conv(x, w, strides, padding, dimension_numbers=NHWC)
+
+  probe = jax.random.normal(jax.random.key(9), jax.eval_shape(f, x, w).shape)
+  return jax.jit(lambda x, w: (f(x, w), jax.grad(lambda x, w: jnp.sum(f(x, w) * probe), (0, 1))(x, w)))(x, w)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+  'x_shape, w_shape, strides, padding',
+  [
+    ((2, 9, 11, 3), (3, 3, 3, 5), (1, 1), 'SAME'),  # odd sizes, the network's first conv
+    ((2, 9, 11, 4), (3, 3, 4, 6), (2, 2), 'SAME'),  # stride 2 on odd sizes: asymmetric padding
+    ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), 'VALID'),  # a strided 1x1 projection shortcut
+    ((1, 7, 5, 2), (3, 3, 2, 3), (1, 1), ((2, 0), (1, 1))),  # explicit, uneven padding
+  ],
+)
+def test_forward_and_both_gradients_match_xla(x_shape, w_shape, strides, padding):
+  keys = jax.random.split(jax.random.key(0))
+  x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
+  ours = _conv_and_grads(onednn.conv_general_dilated, x, w, strides, padding)
+  xla = _conv_and_grads(lax.conv_general_dilated, x, w, strides, padding)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@needs_onednn
+def test_the_step_holds_custom_calls_and_no_xla_convolution():
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5))
+  grad = jax.grad(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC).sum(), (0, 1))
+  text = jax.jit(grad).lower(x, w).compile().as_text()
+  assert 'resunet_onednn_ConvBackwardData' in text and 'resunet_onednn_ConvBackwardWeights' in text
+  assert 'convolution(' not in text
+
+
+@needs_onednn
+def test_vmap_matches_xla():
+  x, w = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4)), jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  ours = jax.jit(jax.vmap(lambda x: onednn.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)))(x)
+  xla = jax.vmap(lambda x: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC))(x)
+  np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_cases_are_xla_convolutions():
+  x, w = jnp.ones((1, 6, 6, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 4), jnp.bfloat16)
+  text = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)).lower(x, w)
+  assert 'custom_call' not in text.as_text()
+  x, w = jnp.ones((1, 6, 6, 4)), jnp.ones((2, 2, 4, 4))
+  dilated = jax.jit(
+    lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), 'SAME', rhs_dilation=(2, 2), dimension_numbers=NHWC)
+  )
+  assert 'custom_call' not in dilated.lower(x, w).as_text()
+
+
+def test_resolve():
+  assert onednn.resolve('xla') is None
+  expected = onednn.conv_general_dilated if onednn.available() and jax.device_count() == 1 else None
+  assert onednn.resolve('auto') is expected
+  with pytest.raises(ValueError, match="conv='mkl' is not a convolution backend; valid: auto, xla, onednn"):
+    onednn.resolve('mkl')
+
+
+def test_onednn_without_its_wheel_says_what_to_install(monkeypatch):
+  def missing(distribution):
+    raise onednn.importlib.metadata.PackageNotFoundError(distribution)
+
+  monkeypatch.setattr(onednn.importlib.metadata, 'files', missing)
+  with pytest.raises(onednn.OneDNNUnavailable, match='need the onednn-cpu-gomp package: pip install onednn-cpu-gomp'):
+    onednn.build()
+
+
+def test_a_missing_compiler_is_one_line(monkeypatch, tmp_path):
+  if not onednn.available():
+    pytest.skip('oneDNN is not installed here')
+  monkeypatch.setenv('RESUNET_JAX_CACHE', str(tmp_path))  # nothing built yet
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  with pytest.raises(onednn.OneDNNUnavailable, match="no C\\+\\+ compiler 'no-such-compiler' is on PATH"):
+    onednn.build()
+
+
+def test_model_conv_setting_is_validated_and_not_part_of_the_run_identity():
+  with pytest.raises(ValueError, match="ModelConfig.conv='onednnn' \\(did you mean 'onednn'\\?\\)"):
+    models.ModelConfig(conv='onednnn')
+  resolved = {'model': {'base_width': 4, 'conv': 'xla'}, 'seed': 0}
+  assert configs.config_hash(resolved) == configs.config_hash({**resolved, 'model': {'base_width': 4, 'conv': 'auto'}})
+
+
+@needs_onednn
+@pytest.mark.parametrize('preset', ['unet', 'resunet_zhang'])
+def test_model_with_onednn_trains_like_xla(preset):
+  """Same parameters, logits and gradients (to float32 rounding) for both backends."""
+  x = jax.random.normal(jax.random.key(0), (2, 20, 24, 3))
+  results = []
+  for conv in ('xla', 'onednn'):
+    model = models.UNet(models.preset(preset, base_width=4, depth=2, conv=conv))
+    variables = model.init(jax.random.key(1), x, train=False)
+
+    def loss(params, model=model, variables=variables):
+      return jnp.mean(model.apply({**variables, 'params': params}, x, train=False) ** 2)
+
+    results.append((variables['params'], *jax.jit(jax.value_and_grad(loss))(variables['params'])))
+  (params_a, loss_a, grads_a), (params_b, loss_b, grads_b) = results
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_a, grads_b)
+
+
+def test_transposed_conv_equals_flax():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+  flax_up, ours = nn.ConvTranspose(4, (2, 2), strides=(2, 2)), blocks.ConvTranspose2x2(4)
+  variables = flax_up.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, variables, ours.init(jax.random.key(1), x))
+  variables = {'params': {**variables['params'], 'bias': jnp.arange(4.0)}}
+  np.testing.assert_allclose(ours.apply(variables, x), flax_up.apply(variables, x), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_equals_flax_values_and_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8, 3))  # no ties
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+  np.testing.assert_array_equal(unet.max_pool_2x2(x), flax_pool(x))
+  probe = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * probe))(x)  # noqa: E731
+  np.testing.assert_array_equal(grad(unet.max_pool_2x2), grad(flax_pool))
+
+
+def _run_script(tmp_path, code, **env):
+  script = tmp_path / 'script.py'
+  script.write_text(code)
+  environment = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'RESUNET_HUGE_PAGES')} | env
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment, check=True)
+  return result.stdout.split()
+
+
+RELAUNCH = """import os, sys
+print('started')
+from resunet_jax import hostmem
+hostmem.relaunch_with_huge_pages()
+print(hostmem.enabled(), os.getpid())
+"""
+
+
+def test_a_command_relaunches_itself_once_with_huge_pages(tmp_path):
+  if platform.libc_ver()[0] != 'glibc':
+    pytest.skip('glibc only')
+  lines = _run_script(tmp_path, RELAUNCH)
+  assert lines[:3] == ['started', 'started', 'True']  # ran twice, the second time with the tunable
+
+
+def test_huge_pages_can_be_switched_off(tmp_path):
+  assert _run_script(tmp_path, RELAUNCH, RESUNET_HUGE_PAGES='0')[:2] == ['started', 'False']
+
+
+def test_a_script_run_from_another_is_not_relaunched(tmp_path):
+  (tmp_path / 'inner.py').write_text(RELAUNCH)
+  outer = f"import runpy; runpy.run_path({str(tmp_path / 'inner.py')!r}, run_name='__main__')"
+  assert _run_script(tmp_path, outer)[:2] == ['started', 'False']
+
+
+def test_a_failed_build_is_one_line(monkeypatch, tmp_path):
+  if not onednn.available():
+    pytest.skip('oneDNN is not installed here')
+  monkeypatch.setenv('RESUNET_JAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')  # a "compiler" that fails without a word
+  with pytest.raises(onednn.OneDNNUnavailable, match=r'^compiling onednn_conv.cc failed \(false\): \(no output\)$'):
+    onednn.build()
+  assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+@pytest.mark.parametrize(
+  'error, level',
+  [(onednn.OneDNNNotInstalled('no wheel'), 'INFO'), (onednn.OneDNNUnavailable('compiling failed'), 'WARNING')],
+)
+def test_auto_says_why_it_falls_back_to_xla(monkeypatch, caplog, error, level):
+  def fail():
+    raise error
+
+  monkeypatch.setattr(onednn, 'load', fail)
+  onednn.available.cache_clear()
+  try:
+    with caplog.at_level('INFO'):
+      assert not onednn.available()
+  finally:
+    onednn.available.cache_clear()
+  (record,) = [r for r in caplog.records if 'Using XLA convolutions' in r.getMessage()]
+  assert record.levelname == level and str(error) in record.getMessage()
