@@ -70,10 +70,10 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
   return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def _config(args):
+def _config(args, **overrides):
   from resunet_jax import models
 
-  return models.preset(args.model, base_width=args.base_width)
+  return models.preset(args.model, base_width=args.base_width, **overrides)
 
 
 def _jax_program(args, mesh, conv: str):
@@ -85,7 +85,7 @@ def _jax_program(args, mesh, conv: str):
   from resunet_jax import models
   from resunet_jax.training import parallel
 
-  model = models.UNet(models.preset(args.model, base_width=args.base_width, conv=conv))
+  model = models.UNet(_config(args, conv=conv))
   images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
   masks = (jax.random.uniform(jax.random.key(1), (args.batch, args.size, args.size, 1)) > 0.9).astype(jnp.float32)
   # As the training loop does: one jitted init on one image, created replicated (an eager init
@@ -142,13 +142,13 @@ def jax_step(args) -> tuple[dict, float]:
   step, operands, run = _jax_program(args, mesh, args.conv)
   params = operands[0]
   start = time.perf_counter()
-  compiled = step.lower(*operands).compile()
+  lowered = step.lower(*operands)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  # XLA counts no flops in custom calls (oneDNN's convolutions): count the same step with XLA's.
-  counted = compiled if args.conv == 'xla' else _jax_program(args, mesh, 'xla')[0].lower(*operands).compile()
-  flops = counted.cost_analysis()
-  # Per device for a program split over several: the step's total is that times the devices.
-  flops = (flops[0] if isinstance(flops, list) else flops).get('flops', float('nan')) * mesh.devices.size
+  # XLA counts no flops inside custom calls (oneDNN's convolutions), so the count is the same step's
+  # with XLA's convolutions, lowered, not compiled: the unpartitioned program, all devices' flops.
+  counted = lowered if args.conv == 'xla' else _jax_program(args, mesh, 'xla')[0].lower(*operands)
+  flops = counted.cost_analysis().get('flops', float('nan'))
   for _ in range(args.warmup):
     operands = run(compiled, operands)
   times = []

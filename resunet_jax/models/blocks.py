@@ -67,7 +67,8 @@ class ConvTranspose2x2(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (2, 2, channels, self.features), self.param_dtype)
+    kernel_shape = (2, 2, channels, self.features)
+    kernel = self.param('kernel', nn.linear.default_kernel_init, kernel_shape, self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jnp.einsum('bhwc,ijco->bhiwjo', x, kernel[::-1, ::-1])
