@@ -3,6 +3,7 @@ r"""Training-step and inference throughput of a preset, ours (JAX) or a PyTorch 
   python benchmarks/train_step.py --model=unet --base-width=64 --batch=4 --size=128
   python benchmarks/train_step.py --model=unet --base-width=64 --batch=4 --size=128 --infer
   python benchmarks/train_step.py --model=resunet --base-width=16 --compare   # vs PyTorch, needs .[bench]
+  python benchmarks/train_step.py --model=unet --base-width=16 --compare --repeats=3   # median of 3 rounds
 
 One training step is forward, sigmoid BCE, backward and Adam on random float32 inputs;
 inference is the forward pass. Prints one JSON line: `images_per_sec`, `step_ms_median` (the
@@ -11,12 +12,14 @@ median of `--steps` steps after `--warmup`), `compile_s` (JAX: the first call), 
 `percent_of_matmul_peak` (against a jitted 2048x2048 float32 matmul timed in the same process),
 `peak_rss_mb` (the process's resident set size at its peak) and `params`. `--compare` runs ours,
 PyTorch NCHW and PyTorch channels_last, each in its own process (so each peak memory is its
-own), and prints their lines and the ratios ours/PyTorch.
+own), and prints their lines and the ratios ours/PyTorch; `--repeats=N` runs N interleaved
+rounds and gives the median ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -42,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--devices', type=int, default=1, help='JAX: split the CPU into this many devices and the batch over them'
   )
   parser.add_argument('--compare', action='store_true', help='ours, PyTorch NCHW and channels_last, side by side')
+  parser.add_argument('--repeats', type=int, default=1, help='--compare: interleaved rounds (the ratios are medians)')
   # Set by --compare for its PyTorch processes, which then import neither JAX nor our package:
   parser.add_argument('--torch-model', help=argparse.SUPPRESS)  # JSON of torch_unet.fields(config)
   parser.add_argument('--flops', type=float, default=float('nan'), help=argparse.SUPPRESS)
@@ -76,8 +80,11 @@ def _config(args, **overrides):
   return models.preset(args.model, base_width=args.base_width, **overrides)
 
 
-def _jax_program(args, mesh, conv: str):
-  """The jitted step (or forward pass) with `conv` convolutions, its operands and `run(step, operands) -> operands`."""
+def _jax_program(args, mesh, conv: str, abstract: bool = False):
+  """The jitted step (or forward pass) with `conv` convolutions, its operands and `run(step, operands) -> operands`.
+
+  `abstract`: the operands are shapes only (`jax.ShapeDtypeStruct`), enough to lower the step.
+  """
   import jax
   import jax.numpy as jnp
   import optax
@@ -91,8 +98,12 @@ def _jax_program(args, mesh, conv: str):
   # As the training loop does: one jitted init on one image, created replicated (an eager init
   # runs the forward pass op by op and leaves its buffers in the allocator: +320 MB peak at base 64).
   init = jax.jit(lambda key: model.init(key, images[:1], train=False), out_shardings=parallel.replicated(mesh))
-  variables = init(jax.random.key(2))
-  images, masks = jax.device_put((images, masks), parallel.batch_sharding(mesh))
+  if abstract:
+    variables = jax.eval_shape(init, jax.random.key(2))
+    images, masks = jax.eval_shape(lambda: (images, masks))
+  else:
+    variables = init(jax.random.key(2))
+    images, masks = jax.device_put((images, masks), parallel.batch_sharding(mesh))
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   optimizer = optax.adam(1e-3)
 
@@ -123,7 +134,8 @@ def _jax_program(args, mesh, conv: str):
       return optax.apply_updates(params, updates), opt_state, new_stats, loss
 
     step = jax.jit(train_step, donate_argnums=(0, 1, 2))
-    operands = (params, optimizer.init(params), batch_stats, images, masks)
+    opt_state = jax.eval_shape(optimizer.init, params) if abstract else optimizer.init(params)
+    operands = (params, opt_state, batch_stats, images, masks)
 
     def run(step, operands):
       params, opt_state, stats, loss = step(*operands)
@@ -135,7 +147,7 @@ def _jax_program(args, mesh, conv: str):
 
 def jax_step(args) -> tuple[dict, float]:
   """Our step: returns the figures and XLA's flop count of one step."""
-  from resunet_jax import models
+  from resunet_jax import hostmem, models
   from resunet_jax.training import parallel
 
   mesh = parallel.make_mesh()
@@ -147,8 +159,14 @@ def jax_step(args) -> tuple[dict, float]:
   compile_s = time.perf_counter() - start
   # XLA counts no flops inside custom calls (oneDNN's convolutions), so the count is the same step's
   # with XLA's convolutions, lowered, not compiled: the unpartitioned program, all devices' flops.
-  counted = lowered if args.conv == 'xla' else _jax_program(args, mesh, 'xla')[0].lower(*operands)
+  if args.conv == 'xla':
+    counted = lowered
+  else:  # on abstract operands: the twin allocates no parameters or optimizer state of its own
+    twin, abstract, _ = _jax_program(args, mesh, 'xla', abstract=True)
+    counted = twin.lower(*abstract)
   flops = counted.cost_analysis().get('flops', float('nan'))
+  del lowered, counted
+  hostmem.release_free_memory()  # as the training loop does after its first step
   for _ in range(args.warmup):
     operands = run(compiled, operands)
   times = []
@@ -251,40 +269,45 @@ def measure(args) -> dict:
   return result
 
 
-def compare(argv: list[str]) -> list[dict]:
-  """Ours, PyTorch NCHW and PyTorch channels_last, each in a fresh process; then the ratios."""
+def compare(argv: list[str], repeats: int) -> list[dict]:
+  """Ours, PyTorch NCHW and PyTorch channels_last, each in a fresh process, `repeats` rounds; then the ratios.
+
+  The rounds interleave the three, so a drift in the machine's speed hits all of them; the
+  ratio line gives the median over the rounds of each round's ratio, and every round's.
+  """
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_unet
 
-  argv = [a for a in argv if a != '--compare']
+  argv = [a for a in argv if a != '--compare' and not a.startswith('--repeats=')]
+  if '--repeats' in argv:  # the spaced form
+    at = argv.index('--repeats')
+    del argv[at : at + 2]
 
   def child(*extra):
     out = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
-  ours = child('--framework=jax')
-  torch_args = [
-    '--framework=torch',
-    f'--torch-model={json.dumps(torch_unet.fields(_config(parse_args(argv))))}',
-    f'--flops={ours["gflops_per_step"] * 1e9}',
-    f'--matmul-peak={ours["matmul_peak_gflops"]}',
-  ]
-  nchw, nhwc = child(*torch_args), child(*torch_args, '--channels-last')
-  lines = [ours, nchw, nhwc]
-  if not ours['params'] == nchw['params'] == nhwc['params']:
-    raise SystemExit(f'parameter counts differ: ours {ours["params"]}, PyTorch {nchw["params"]}')
-  lines.append(
-    {
-      'benchmark': f'{ours["benchmark"]}_ratio',
-      'model': ours['model'],
-      'base_width': ours['base_width'],
-      'params': ours['params'],
-      'ours_over_torch': round(ours['images_per_sec'] / nchw['images_per_sec'], 3),
-      'ours_over_torch_channels_last': round(ours['images_per_sec'] / nhwc['images_per_sec'], 3),
-      'memory_ours_over_torch_channels_last': round(ours['peak_rss_mb'] / nhwc['peak_rss_mb'], 3),
-    }
-  )
-  return lines
+  lines, rounds = [], collections.defaultdict(list)
+  for _ in range(repeats):
+    ours = child('--framework=jax')
+    torch_args = [
+      '--framework=torch',
+      f'--torch-model={json.dumps(torch_unet.fields(_config(parse_args(argv))))}',
+      f'--flops={ours["gflops_per_step"] * 1e9}',
+      f'--matmul-peak={ours["matmul_peak_gflops"]}',
+    ]
+    nchw, nhwc = child(*torch_args), child(*torch_args, '--channels-last')
+    if not ours['params'] == nchw['params'] == nhwc['params']:
+      raise SystemExit(f'parameter counts differ: ours {ours["params"]}, PyTorch {nchw["params"]}')
+    lines += [ours, nchw, nhwc]
+    rounds['ours_over_torch'].append(round(ours['images_per_sec'] / nchw['images_per_sec'], 3))
+    rounds['ours_over_torch_channels_last'].append(round(ours['images_per_sec'] / nhwc['images_per_sec'], 3))
+    rounds['memory_ours_over_torch_channels_last'].append(round(ours['peak_rss_mb'] / nhwc['peak_rss_mb'], 3))
+  ratio = {'benchmark': f'{ours["benchmark"]}_ratio', 'model': ours['model'], 'base_width': ours['base_width']}
+  ratio |= {'params': ours['params'], 'rounds': repeats}
+  ratio |= {name: round(statistics.median(values), 3) for name, values in rounds.items()}
+  ratio |= {f'{name}_rounds': values for name, values in rounds.items()} if repeats > 1 else {}
+  return lines + [ratio]
 
 
 def main(argv: list[str]) -> None:
@@ -293,7 +316,7 @@ def main(argv: list[str]) -> None:
     from resunet_jax import hostmem
 
     hostmem.relaunch_with_huge_pages()
-  for line in compare(argv) if args.compare else [measure(args)]:
+  for line in compare(argv, args.repeats) if args.compare else [measure(args)]:
     print(json.dumps(line))
 
 

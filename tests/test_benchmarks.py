@@ -84,3 +84,39 @@ def test_side_by_side_with_pytorch(script):
     assert all(layer['torch_channels_last_ms']['dw'] > 0 for layer in figures['layers'])
     expected = theirs['all'] / ours['all']  # printed to 3 decimals
     assert figures['ours_over_torch_channels_last']['all'] == pytest.approx(expected, rel=0.01, abs=6e-4)
+
+
+def test_compare_rounds_interleave_and_give_median_ratios():
+  pytest.importorskip('torch')
+  lines = _run('train_step.py', '--model=unet', *TINY, '--steps=2', '--warmup=1', '--compare', '--repeats', '2')
+  frameworks = [line.get('framework') for line in lines[:-1]]
+  assert frameworks == ['jax', 'torch', 'torch_channels_last'] * 2
+  ratio = lines[-1]
+  rounds = [lines[i]['images_per_sec'] / lines[i + 2]['images_per_sec'] for i in (0, 3)]
+  assert ratio['rounds'] == 2
+  # Each round's ratio is printed to 3 decimals (on this tiny network it can be well below 1).
+  assert ratio['ours_over_torch_channels_last_rounds'] == pytest.approx(rounds, rel=0.01, abs=6e-4)
+  assert ratio['ours_over_torch_channels_last'] == pytest.approx(sum(rounds) / 2, rel=0.01, abs=6e-4)  # median of 2
+
+
+def test_train_loop_benchmark_compares_the_loop_with_its_bare_step(tfds_dir):
+  env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir}
+  args = ['--config=experiments/configs/quick.py', '--model=unet', '--steps=8', '--bare_steps=2']
+  (figures,) = _run('train_loop.py', *args, env=env)
+  assert figures['benchmark'] == 'train_loop' and figures['batch'] == 4
+  assert len(figures['loop_intervals_images_per_sec']) == 5  # logged at steps 2, 4, 6, 8 and checkpoint 3
+  assert figures['loop_images_per_sec'] > 0 and figures['bare_images_per_sec'] > 0
+  ratio = figures['loop_images_per_sec'] / figures['bare_images_per_sec']
+  assert figures['loop_over_bare'] == pytest.approx(ratio, rel=0.01, abs=0.002)
+
+
+def test_train_loop_benchmark_needs_three_logged_intervals(tfds_dir):
+  command = [sys.executable, 'benchmarks/train_loop.py', '--config=experiments/configs/quick.py', '--steps=2']
+  env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir}
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode != 0
+  assert (
+    result.stderr.strip()
+    .splitlines()[-1]
+    .endswith('--steps=2 gives 1 logged interval(s) with train.log_every=2; give --steps for at least 3')
+  )

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from resunet_jax import configs, data, evaluation, losses, models
+from resunet_jax import configs, data, evaluation, hostmem, losses, models
 from resunet_jax.errors import PeerLostError, UserError
 from resunet_jax.training import checkpoint, parallel, reporting
 from resunet_jax.training import state as state_lib
@@ -196,7 +196,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   files.update(metrics=writer.jsonl, tensorboard=writer.tensorboard_dir)
   preemption = _Preemption()
   sharding = parallel.batch_sharding(mesh)
-  step = int(train_state.step)
+  step = start_step = int(train_state.step)
   validation: dict = {}
   samples = None
   keep = config.train.num_sample_images
@@ -209,6 +209,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
       while step < config.train.num_steps:
         batch = data.to_global(next(train_iter), sharding)
         train_state, step_metrics = train_fn(train_state, batch)
+        if step == start_step:  # compiled: return what compiling and initialising freed
+          hostmem.release_free_memory()
         step += 1
         bar.update(1)
         final = step == config.train.num_steps
