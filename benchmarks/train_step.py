@@ -147,11 +147,14 @@ def _jax_program(args, mesh, conv: str, abstract: bool = False):
 
 def jax_step(args) -> tuple[dict, float]:
   """Our step: returns the figures and XLA's flop count of one step."""
+  import jax
+
   from resunet_jax import hostmem, models
   from resunet_jax.training import parallel
 
   mesh = parallel.make_mesh()
   step, operands, run = _jax_program(args, mesh, args.conv)
+  jax.clear_caches()  # as the training loop does: the initialiser's executable is not run again
   params = operands[0]
   start = time.perf_counter()
   lowered = step.lower(*operands)

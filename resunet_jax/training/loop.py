@@ -175,6 +175,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     )
 
   train_state = parallel.create_sharded(init, mesh)
+  jax.clear_caches()  # the initialiser's executable (50 MB at base 64) is never run again
   per_process = config.train.batch_size // jax.process_count()
   pipeline = data.make_pipeline(config.data, 'train', batch_size=per_process, seed=config.seed, train=True)
   train_iter = iter(pipeline)
