@@ -50,7 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--torch-model', help=argparse.SUPPRESS)  # JSON of torch_unet.fields(config)
   parser.add_argument('--flops', type=float, default=float('nan'), help=argparse.SUPPRESS)
   parser.add_argument('--matmul-peak', type=float, default=float('nan'), help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f'--repeats={args.repeats} must be at least 1')
+  return args
 
 
 def _timed(step, count: int) -> list[float]:

@@ -120,3 +120,10 @@ def test_train_loop_benchmark_needs_three_logged_intervals(tfds_dir):
     .splitlines()[-1]
     .endswith('--steps=2 gives 1 logged interval(s) with train.log_every=2; give --steps for at least 3')
   )
+
+
+def test_compare_needs_at_least_one_round():
+  command = [sys.executable, 'benchmarks/train_step.py', '--compare', '--repeats=0']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].endswith('error: --repeats=0 must be at least 1')
