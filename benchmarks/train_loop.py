@@ -26,9 +26,8 @@ import time
 import jax
 from absl import flags
 
-from resunet_jax import cli, data, losses, models
+from resunet_jax import cli, data, models
 from resunet_jax.training import loop, parallel, reporting
-from resunet_jax.training import state as state_lib
 
 _MODEL = flags.DEFINE_string('model', 'resunet', f'Model preset: {", ".join(models.PRESETS)}.')
 _CONFIG = cli.define_config_file('config', 'experiments/configs/default.py', 'Experiment config file.')
@@ -50,22 +49,15 @@ def loop_rate(config) -> tuple[float, list[float]]:
   return statistics.median(rates[1:]), rates
 
 
-def bare_rate(config) -> tuple[float, float]:
+def bare_rate(config, model_config, info) -> tuple[float, float]:
   """Images/s and median ms of the loop's compiled step alone, on one device-resident batch.
 
-  The rate is over the whole run of `--bare-steps` steps dispatched back to back, as the loop
+  The rate is over the whole run of `--bare_steps` steps dispatched back to back, as the loop
   dispatches them (a mean, like the loop's intervals); the median is of the same steps timed
   one at a time, waiting for each.
   """
-  model_config, info, _ = loop.resolve(config)
   mesh = parallel.make_mesh()
-  model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy))
-  optimizer = state_lib.make_optimizer(config.train)
-  state = parallel.create_sharded(
-    lambda: state_lib.create_train_state(model, optimizer, (1, *info.image_shape), seed=config.seed), mesh
-  )
-  weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
-  train_fn, _ = parallel.compile_steps(config.parallel.strategy, mesh, weights)
+  state, train_fn, _ = loop.initial_state_and_steps(config, model_config, info, mesh)
   pipeline = data.make_pipeline(config.data, 'train', batch_size=config.train.batch_size, seed=config.seed, train=True)
   batch = data.to_global(next(iter(pipeline)), parallel.batch_sharding(mesh))
   for _ in range(3):
@@ -92,9 +84,9 @@ def main(argv: list[str]) -> None:
   config.preset = _MODEL.value
   config.train.num_steps = _STEPS.value
   config.train.eval_every = _STEPS.value  # one validation, at the end (not counted as training time)
+  model_config, info, _ = loop.resolve(config)
   loop_images_per_sec, intervals = loop_rate(config)
-  bare_images_per_sec, bare_ms = bare_rate(config)
-  model_config, _, _ = loop.resolve(config)
+  bare_images_per_sec, bare_ms = bare_rate(config, model_config, info)
   result = {
     'benchmark': 'train_loop',
     'model': config.preset,

@@ -103,6 +103,27 @@ def _check_same_model(saved: dict | None, resolved: dict, workdir: pathlib.Path)
     )
 
 
+def initial_state_and_steps(config, model_config: models.ModelConfig, info: data.DatasetInfo, mesh):
+  """A freshly initialised train state, replicated on `mesh`, and the jitted `(train_step, eval_step)`.
+
+  What `train_and_evaluate` trains with (before resuming); `benchmarks/train_loop.py` times the
+  same step bare.
+  """
+  model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy))
+  optimizer = state_lib.make_optimizer(config.train)
+  input_shape = (1, *info.image_shape)
+
+  def init():
+    return state_lib.create_train_state(
+      model, optimizer, input_shape, seed=config.seed, ema_decay=config.train.ema_decay
+    )
+
+  train_state = parallel.create_sharded(init, mesh)
+  jax.clear_caches()  # the initialiser's executable (50 MB at base 64) is never run again
+  weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
+  return train_state, *parallel.compile_steps(config.parallel.strategy, mesh, weights)
+
+
 class _Preemption:
   """Turns SIGTERM into a flag checked between steps (agreed on by all processes)."""
 
@@ -164,18 +185,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     except OSError as e:
       raise ckpt.write_error(files['config'].name, e) from e
 
-  model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy))
-  optimizer = state_lib.make_optimizer(config.train)
+  train_state, train_fn, eval_fn = initial_state_and_steps(config, model_config, info, mesh)
   schedule = state_lib.make_schedule(config.train)
-  input_shape = (1, *info.image_shape)
-
-  def init():
-    return state_lib.create_train_state(
-      model, optimizer, input_shape, seed=config.seed, ema_decay=config.train.ema_decay
-    )
-
-  train_state = parallel.create_sharded(init, mesh)
-  jax.clear_caches()  # the initialiser's executable (50 MB at base 64) is never run again
   per_process = config.train.batch_size // jax.process_count()
   pipeline = data.make_pipeline(config.data, 'train', batch_size=per_process, seed=config.seed, train=True)
   train_iter = iter(pipeline)
@@ -184,8 +195,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     train_state = restored
     logging.info('resumed from step %d in %s', restored_step, workdir)
 
-  weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
-  train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, weights)
   writer = reporting.MetricWriter(workdir, enabled=lead)
 
   def log(step: int, split: str, values: dict) -> None:
