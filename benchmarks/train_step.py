@@ -4,16 +4,22 @@ r"""Training-step and inference throughput of a preset, ours (JAX) or a PyTorch 
   python benchmarks/train_step.py --model=unet --base-width=64 --batch=4 --size=128 --infer
   python benchmarks/train_step.py --model=resunet --base-width=16 --compare   # vs PyTorch, needs .[bench]
   python benchmarks/train_step.py --model=unet --base-width=16 --compare --repeats=3   # median of 3 rounds
+  python benchmarks/train_step.py --model=unet --base-width=64 --batch=64 --size=256 --dtype=bfloat16  # a GPU
 
-One training step is forward, sigmoid BCE, backward and Adam on random float32 inputs;
-inference is the forward pass. Prints one JSON line: `images_per_sec`, `step_ms_median` (the
-median of `--steps` steps after `--warmup`), `compile_s` (JAX: the first call), `gflops_per_sec`
-(XLA's count of the step's floating-point operations over the median time, for both frameworks),
-`percent_of_matmul_peak` (against a jitted 2048x2048 float32 matmul timed in the same process),
-`peak_rss_mb` (the process's resident set size at its peak) and `params`. `--compare` runs ours,
-PyTorch NCHW and PyTorch channels_last, each in its own process (so each peak memory is its
-own), and prints their lines and the ratios ours/PyTorch; `--repeats=N` runs N interleaved
-rounds and gives the median ratios.
+One training step is forward, sigmoid BCE, backward and Adam on random float32 inputs, computed
+in `--dtype` (parameters stay float32); inference is the forward pass. Prints one JSON line:
+`images_per_sec`, `step_ms_median` (the median of `--steps` steps after `--warmup`), `compile_s`
+(JAX: the first call), `model_flops_per_step` (twice the multiply-adds of the step's
+convolutions and matrix products, `model_flops`), `gflops_per_sec` (XLA's count of the step's
+floating-point operations over the median time, for both frameworks; on a GPU, where XLA counts
+none, the model FLOPs), `percent_of_matmul_peak` (against a jitted matmul timed in the same
+process: 2048x2048 float32 on a CPU, 8192x8192 in `--dtype` on a GPU), `peak_rss_mb` (the
+process's resident set size at its peak) and `params`. On a GPU it adds `device_peak_mb` (the
+accelerator memory the process held at its peak) and, for a chip `DATASHEET_TFLOPS` knows,
+`mfu_percent` (model FLOPs over the median time against the chip's dense peak). `--compare` runs
+ours, PyTorch NCHW and PyTorch channels_last (on the GPU, if PyTorch has one), each in its own
+process (so each peak memory is its own), and prints their lines and the ratios ours/PyTorch;
+`--repeats=N` runs N interleaved rounds and gives the median ratios.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import resource
 import statistics
@@ -36,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--size', type=int, default=128)
   parser.add_argument('--infer', action='store_true', help='time inference instead of a training step')
+  parser.add_argument(
+    '--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype (parameters stay float32)'
+  )
   parser.add_argument('--steps', type=int, default=10, help='timed steps (at least 10 for reported figures)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--framework', choices=('jax', 'torch'), default='jax')
@@ -49,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   # Set by --compare for its PyTorch processes, which then import neither JAX nor our package:
   parser.add_argument('--torch-model', help=argparse.SUPPRESS)  # JSON of torch_unet.fields(config)
   parser.add_argument('--flops', type=float, default=float('nan'), help=argparse.SUPPRESS)
+  parser.add_argument('--model-flops', type=float, default=float('nan'), help=argparse.SUPPRESS)
   parser.add_argument('--matmul-peak', type=float, default=float('nan'), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.repeats < 1:
@@ -65,12 +76,31 @@ def _timed(step, count: int) -> list[float]:
   return times
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-  """GFLOP/s of a jitted float32 `size` x `size` matmul: this machine's practical peak."""
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by `device_kind`
+# substring; H100 SXM5 ("NVIDIA H100 80GB HBM3") and H200: 989.4 bf16, H100 PCIe: 756.5,
+# A100: 312. The first matching substring wins.
+DATASHEET_TFLOPS = (
+  ('H100 PCIe', {'bfloat16': 756.5}),
+  ('H100', {'bfloat16': 989.4}),
+  ('H200', {'bfloat16': 989.4}),
+  ('A100', {'bfloat16': 312.0}),
+)
+
+
+def datasheet_tflops(device_kind: str, dtype: str) -> float:
+  """The chip's dense peak for `dtype`, or NaN where the table does not know it."""
+  for name, peaks in DATASHEET_TFLOPS:
+    if name in device_kind:
+      return peaks.get(dtype, float('nan'))
+  return float('nan')
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10, dtype: str = 'float32') -> float:
+  """GFLOP/s of a jitted `size` x `size` matmul in `dtype`: this machine's practical peak."""
   import jax
   import jax.numpy as jnp
 
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
   matmul = jax.jit(jnp.matmul)
   matmul(a, a).block_until_ready()
   times = _timed(lambda: matmul(a, a).block_until_ready(), repeats)
@@ -81,6 +111,34 @@ def _config(args, **overrides):
   from resunet_jax import models
 
   return models.preset(args.model, base_width=args.base_width, **overrides)
+
+
+def model_flops(jaxpr) -> float:
+  """Twice the multiply-adds of the convolutions and matrix products in `jaxpr` (a ClosedJaxpr).
+
+  The model FLOPs of model FLOPs utilisation (Chowdhery et al. 2022, PaLM, appendix B): what
+  the network's arithmetic needs, not XLA's count of every elementwise operation. A convolution
+  costs 2 x output elements x the kernel's input features x its spatial size, padded positions
+  included (the textbook count, 27.84 GFLOP for the note's U-Net forward at 128x128; XLA's own
+  count leaves them out: 26.55).
+  """
+  total = 0.0
+  for eqn in jaxpr.jaxpr.eqns if hasattr(jaxpr, 'jaxpr') else jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+      rhs_spec = eqn.params['dimension_numbers'].rhs_spec  # (out features, in features, spatial...)
+      window = math.prod(rhs[d] for d in rhs_spec[2:])
+      total += 2.0 * math.prod(out) * rhs[rhs_spec[1]] * window
+    elif name == 'dot_general':
+      (lhs_contracting, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contracting)
+    for param in eqn.params.values():  # jit, remat, custom derivatives, cond branches
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
+          total += model_flops(sub)
+  return total
 
 
 def _jax_program(args, mesh, conv: str, abstract: bool = False):
@@ -95,7 +153,7 @@ def _jax_program(args, mesh, conv: str, abstract: bool = False):
   from resunet_jax import models
   from resunet_jax.training import parallel
 
-  model = models.UNet(_config(args, conv=conv))
+  model = models.UNet(_config(args, conv=conv, dtype=args.dtype))
   images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
   masks = (jax.random.uniform(jax.random.key(1), (args.batch, args.size, args.size, 1)) > 0.9).astype(jnp.float32)
   # As the training loop does: one jitted init on one image, created replicated (an eager init
@@ -148,8 +206,8 @@ def _jax_program(args, mesh, conv: str, abstract: bool = False):
   return step, operands, run
 
 
-def jax_step(args) -> tuple[dict, float]:
-  """Our step: returns the figures and XLA's flop count of one step."""
+def jax_step(args) -> tuple[dict, dict]:
+  """Our step: returns the figures and the flop counts of one step (`flops`: XLA's, `model_flops`)."""
   import jax
 
   from resunet_jax import hostmem, models
@@ -160,18 +218,21 @@ def jax_step(args) -> tuple[dict, float]:
   jax.clear_caches()  # as the training loop does: the initialiser's executable is not run again
   params = operands[0]
   start = time.perf_counter()
-  lowered = step.lower(*operands)
+  traced = step.trace(*operands)
+  lowered = traced.lower()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  # XLA counts no flops inside custom calls (oneDNN's convolutions), so the count is the same step's
-  # with XLA's convolutions, lowered, not compiled: the unpartitioned program, all devices' flops.
-  if args.conv == 'xla':
-    counted = lowered
-  else:  # on abstract operands: the twin allocates no parameters or optimizer state of its own
+  # XLA counts no flops inside custom calls (oneDNN's convolutions), so the counts are the same
+  # step's with XLA's convolutions, lowered, not compiled: the unpartitioned program, all devices' flops.
+  if args.conv != 'xla':  # on abstract operands: the twin allocates no parameters or optimizer state of its own
     twin, abstract, _ = _jax_program(args, mesh, 'xla', abstract=True)
-    counted = twin.lower(*abstract)
-  flops = counted.cost_analysis().get('flops', float('nan'))
-  del lowered, counted
+    traced = twin.trace(*abstract)
+    lowered = traced.lower()
+  counts = {'model_flops': model_flops(traced.jaxpr)}
+  # A GPU lowering counts nothing, and the compiled GPU program hides its convolutions in cuDNN
+  # calls: there the count is the model FLOPs.
+  counts['flops'] = (lowered.cost_analysis() or {}).get('flops', counts['model_flops'])
+  del traced, lowered
   hostmem.release_free_memory()  # as the training loop does after its first step
   for _ in range(args.warmup):
     operands = run(compiled, operands)
@@ -181,21 +242,25 @@ def jax_step(args) -> tuple[dict, float]:
     operands = run(compiled, operands)
     times.append(time.perf_counter() - start)
   figures = {'compile_s': round(compile_s, 2), 'params': models.count_params(params), 'conv': args.conv}
-  return figures | _rates(args, times, flops), flops
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    figures['device_peak_mb'] = round(stats['peak_bytes_in_use'] / 2**20, 1)
+  return figures | _rates(args, times, counts['flops']), counts
 
 
-def torch_step(args) -> dict:
-  """The PyTorch port's step."""
+def torch_step(args) -> tuple[dict, str]:
+  """The PyTorch port's step, on the GPU if there is one: its figures and the device's name."""
   import torch
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_unet
 
   torch.manual_seed(0)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'  # as JAX takes its accelerator when there is one
   fields = json.loads(args.torch_model) if args.torch_model else torch_unet.fields(_config(args))
-  model = torch_unet.UNet(**fields)
-  images = torch.randn(args.batch, 3, args.size, args.size)
-  masks = (torch.rand(args.batch, 1, args.size, args.size) > 0.9).float()
+  model = torch_unet.UNet(**fields).to(device)
+  images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+  masks = (torch.rand(args.batch, 1, args.size, args.size, device=device) > 0.9).float()
   if args.channels_last:
     model = model.to(memory_format=torch.channels_last)
     images, masks = (
@@ -204,28 +269,37 @@ def torch_step(args) -> dict:
     )
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
   loss_fn = torch.nn.BCEWithLogitsLoss()
+  # Mixed precision as ours: float32 parameters, `--dtype` arithmetic.
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
+  sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
 
   if args.infer:
     model.eval()
 
     def run():
-      with torch.inference_mode():
+      with torch.inference_mode(), autocast:
         model(images)
+      sync()
   else:
     model.train()
 
     def run():
       optimizer.zero_grad(set_to_none=True)
-      loss = loss_fn(model(images), masks)
+      with autocast:
+        loss = loss_fn(model(images).float(), masks)
       loss.backward()
       optimizer.step()
+      sync()
 
   for _ in range(args.warmup):
     run()
   times = _timed(run, args.steps)
   params = sum(p.numel() for p in model.parameters())
   figures = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'params': params}
-  return figures | _rates(args, times, args.flops)
+  if device == 'cuda':
+    figures['device_peak_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+  name = torch.cuda.get_device_name() if device == 'cuda' else 'cpu'
+  return figures | _rates(args, times, args.flops), name
 
 
 def _rates(args, times: list[float], flops: float) -> dict:
@@ -249,13 +323,15 @@ def measure(args) -> dict:
 
     from resunet_jax import hostmem
 
-    peak = matmul_peak_gflops()
-    figures, flops = jax_step(args)
+    on_gpu = jax.default_backend() == 'gpu'
+    peak = matmul_peak_gflops(8192, dtype=args.dtype) if on_gpu else matmul_peak_gflops()
+    figures, counts = jax_step(args)
     figures['huge_pages'] = hostmem.enabled()
     device = jax.devices()[0].device_kind
   else:
-    peak, flops = args.matmul_peak, args.flops
-    figures, device = torch_step(args), 'cpu'
+    peak, counts = args.matmul_peak, {'flops': args.flops, 'model_flops': args.model_flops}
+    figures, device = torch_step(args)
+  flops = counts['flops']
   result = {
     'benchmark': 'infer' if args.infer else 'train_step',
     'framework': args.framework + ('_channels_last' if args.channels_last else ''),
@@ -263,6 +339,7 @@ def measure(args) -> dict:
     'base_width': args.base_width,
     'batch': args.batch,
     'size': args.size,
+    'dtype': args.dtype,
     'devices': args.devices if args.framework == 'jax' else 1,
     'gflops_per_step': float(f'{flops / 1e9:.4g}'),
     'matmul_peak_gflops': round(peak, 1),
@@ -271,8 +348,18 @@ def measure(args) -> dict:
     'cpu_count': os.cpu_count(),
   }
   result['percent_of_matmul_peak'] = round(100 * result['gflops_per_sec'] / peak, 1)
+  result['model_flops_per_step'] = float(f'{counts["model_flops"]:.4g}')
+  datasheet = datasheet_tflops(device, args.dtype)
+  if not math.isnan(datasheet):  # a chip the table knows: model FLOPs utilisation against its datasheet
+    achieved = counts['model_flops'] / (result['step_ms_median'] / 1000)
+    result['mfu_percent'] = round(100 * achieved / 1e12 / datasheet, 1)
   result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   return result
+
+
+def memory_field(*lines: dict) -> str:
+  """The peak memory to compare: the accelerator's where every line has it, else the host's."""
+  return 'device_peak_mb' if all('device_peak_mb' in line for line in lines) else 'peak_rss_mb'
 
 
 def compare(argv: list[str], repeats: int) -> list[dict]:
@@ -300,6 +387,7 @@ def compare(argv: list[str], repeats: int) -> list[dict]:
       '--framework=torch',
       f'--torch-model={json.dumps(torch_unet.fields(_config(parse_args(argv))))}',
       f'--flops={ours["gflops_per_step"] * 1e9}',
+      f'--model-flops={ours.get("model_flops_per_step", float("nan"))}',
       f'--matmul-peak={ours["matmul_peak_gflops"]}',
     ]
     nchw, nhwc = child(*torch_args), child(*torch_args, '--channels-last')
@@ -308,7 +396,8 @@ def compare(argv: list[str], repeats: int) -> list[dict]:
     lines += [ours, nchw, nhwc]
     rounds['ours_over_torch'].append(round(ours['images_per_sec'] / nchw['images_per_sec'], 3))
     rounds['ours_over_torch_channels_last'].append(round(ours['images_per_sec'] / nhwc['images_per_sec'], 3))
-    rounds['memory_ours_over_torch_channels_last'].append(round(ours['peak_rss_mb'] / nhwc['peak_rss_mb'], 3))
+    memory = memory_field(ours, nhwc)
+    rounds['memory_ours_over_torch_channels_last'].append(round(ours[memory] / nhwc[memory], 3))
   ratio = {'benchmark': f'{ours["benchmark"]}_ratio', 'model': ours['model'], 'base_width': ours['base_width']}
   ratio |= {'params': ours['params'], 'rounds': repeats}
   ratio |= {name: round(statistics.median(values), 3) for name, values in rounds.items()}

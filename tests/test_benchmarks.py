@@ -10,10 +10,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from jax import lax
 
 from resunet_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import train_step  # noqa: E402 (the benchmark script, imported for its helpers)
+
 TINY = ['--base-width=2', '--batch=2', '--size=32']  # the smallest network and images that compile fast
 
 
@@ -33,21 +37,65 @@ def test_input_pipeline_benchmark_prints_its_figures(tfds_dir):
   assert figures['pipeline_over_step'] == pytest.approx(ratio, rel=0.05, abs=0.1)
 
 
-@pytest.mark.parametrize('extra', [[], ['--infer'], ['--devices=2']], ids=['train', 'infer', 'two devices'])
+@pytest.mark.parametrize(
+  'extra', [[], ['--infer'], ['--devices=2'], ['--dtype=bfloat16']], ids=['train', 'infer', 'two devices', 'bfloat16']
+)
 def test_train_step_benchmark_prints_its_figures(extra):
   (figures,) = _run('train_step.py', '--model=resunet', *TINY, '--steps=2', '--warmup=1', *extra)
   assert figures['benchmark'] == ('infer' if extra == ['--infer'] else 'train_step')
+  assert figures['dtype'] == ('bfloat16' if extra == ['--dtype=bfloat16'] else 'float32')
+  assert figures['model_flops_per_step'] > 0
+  assert 'mfu_percent' not in figures  # no datasheet peak for a CPU
   config = models.preset('resunet', base_width=2)
   shapes = jax.eval_shape(lambda: models.UNet(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   assert figures['params'] == sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params']))
   for key in ('images_per_sec', 'step_ms_median', 'compile_s', 'gflops_per_step', 'matmul_peak_gflops', 'peak_rss_mb'):
     assert figures[key] > 0, key
-  assert figures['images_per_sec'] == pytest.approx(2 / figures['step_ms_median'] * 1000, rel=0.05)
+  # step_ms_median is rounded to 0.1 ms (a tiny network's inference step takes about 1 ms)
+  assert 2000 / figures['images_per_sec'] == pytest.approx(figures['step_ms_median'], rel=0.01, abs=0.051)
   assert figures['percent_of_matmul_peak'] == pytest.approx(
     100 * figures['gflops_per_sec'] / figures['matmul_peak_gflops'],
     rel=0.02,
     abs=0.1,  # both rounded to 0.1
   )
+
+
+def test_model_flops_count_convolutions_and_matrix_products_inside_nested_programs():
+  x, w = jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 5))
+  a, b = jnp.zeros((4, 6)), jnp.zeros((6, 7))
+
+  def f(x, w, a, b):
+    y = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.jit(jnp.matmul)(a, b).sum() + jnp.tanh(y).sum()  # the tanh and the sums count nothing
+
+  expected = 2 * (2 * 8 * 8 * 5) * 3 * 9 + 2 * (4 * 7) * 6
+  assert train_step.model_flops(jax.make_jaxpr(f)(x, w, a, b)) == expected
+
+
+def test_model_flops_of_the_note_unet_match_the_analytic_count():
+  """27.8 GFLOP per 128x128 forward (the performance issue's analytic figure); training ~3x."""
+  model = models.UNet(models.preset('unet', conv='xla'))
+  images = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)), train=False))
+  forward = train_step.model_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images))
+  assert forward == pytest.approx(27.8e9, rel=0.005)
+
+  def loss(v, x):
+    return model.apply(v, x, train=False).mean()
+
+  training = train_step.model_flops(jax.make_jaxpr(jax.grad(loss))(variables, images))
+  # Forward, input gradients and kernel gradients: 3x, less the first layer's input gradient.
+  assert 2.9 * forward < training < 3 * forward
+
+
+def test_datasheet_peaks_and_the_compared_memory():
+  assert train_step.datasheet_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4
+  assert train_step.datasheet_tflops('NVIDIA H100 PCIe', 'bfloat16') == 756.5
+  assert math.isnan(train_step.datasheet_tflops('cpu', 'bfloat16'))
+  assert math.isnan(train_step.datasheet_tflops('NVIDIA H100 80GB HBM3', 'float32'))
+  gpu = {'device_peak_mb': 1.0, 'peak_rss_mb': 2.0}
+  assert train_step.memory_field(gpu, gpu) == 'device_peak_mb'
+  assert train_step.memory_field(gpu, {'peak_rss_mb': 2.0}) == 'peak_rss_mb'
 
 
 def test_conv_layers_benchmark_lists_every_convolution_of_the_model():
