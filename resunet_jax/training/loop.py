@@ -153,6 +153,10 @@ class _Preemption:
 def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, verbose: bool = True) -> RunResult:
   """Trains, evaluates and checkpoints `config` in `workdir` (resuming what is there).
 
+  To keep peak host memory down it empties JAX's compilation caches once, after initialising
+  (`jax.clear_caches()`; the initialiser's executable is 50 MB at base 64): functions the
+  calling process compiled before are compiled again on their next call, with the same results.
+
   Args:
     config: the experiment config (see `resunet_jax.configs.base_config`).
     workdir: output folder; default `default_workdir` of the resolved config.
