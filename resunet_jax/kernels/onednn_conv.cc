@@ -1,5 +1,6 @@
-// oneDNN convolutions as XLA FFI handlers: forward, input gradient and kernel gradient of a 2-D
-// convolution with NHWC activations and HWIO kernels in float32, any stride and padding.
+// oneDNN convolutions as XLA FFI handlers: forward (plain, or followed by a bias and a ReLU in
+// the same primitive), input gradient and kernel gradient of a 2-D convolution with NHWC
+// activations and HWIO kernels in float32, any stride and padding.
 //
 // Built on first use by resunet_jax/kernels/onednn.py (g++, the headers of the onednn-devel-cpu-gomp
 // wheel) and registered with jax.ffi for the CPU platform. oneDNN picks its kernel for the shape
@@ -41,8 +42,11 @@ struct Shape {
 };
 
 struct Plan {
-  memory::desc src, wei_user, dst;
-  dnnl::convolution_forward::primitive_desc fwd;
+  memory::desc src, wei_user, dst, bias;
+  dnnl::convolution_forward::primitive_desc fwd, fused;  // fused: + bias, then ReLU
+  dnnl::convolution_forward fused_p;
+  bool fused_reorder;
+  dnnl::reorder fused_r;
   dnnl::convolution_backward_data::primitive_desc bwd_data;
   dnnl::convolution_backward_weights::primitive_desc bwd_weights;
   dnnl::convolution_forward fwd_p;
@@ -73,6 +77,18 @@ Plan& GetPlan(const Shape& s) {
       e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd);
   p->bwd_weights = dnnl::convolution_backward_weights::primitive_desc(
       e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd);
+  p->bias = memory::desc({s.o}, dt::f32, tag::x);
+  dnnl::post_ops relu;
+  relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr fused_attr;
+  fused_attr.set_post_ops(relu);
+  p->fused = dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
+                                                       dnnl::algorithm::convolution_direct, p->src, wei_any, p->bias,
+                                                       p->dst, strides, pad_l, pad_r, fused_attr);
+  p->fused_p = dnnl::convolution_forward(p->fused);
+  p->fused_reorder = p->fused.weights_desc() != p->wei_user;
+  if (p->fused_reorder)
+    p->fused_r = dnnl::reorder(dnnl::reorder::primitive_desc(e, p->wei_user, e, p->fused.weights_desc()));
   p->fwd_p = dnnl::convolution_forward(p->fwd);
   p->bwd_data_p = dnnl::convolution_backward_data(p->bwd_data);
   p->bwd_weights_p = dnnl::convolution_backward_weights(p->bwd_weights);
@@ -123,6 +139,20 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Re
   return ffi::Error::Success();
 }
 
+ffi::Error ForwardBiasReluImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                               ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                               int64_t pl, int64_t pr) {
+  Plan& p = GetPlan(MakeShape(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
+  dnnl::stream stream(Engine());
+  memory wei = InLayout(stream, p.fused_reorder, p.fused_r, p.fused.weights_desc(), Wrap(p.wei_user, w.typed_data()));
+  p.fused_p.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
+                             {DNNL_ARG_WEIGHTS, wei},
+                             {DNNL_ARG_BIAS, Wrap(p.bias, b.typed_data())},
+                             {DNNL_ARG_DST, Wrap(p.dst, y->typed_data())}});
+  stream.wait();
+  return ffi::Error::Success();
+}
+
 ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                             int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   Plan& p = GetPlan(MakeShape(dx->dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
@@ -169,13 +199,20 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Result
   return Guarded([&] { return ForwardImpl(x, w, y, CONV_ARGS); });
 }
 
+ffi::Error ForwardBiasRelu(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                           ffi::ResultBuffer<ffi::F32> y, CONV_PARAMS) {
+  return Guarded([&] { return ForwardBiasReluImpl(x, w, b, y, CONV_ARGS); });
+}
+
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                         CONV_PARAMS) {
   return Guarded([&] { return BackwardDataImpl(dy, w, dx, CONV_ARGS); });
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                           CONV_PARAMS) {
+// `after` (the same convolution's input gradient) is not read: as an operand it orders this call,
+// and so the optimizer's in-place update of the kernel, after the last read of the old kernel.
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> /*after*/,
+                           ffi::ResultBuffer<ffi::F32> dw, CONV_PARAMS) {
   return Guarded([&] { return BackwardWeightsImpl(x, dy, dw, CONV_ARGS); });
 }
 
@@ -191,6 +228,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForwardBiasRelu, ForwardBiasRelu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, BackwardData,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -198,6 +241,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, BackwardData,
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resunet_jax.kernels import onednn
+
 
 def make_norm(
   kind: str,
@@ -75,6 +77,30 @@ class ConvTranspose2x2(nn.Module):
     return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
 
 
+class ConvReLU(nn.Module):
+  """`relu(nn.Conv(features, (k, k), strides, padding='SAME')(x))` as one oneDNN primitive.
+
+  The same parameters (`kernel` `[k, k, C_in, features]`, `bias`), initialisers and values as
+  flax's `nn.Conv` followed by `nn.relu`; float32 only (`ConvBlock` uses it for its
+  oneDNN-convolution, norm-free, post-activation blocks). See `kernels.onednn.conv_bias_relu`:
+  it keeps one activation per convolution for the backward pass instead of two.
+  """
+
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel_shape = (k, k, x.shape[-1], self.features)
+    kernel = self.param('kernel', nn.linear.default_kernel_init, kernel_shape, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=jnp.float32)
+    return onednn.conv_bias_relu(x, kernel, bias, (self.stride, self.stride), 'SAME')
+
+
 class ConvBlock(nn.Module):
   """Two 3x3 'same' convolutions with ReLU, optionally with a residual shortcut.
 
@@ -84,6 +110,10 @@ class ConvBlock(nn.Module):
   With `residual`, the output is `h + residual_scale * shortcut`, no activation after the
   add, where `shortcut = x` when channels and resolution match and a 1x1 convolution with
   bias, `conv_proj`, otherwise. Without `residual` the output is `h`.
+
+  With oneDNN's convolutions, float32 and no normalisation ('postact'), each conv and its ReLU
+  are one primitive (`ConvReLU`): the same parameters and values, one activation per
+  convolution kept for the backward pass instead of two.
 
   Attributes:
     features: output channels.
@@ -148,7 +178,17 @@ class ConvBlock(nn.Module):
       )
       return nn.relu(h if layer is None else layer(h))
 
-    if self.preact:
+    fused = (
+      self.conv_general_dilated is onednn.conv_general_dilated
+      and self.norm == 'none'
+      and not self.preact
+      and jnp.dtype(self.dtype) == jnp.float32
+      and jnp.dtype(self.param_dtype) == jnp.float32
+    )
+    if fused:  # conv -> ReLU, as one oneDNN primitive each
+      h = ConvReLU(self.features, 3, self.stride, name='conv1')(x)
+      h = ConvReLU(self.features, 3, 1, name='conv2')(h)
+    elif self.preact:
       h = x if self.first else norm_act(x, 'norm1')
       h = conv(self.features, 3, self.stride, 'conv1')(h)
       h = conv(self.features, 3, 1, 'conv2')(norm_act(h, 'norm2'))

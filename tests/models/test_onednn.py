@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
@@ -54,6 +56,57 @@ def test_the_step_holds_custom_calls_and_no_xla_convolution():
   text = jax.jit(grad).lower(x, w).compile().as_text()
   assert 'resunet_onednn_ConvBackwardData' in text and 'resunet_onednn_ConvBackwardWeights' in text
   assert 'convolution(' not in text
+
+
+@needs_onednn
+@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
+def test_fused_bias_relu_matches_xla(strides):
+  keys = jax.random.split(jax.random.key(3), 4)
+  x, w = jax.random.normal(keys[0], (2, 9, 10, 4)), jax.random.normal(keys[1], (3, 3, 4, 6))
+  b = jax.random.normal(keys[2], (6,))  # about half the outputs below zero: the mask matters
+
+  def unfused(x, w, b):
+    return jax.nn.relu(lax.conv_general_dilated(x, w, strides, 'SAME', dimension_numbers=NHWC) + b)
+
+  def fused(x, w, b):
+    return onednn.conv_bias_relu(x, w, b, strides, 'SAME')
+
+  probe = jax.random.normal(keys[3], jax.eval_shape(unfused, x, w, b).shape)
+  results = [
+    jax.jit(lambda x, w, b, f=f: (f(x, w, b), jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(x, w, b)))(x, w, b)
+    for f in (fused, unfused)
+  ]
+  assert 0.2 < float(jnp.mean(results[1][0] > 0)) < 0.8
+  for a, b in zip(*map(jax.tree.leaves, results), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  text = jax.jit(fused).lower(x, w, b).compile().as_text()
+  assert 'resunet_onednn_ConvForwardBiasRelu' in text
+
+
+@needs_onednn
+def test_a_donated_optimizer_step_copies_no_kernel():
+  """The kernel gradient waits for the input gradient, so the in-place update needs no copy.
+
+  Without that order XLA copies every kernel at the start of the step (copy insertion: the
+  update and the input gradient's read of the old kernel would be unordered).
+  """
+  model = models.UNet(models.preset('unet', base_width=4, depth=2, conv='onednn'))
+  x = jnp.ones((2, 16, 16, 3))
+  params = model.init(jax.random.key(0), x, train=False)['params']
+  optimizer = optax.adam(1e-3)
+
+  def step(params, opt_state):
+    grads = jax.grad(lambda p: jnp.mean(model.apply({'params': p}, x, train=False) ** 2))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, optimizer.init(params)).compile().as_text()
+  entry = text[text.index('ENTRY') :]
+  parameters = set(re.findall(r'%(\S+) = \S+ parameter\(', entry))
+  kernels = [name for name in parameters if 'kernel' in name and name.startswith('params')]
+  assert len(kernels) == 11  # 5 blocks of two 3x3 convolutions, and the head
+  copied = set(re.findall(r'copy\(%(\S+?)\)', entry))
+  assert not copied.intersection(kernels), sorted(copied.intersection(kernels))
 
 
 @needs_onednn
@@ -109,7 +162,7 @@ def test_model_conv_setting_is_validated_and_not_part_of_the_run_identity():
 
 
 @needs_onednn
-@pytest.mark.parametrize('preset', ['unet', 'resunet_zhang'])
+@pytest.mark.parametrize('preset', ['unet', 'resunet', 'resunet_zhang'])
 def test_model_with_onednn_trains_like_xla(preset):
   """Same parameters, logits and gradients (to float32 rounding) for both backends."""
   x = jax.random.normal(jax.random.key(0), (2, 20, 24, 3))
@@ -144,6 +197,24 @@ def test_max_pool_equals_flax_values_and_gradients():
   probe = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
   grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * probe))(x)  # noqa: E731
   np.testing.assert_array_equal(grad(unet.max_pool_2x2), grad(flax_pool))
+
+
+def test_nearest_upsampling_equals_repeat_values_and_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+  repeat = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # noqa: E731
+  np.testing.assert_array_equal(unet.upsample_nearest_2x(x), repeat(x))
+  probe = jax.random.normal(jax.random.key(1), (2, 6, 8, 5))
+  grad = lambda up: jax.grad(lambda x: jnp.sum(up(x) * probe))(x)  # noqa: E731
+  np.testing.assert_allclose(grad(unet.upsample_nearest_2x), grad(repeat), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_shares_the_gradient_between_tied_maxima():
+  x = jnp.stack([jnp.array([[1.0, 3.0], [3.0, 2.0]]), jnp.array([[0.0, 0.0], [0.0, 0.0]])], axis=-1)[None]
+  g = jax.grad(lambda x: jnp.sum(unet.max_pool_2x2(x) * jnp.array([2.0, 4.0])))(x)
+  np.testing.assert_array_equal(g[0, :, :, 0], [[0.0, 1.0], [1.0, 0.0]])  # two tied 3s share 2
+  np.testing.assert_array_equal(g[0, :, :, 1], [[1.0, 1.0], [1.0, 1.0]])  # four tied 0s share 4
+  reference = jax.grad(lambda x: jnp.sum(x.reshape(1, 1, 2, 1, 2, 2).max(axis=(2, 4)) * jnp.array([2.0, 4.0])))(x)
+  np.testing.assert_array_equal(g, reference)  # as jnp.max's own gradient
 
 
 def _run_script(tmp_path, code, **env):
