@@ -112,7 +112,7 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
   gradient as four strided slices. `jnp.repeat`'s own gradient is a reduction, which XLA's CPU
   backend hands to a library call that needs its input materialised: a copy of the decoder's
   input gradient the size of the upsampled tensor (32 MB at U-Net base 64's finest level, batch
-  4, 128x128, held at the training step's peak).
+  4, 128x128, held at the training step's peak). Reverse mode only, like `max_pool_2x2`.
   """
   batch, height, width, channels = x.shape
   return jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels)).reshape(
@@ -125,12 +125,8 @@ def _upsample_fwd(x):
 
 
 def _upsample_bwd(_, g):
-  return (
-    _windows(g).astype(g.dtype)[:, :, 0, :, 0, :]
-    + _windows(g)[:, :, 0, :, 1, :]
-    + _windows(g)[:, :, 1, :, 0, :]
-    + _windows(g)[:, :, 1, :, 1, :],
-  )
+  blocks_of_g = _windows(g)
+  return (sum(blocks_of_g[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)),)
 
 
 upsample_nearest_2x.defvjp(_upsample_fwd, _upsample_bwd)
