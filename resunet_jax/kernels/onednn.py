@@ -174,10 +174,20 @@ def _xla(x, w, strides, pads):
   return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
+def _out_shape(x, w, strides, pads):
+  return jax.eval_shape(functools.partial(_xla, strides=strides, pads=pads), x, w).shape
+
+
+def _static(x, w, strides, padding) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+  """Strides and explicit `(low, high)` pads as Python ints (`padding` may be 'SAME'/'VALID')."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+  return tuple(int(s) for s in strides), tuple((int(low), int(high)) for low, high in padding)
+
+
 def _forward(x, w, strides, pads):
   def onednn(x, w):
-    shape = jax.eval_shape(functools.partial(_xla, strides=strides, pads=pads), x, w)
-    return _call('ConvForward', shape.shape, x.dtype, x, w, strides=strides, pads=pads)
+    return _call('ConvForward', _out_shape(x, w, strides, pads), x.dtype, x, w, strides=strides, pads=pads)
 
   return lax.platform_dependent(x, w, cpu=onednn, default=functools.partial(_xla, strides=strides, pads=pads))
 
@@ -220,8 +230,7 @@ def _xla_bias_relu(x, w, b, strides, pads):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv_bias_relu(x, w, b, strides, pads):
   def onednn(x, w, b):
-    shape = jax.eval_shape(functools.partial(_xla, strides=strides, pads=pads), x, w)
-    return _call('ConvForwardBiasRelu', shape.shape, x.dtype, x, w, b, strides=strides, pads=pads)
+    return _call('ConvForwardBiasRelu', _out_shape(x, w, strides, pads), x.dtype, x, w, b, strides=strides, pads=pads)
 
   default = functools.partial(_xla_bias_relu, strides=strides, pads=pads)
   return lax.platform_dependent(x, w, b, cpu=onednn, default=default)
@@ -253,10 +262,7 @@ def conv_bias_relu(x, w, b, strides=(1, 1), padding='SAME'):
   whose ReLU mask is read from the output (`y > 0`, the same mask as `x > 0`).
   """
   load()
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
-  pads = tuple((int(low), int(high)) for low, high in padding)
-  return _conv_bias_relu(x, w, b, tuple(int(s) for s in strides), pads)
+  return _conv_bias_relu(x, w, b, *_static(x, w, strides, padding))
 
 
 def conv_general_dilated(
@@ -299,7 +305,4 @@ def conv_general_dilated(
       preferred_element_type=preferred_element_type,
     )
   load()
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  pads = tuple((int(low), int(high)) for low, high in padding)
-  return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+  return _conv(lhs, rhs, *_static(lhs, rhs, window_strides, padding))

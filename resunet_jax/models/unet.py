@@ -86,6 +86,15 @@ def _windows(x: jax.Array) -> jax.Array:
   return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
 
 
+def _sum_windows(blocks: jax.Array) -> jax.Array:
+  """`[B, H/2, 2, W/2, 2, C]` -> `[B, H/2, W/2, C]`: the four positions added elementwise.
+
+  Not `sum(axis=(2, 4))`: XLA's CPU backend hands that reduction to a library call that needs
+  its input materialised (the copies and masks the two gradients below avoid).
+  """
+  return sum(blocks[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1))
+
+
 def _max_pool_fwd(x):
   y = max_pool_2x2(x)
   return y, (x, y)
@@ -94,9 +103,7 @@ def _max_pool_fwd(x):
 def _max_pool_bwd(residuals, g):
   x, y = residuals
   at_max = _windows(x) == y[:, :, None, :, None, :]
-  # The ties counted as a sum of the four positions, elementwise: a reduction here becomes a
-  # library call that XLA feeds a materialised float32 mask, computed early in the forward pass.
-  ties = sum(at_max[:, :, i, :, j, :].astype(g.dtype) for i in (0, 1) for j in (0, 1))
+  ties = _sum_windows(at_max.astype(g.dtype))  # as a reduction, XLA would materialise the mask early
   share = (g / ties)[:, :, None, :, None, :]
   return (jnp.where(at_max, share, jnp.zeros((), g.dtype)).reshape(x.shape),)
 
@@ -125,8 +132,7 @@ def _upsample_fwd(x):
 
 
 def _upsample_bwd(_, g):
-  blocks_of_g = _windows(g)
-  return (sum(blocks_of_g[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)),)
+  return (_sum_windows(_windows(g)),)
 
 
 upsample_nearest_2x.defvjp(_upsample_fwd, _upsample_bwd)
