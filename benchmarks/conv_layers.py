@@ -6,7 +6,8 @@ r"""Where a training step's time goes: every convolution of a preset, forward an
 Traces the model's forward pass, collects its convolutions (input shape, kernel shape, stride,
 padding; a shape that occurs several times is timed once and counted with its multiplicity) and
 times each one jitted on its own: the forward convolution (`fwd`), the gradient with respect to
-its input (`dx`) and the gradient with respect to its kernel (`dw`), medians of `--repeats` calls.
+its input (`dx`) and the gradient with respect to its kernel (`dw`; with oneDNN's convolutions the
+kernel-gradient call alone, `onednn.kernel_gradient`), medians of `--repeats` calls.
 Prints one JSON line: per layer the milliseconds of each part, and totals per part over the
 network. `--compare` times the same shapes in PyTorch channels_last in a child process (which
 imports neither JAX nor this package) and adds its figures and ours/PyTorch ratios (above 1: we
@@ -95,6 +96,8 @@ def time_jax(layers: list[dict], repeats: int, backend: str = 'auto') -> list[di
 def _time_jax_layer(layer: dict, repeats: int, conv_general_dilated) -> dict:
   import jax
 
+  from resunet_jax.kernels import onednn
+
   def conv(x, w):
     return conv_general_dilated(x, w, layer['stride'], layer['padding'], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -107,6 +110,8 @@ def _time_jax_layer(layer: dict, repeats: int, conv_general_dilated) -> dict:
     'dx': jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
     'dw': jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]),
   }
+  if conv_general_dilated is onednn.conv_general_dilated:  # whose `dw` above includes `dx`
+    parts['dw'] = jax.jit(lambda x, w, g: onednn.kernel_gradient(x, g, w.shape, layer['stride'], layer['padding']))
   return {name: _median_ms(lambda f=f: f(x, w, g).block_until_ready(), repeats) for name, f in parts.items()}
 
 

@@ -327,6 +327,7 @@ def measure(args) -> dict:
     peak = matmul_peak_gflops(8192, dtype=args.dtype) if on_gpu else matmul_peak_gflops()
     figures, counts = jax_step(args)
     figures['huge_pages'] = hostmem.enabled()
+    figures['keep_blocks'] = hostmem.keeping_blocks()
     device = jax.devices()[0].device_kind
   else:
     peak, counts = args.matmul_peak, {'flops': args.flops, 'model_flops': args.model_flops}

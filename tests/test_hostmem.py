@@ -46,3 +46,103 @@ def test_release_is_a_no_op_without_glibc(monkeypatch):
     assert hostmem.release_free_memory() is False
   finally:
     hostmem._libc.cache_clear()
+
+
+# Allocates, touches and frees a 64 MB block, then allocates and touches one again: prints
+# whether the second is the first and the page faults that touching it took.
+REUSE = """
+import ctypes, resource, sys
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.calloc.restype, libc.calloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+MB = 2**20
+if sys.argv[1] == 'on':
+  libc.resunet_keep_blocks(1)
+def faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def resident_mb():
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * 4096 / MB
+first = libc.malloc(64 * MB)
+ctypes.memset(first, 1, 64 * MB)
+libc.free(first)
+before = faults()
+second = libc.malloc(64 * MB)
+ctypes.memset(second, 1, 64 * MB)
+print(first == second, faults() - before)
+libc.free(second)
+zeroed = libc.calloc(64, MB)  # calloc never gets a kept (written) block
+print(ctypes.string_at(zeroed, 64 * MB).count(0) == 64 * MB)
+libc.free(zeroed)
+before = resident_mb()  # the kept 64 MB block is resident
+larger = libc.malloc(128 * MB)  # too small: the kept block is freed before this one is made
+ctypes.memset(larger, 1, 128 * MB)
+print(round(resident_mb() - before))
+"""
+
+
+def _keep_library_or_skip():
+  if platform.libc_ver()[0] != 'glibc' or not sys.platform.startswith('linux'):
+    pytest.skip('glibc on Linux only')
+  library = hostmem._keep_library()
+  if library is None:
+    pytest.skip('no C compiler here')
+  return library
+
+
+def _reuse(library, switch):
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'} | {'LD_PRELOAD': str(library)}
+  result = subprocess.run([sys.executable, '-c', REUSE, switch], capture_output=True, text=True, check=True, env=env)
+  return result.stdout.split()
+
+
+def test_a_freed_large_block_is_reused_with_its_pages_once_switched_on():
+  library = _keep_library_or_skip()
+  same, faults, zeroed, grown = _reuse(library, 'on')
+  assert same == 'True'
+  assert int(faults) < 100  # 16,384 pages of 4 KiB, all resident already
+  assert zeroed == 'True'
+  assert int(grown) < 100  # 128 MB made, the kept 64 MB freed: +64, not +128
+
+
+def test_until_switched_on_every_large_block_is_new():
+  library = _keep_library_or_skip()
+  _, faults, zeroed, _ = _reuse(library, 'off')
+  assert int(faults) > 10_000
+  assert zeroed == 'True'
+
+
+STATE = """
+from resunet_jax import hostmem
+hostmem.relaunch_with_huge_pages()
+from jax._src import xla_bridge
+print(hostmem.enabled(), hostmem.keeping_blocks(), xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
+"""
+
+
+def _relaunched(tmp_path, **env):
+  script = tmp_path / 'state.py'
+  script.write_text(STATE)
+  drop = ('GLIBC_TUNABLES', 'RESUNET_HUGE_PAGES', 'RESUNET_KEEP_BLOCKS', 'LD_PRELOAD')
+  environment = {k: v for k, v in os.environ.items() if k not in drop} | env
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment, check=True)
+  return result.stdout.split()
+
+
+def test_a_relaunched_command_keeps_blocks_and_dispatches_synchronously(tmp_path):
+  _keep_library_or_skip()
+  assert _relaunched(tmp_path) == ['True', 'True', 'False']
+
+
+def test_keeping_blocks_can_be_switched_off(tmp_path):
+  _keep_library_or_skip()
+  assert _relaunched(tmp_path, RESUNET_KEEP_BLOCKS='0') == ['True', 'False', 'True']
+
+
+def test_without_a_compiler_the_command_runs_with_huge_pages_only(tmp_path):
+  if platform.libc_ver()[0] != 'glibc':
+    pytest.skip('glibc only')
+  cache = tmp_path / 'cache'
+  assert _relaunched(tmp_path, CC='no-such-compiler', RESUNET_JAX_CACHE=str(cache)) == ['True', 'False', 'True']
+  assert not cache.exists() or not list(cache.iterdir())

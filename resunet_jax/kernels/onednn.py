@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from resunet_jax import native
 from resunet_jax.errors import UserError
 
 BACKENDS = ('auto', 'xla', 'onednn')
@@ -67,52 +64,17 @@ def _wheel_file(distribution: str, name: str) -> pathlib.Path:
   raise OneDNNUnavailable(f'{distribution} is installed but holds no {name}; reinstall it: {_INSTALL}')
 
 
-def _cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get('RESUNET_JAX_CACHE') or pathlib.Path.home() / '.cache' / 'resunet_jax')
-
-
 def build() -> pathlib.Path:
   """Compiles onednn_conv.cc if this source, oneDNN and jaxlib have no library yet; returns its path."""
   library = _wheel_file('onednn-cpu-gomp', 'libdnnl.so.3')
   header = _wheel_file('onednn-devel-cpu-gomp', 'dnnl.hpp')
   include = header.parent.parent if header.parent.name == 'dnnl' else header.parent
-  key = hashlib.sha256(
-    SOURCE.read_bytes() + str(library).encode() + importlib.metadata.version('jaxlib').encode()
-  ).hexdigest()[:12]
-  target = _cache_dir() / f'onednn_conv-{key}.so'
-  if target.exists():
-    return target
-  compiler = os.environ.get('CXX') or 'g++'
-  if shutil.which(compiler) is None:
-    raise OneDNNUnavailable(
-      f"oneDNN convolutions are compiled on first use, but no C++ compiler '{compiler}' is on PATH"
-    )
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Compile to a temporary name and rename: processes that build at once never load half a file.
-  with tempfile.NamedTemporaryFile(dir=target.parent, suffix='.so', delete=False) as tmp:
-    partial = pathlib.Path(tmp.name)
-  command = [
-    compiler,
-    '-O2',
-    '-std=c++17',
-    '-shared',
-    '-fPIC',
-    f'-I{include}',
-    f'-I{jax.ffi.include_dir()}',
-    str(SOURCE),
-    '-o',
-    str(partial),
-    str(library),
-    f'-Wl,-rpath,{library.parent}',
-  ]
-  result = subprocess.run(command, capture_output=True, text=True)
-  if result.returncode != 0:
-    partial.unlink(missing_ok=True)
-    lines = result.stderr.strip().splitlines() or ['(no output)']
-    first_error = next((line for line in lines if 'error' in line), lines[-1])
-    raise OneDNNUnavailable(f'compiling {SOURCE.name} failed ({compiler}): {first_error.strip()}')
-  os.replace(partial, target)
-  return target
+  flags = ['-std=c++17', f'-I{include}', f'-I{jax.ffi.include_dir()}', str(library), f'-Wl,-rpath,{library.parent}']
+  depends_on = str(library).encode() + importlib.metadata.version('jaxlib').encode()
+  try:
+    return native.compile_library(SOURCE, os.environ.get('CXX') or 'g++', flags, depends_on)
+  except native.BuildError as e:
+    raise OneDNNUnavailable(str(e)) from None
 
 
 @functools.cache
@@ -263,6 +225,18 @@ def conv_bias_relu(x, w, b, strides=(1, 1), padding='SAME'):
   """
   load()
   return _conv_bias_relu(x, w, b, *_static(x, w, strides, padding))
+
+
+def kernel_gradient(x, dy, kernel_shape, strides=(1, 1), padding='SAME'):
+  """The kernel gradient of an NHWC/HWIO float32 convolution alone, as one oneDNN call (CPU only).
+
+  For timing it (benchmarks/conv_layers.py): the gradient of `conv_general_dilated` computes it
+  after, and ordered by, the input gradient. The ordering operand is `x` here, not read.
+  """
+  load()
+  w = jax.ShapeDtypeStruct(kernel_shape, x.dtype)
+  strides, pads = _static(x, w, strides, padding)
+  return _call('ConvBackwardWeights', tuple(kernel_shape), x.dtype, x, dy, x, strides=strides, pads=pads)
 
 
 def conv_general_dilated(

@@ -50,6 +50,16 @@ def test_forward_and_both_gradients_match_xla(x_shape, w_shape, strides, padding
 
 
 @needs_onednn
+def test_kernel_gradient_alone_matches_xla():
+  keys = jax.random.split(jax.random.key(1), 3)
+  x, w = jax.random.normal(keys[0], (2, 9, 11, 3)), jax.random.normal(keys[1], (3, 3, 3, 5))
+  dy = jax.random.normal(keys[2], (2, 5, 6, 5))
+  xla = jax.vjp(lambda w: lax.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=NHWC), w)[1](dy)[0]
+  ours = jax.jit(lambda x, dy: onednn.kernel_gradient(x, dy, w.shape, (2, 2), 'SAME'))(x, dy)
+  np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(xla))))
+
+
+@needs_onednn
 def test_the_step_holds_custom_calls_and_no_xla_convolution():
   x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5))
   grad = jax.grad(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC).sum(), (0, 1))
