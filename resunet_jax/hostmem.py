@@ -98,7 +98,7 @@ def relaunch_with_huge_pages() -> None:
   tunables = os.environ.get('GLIBC_TUNABLES')
   os.environ['GLIBC_TUNABLES'] = f'{tunables}:{TUNABLE}=1' if tunables else f'{TUNABLE}=1'
   keep = _keep_library()
-  if keep is not None:
+  if keep is not None and not any(c in str(keep) for c in ' :'):  # LD_PRELOAD's separators
     preload = os.environ.get('LD_PRELOAD')
     os.environ['LD_PRELOAD'] = f'{keep}:{preload}' if preload else str(keep)
   sys.stdout.flush()

@@ -35,6 +35,13 @@ static void* kept;
 static size_t kept_size;
 static long reused, fresh;
 
+// A process forked while another thread holds `mu` would find it held forever.
+static void lock_for_fork(void) { pthread_mutex_lock(&mu); }
+static void unlock_after_fork(void) { pthread_mutex_unlock(&mu); }
+__attribute__((constructor)) static void install_fork_handlers(void) {
+  pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
+}
+
 // Switches keeping on (1) or off (0, freeing the kept block); returns the previous setting.
 int resunet_keep_blocks(int enable) {
   pthread_mutex_lock(&mu);

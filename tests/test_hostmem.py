@@ -146,3 +146,33 @@ def test_without_a_compiler_the_command_runs_with_huge_pages_only(tmp_path):
   cache = tmp_path / 'cache'
   assert _relaunched(tmp_path, CC='no-such-compiler', RESUNET_JAX_CACHE=str(cache)) == ['True', 'False', 'True']
   assert not cache.exists() or not list(cache.iterdir())
+
+
+# Forks 300 times while a thread allocates and frees large blocks; each child does the same once.
+FORKS = """
+import ctypes, os, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.resunet_keep_blocks(1)
+stop = False
+def churn():
+  while not stop:
+    libc.free(libc.malloc(40 * 2**20))
+threading.Thread(target=churn, daemon=True).start()
+for _ in range(300):
+  pid = os.fork()
+  if pid == 0:
+    libc.free(libc.malloc(40 * 2**20))
+    os._exit(0)
+  os.waitpid(pid, 0)
+stop = True
+print('ok')
+"""
+
+
+def test_a_child_forked_during_a_large_allocation_does_not_hang():
+  library = _keep_library_or_skip()  # without fork handlers this hangs within the 300 forks
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'} | {'LD_PRELOAD': str(library)}
+  result = subprocess.run([sys.executable, '-c', FORKS], capture_output=True, text=True, env=env, timeout=120)
+  assert result.stdout.split() == ['ok']

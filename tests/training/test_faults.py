@@ -151,8 +151,13 @@ def test_the_survivor_of_a_dead_peer_exits_with_a_clear_error_in_bounded_time(vi
   assert took < 10 + 30, took  # the heartbeat timeout plus the time to notice and exit
   ours = 'error: a collective of the 2-process run failed after step '
   jax_message = 'This most likely indicates that another task died'
+  # The peer killed in the middle of sending a message: the survivor's gloo transport reads part
+  # of it as the next message's header and throws gloo::EnforceNotMet, which XLA's CPU collectives
+  # do not catch, so the process aborts with gloo's line. Seen in about 1 run in 7, at e44c70f as
+  # now (2026-11-26); the process still exits, in bounded time.
+  gloo_message = "Received data size doesn't match expected size"
   # On failure, the lines that say what happened (a fatal signal prints a long thread dump after them).
   said = [line for line in err.splitlines() if any(word in line for word in ('rror', 'Fatal', 'bort'))]
-  assert ours in err or jax_message in err, '\n'.join(said)[-3000:]
+  assert ours in err or jax_message in err or gloo_message in err, '\n'.join(said)[-3000:]
   if ours in err:
     assert err.strip().splitlines()[-1].startswith(ours) and 'restart every process with the same command' in err
