@@ -33,7 +33,6 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int on;
 static void* kept;
 static size_t kept_size;
-static long reused, fresh;
 
 // A process forked while another thread holds `mu` would find it held forever.
 static void lock_for_fork(void) { pthread_mutex_lock(&mu); }
@@ -54,26 +53,15 @@ int resunet_keep_blocks(int enable) {
   return was;
 }
 
-// Large allocations served from the kept block and from glibc since keeping was switched on.
-void resunet_keep_counts(long* out_reused, long* out_fresh) {
-  pthread_mutex_lock(&mu);
-  *out_reused = reused;
-  *out_fresh = fresh;
-  pthread_mutex_unlock(&mu);
-}
-
 // The kept block if it serves `size` at `align`; NULL after freeing a kept block that does not.
 static void* take(size_t size, size_t align) {
   void *p = NULL, *out = NULL;
   pthread_mutex_lock(&mu);
   if (on) {
-    if (kept && kept_size >= size && (uintptr_t)kept % align == 0) {
+    if (kept && kept_size >= size && (uintptr_t)kept % align == 0)
       p = kept;
-      ++reused;
-    } else {
+    else
       out = kept;
-      ++fresh;
-    }
     kept = NULL;
   }
   pthread_mutex_unlock(&mu);

@@ -122,12 +122,7 @@ print(hostmem.enabled(), hostmem.keeping_blocks(), xla_bridge._CPU_ENABLE_ASYNC_
 
 
 def _relaunched(tmp_path, **env):
-  script = tmp_path / 'state.py'
-  script.write_text(STATE)
-  drop = ('GLIBC_TUNABLES', 'RESUNET_HUGE_PAGES', 'RESUNET_KEEP_BLOCKS', 'LD_PRELOAD')
-  environment = {k: v for k, v in os.environ.items() if k not in drop} | env
-  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment, check=True)
-  return result.stdout.split()
+  return _run_script(tmp_path, STATE, **env)
 
 
 def test_a_relaunched_command_keeps_blocks_and_dispatches_synchronously(tmp_path):
@@ -176,3 +171,40 @@ def test_a_child_forked_during_a_large_allocation_does_not_hang():
   env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'} | {'LD_PRELOAD': str(library)}
   result = subprocess.run([sys.executable, '-c', FORKS], capture_output=True, text=True, env=env, timeout=120)
   assert result.stdout.split() == ['ok']
+
+
+# The environment a relaunch sets, and the switches it reads: each test starts without them.
+_RELAUNCH_ENV = ('GLIBC_TUNABLES', 'RESUNET_HUGE_PAGES', 'RESUNET_KEEP_BLOCKS', 'LD_PRELOAD')
+
+
+def _run_script(tmp_path, code, **env):
+  script = tmp_path / 'script.py'
+  script.write_text(code)
+  environment = {k: v for k, v in os.environ.items() if k not in _RELAUNCH_ENV} | env
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment, check=True)
+  return result.stdout.split()
+
+
+RELAUNCH = """import os, sys
+print('started')
+from resunet_jax import hostmem
+hostmem.relaunch_with_huge_pages()
+print(hostmem.enabled(), os.getpid())
+"""
+
+
+def test_a_command_relaunches_itself_once_with_huge_pages(tmp_path):
+  if platform.libc_ver()[0] != 'glibc':
+    pytest.skip('glibc only')
+  lines = _run_script(tmp_path, RELAUNCH)
+  assert lines[:3] == ['started', 'started', 'True']  # ran twice, the second time with the tunable
+
+
+def test_huge_pages_can_be_switched_off(tmp_path):
+  assert _run_script(tmp_path, RELAUNCH, RESUNET_HUGE_PAGES='0')[:2] == ['started', 'False']
+
+
+def test_a_script_run_from_another_is_not_relaunched(tmp_path):
+  (tmp_path / 'inner.py').write_text(RELAUNCH)
+  outer = f"import runpy; runpy.run_path({str(tmp_path / 'inner.py')!r}, run_name='__main__')"
+  assert _run_script(tmp_path, outer)[:2] == ['started', 'False']

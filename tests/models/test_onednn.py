@@ -1,10 +1,6 @@
 """oneDNN convolutions (kernels.onednn) against XLA's, the model's `conv` setting, and the host allocator."""
 
-import os
-import platform
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -225,39 +221,6 @@ def test_max_pool_shares_the_gradient_between_tied_maxima():
   np.testing.assert_array_equal(g[0, :, :, 1], [[1.0, 1.0], [1.0, 1.0]])  # four tied 0s share 4
   reference = jax.grad(lambda x: jnp.sum(x.reshape(1, 1, 2, 1, 2, 2).max(axis=(2, 4)) * jnp.array([2.0, 4.0])))(x)
   np.testing.assert_array_equal(g, reference)  # as jnp.max's own gradient
-
-
-def _run_script(tmp_path, code, **env):
-  script = tmp_path / 'script.py'
-  script.write_text(code)
-  environment = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'RESUNET_HUGE_PAGES')} | env
-  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment, check=True)
-  return result.stdout.split()
-
-
-RELAUNCH = """import os, sys
-print('started')
-from resunet_jax import hostmem
-hostmem.relaunch_with_huge_pages()
-print(hostmem.enabled(), os.getpid())
-"""
-
-
-def test_a_command_relaunches_itself_once_with_huge_pages(tmp_path):
-  if platform.libc_ver()[0] != 'glibc':
-    pytest.skip('glibc only')
-  lines = _run_script(tmp_path, RELAUNCH)
-  assert lines[:3] == ['started', 'started', 'True']  # ran twice, the second time with the tunable
-
-
-def test_huge_pages_can_be_switched_off(tmp_path):
-  assert _run_script(tmp_path, RELAUNCH, RESUNET_HUGE_PAGES='0')[:2] == ['started', 'False']
-
-
-def test_a_script_run_from_another_is_not_relaunched(tmp_path):
-  (tmp_path / 'inner.py').write_text(RELAUNCH)
-  outer = f"import runpy; runpy.run_path({str(tmp_path / 'inner.py')!r}, run_name='__main__')"
-  assert _run_script(tmp_path, outer)[:2] == ['started', 'False']
 
 
 def test_a_failed_build_is_one_line(monkeypatch, tmp_path):
