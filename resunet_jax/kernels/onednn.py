@@ -8,6 +8,7 @@ convolution primitives (forward, backward-data, backward-weights) as XLA FFI cus
   conv_general_dilated(lhs, rhs, ...)   a drop-in for `lax.conv_general_dilated` (what flax's
                                         `nn.Conv(conv_general_dilated=...)` takes)
   conv_bias_relu(x, w, b, ...)          `relu(conv(x, w) + b)` as one oneDNN primitive (ConvReLU)
+  conv_bias_add(x, w, b, z, ...)        `conv(x, w) + b + z`, optionally then ReLU, as one primitive
   resolve(backend)                      'xla' | 'onednn' | 'auto' -> that function or None
 
 Only what it supports goes to oneDNN: float32, 2-D, NHWC/HWIO, any stride and padding, no
@@ -40,7 +41,7 @@ from resunet_jax.errors import UserError
 
 BACKENDS = ('auto', 'xla', 'onednn')
 SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
-_TARGETS = ('ConvForward', 'ConvForwardBiasRelu', 'ConvBackwardData', 'ConvBackwardWeights')
+_TARGETS = ('ConvForward', 'ConvForwardBiasRelu', 'ConvForwardBiasSum', 'ConvBackwardData', 'ConvBackwardWeights')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 (Linux x86-64), or set conv='xla'"
 
@@ -126,10 +127,14 @@ def _attrs(strides, pads) -> dict:
   return {name: np.int64(value) for name, value in values.items()}
 
 
-def _call(target: str, shape, dtype, *operands, strides, pads):
-  return jax.ffi.ffi_call(f'resunet_onednn_{target}', jax.ShapeDtypeStruct(shape, dtype), vmap_method='sequential')(
-    *operands, **_attrs(strides, pads)
+def _call(target: str, shape, dtype, *operands, strides, pads, aliases=None, **attrs):
+  call = jax.ffi.ffi_call(
+    f'resunet_onednn_{target}',
+    jax.ShapeDtypeStruct(shape, dtype),
+    vmap_method='sequential',
+    input_output_aliases=aliases,
   )
+  return call(*operands, **_attrs(strides, pads), **{name: np.int64(value) for name, value in attrs.items()})
 
 
 def _xla(x, w, strides, pads):
@@ -225,6 +230,52 @@ def conv_bias_relu(x, w, b, strides=(1, 1), padding='SAME'):
   """
   load()
   return _conv_bias_relu(x, w, b, *_static(x, w, strides, padding))
+
+
+def _xla_bias_add(x, w, b, z, strides, pads, relu):
+  y = _xla(x, w, strides, pads) + b + z
+  return jax.nn.relu(y) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _conv_bias_add(x, w, b, z, strides, pads, relu):
+  def onednn(x, w, b, z):
+    # The result is written over z's buffer (an alias), which the primitive adds in place.
+    return _call(
+      'ConvForwardBiasSum', z.shape, x.dtype, x, w, b, z, strides=strides, pads=pads, aliases={3: 0}, relu=relu
+    )
+
+  default = functools.partial(_xla_bias_add, strides=strides, pads=pads, relu=relu)
+  return lax.platform_dependent(x, w, b, z, cpu=onednn, default=default)
+
+
+def _conv_bias_add_fwd(x, w, b, z, strides, pads, relu):
+  y = _conv_bias_add(x, w, b, z, strides, pads, relu)
+  return y, (x, w, y if relu else None)
+
+
+def _conv_bias_add_bwd(strides, pads, relu, residuals, dy):
+  x, w, y = residuals
+  dz = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype)) if relu else dy
+  dx, dw = _conv_bwd(strides, pads, (x, w), dz)
+  return dx, dw, dz.sum(axis=(0, 1, 2)), dz
+
+
+_conv_bias_add.defvjp(_conv_bias_add_fwd, _conv_bias_add_bwd)
+
+
+def conv_bias_add(x, w, b, z, strides=(1, 1), padding='SAME', relu=False):
+  """`conv(x, w) + b + z`, then `relu` if asked, for NHWC `x` and `z`, HWIO `w`, `[O]` `b`, float32.
+
+  On CPU one oneDNN primitive, whose sum post-op adds `z` where the result is written (the
+  result takes `z`'s buffer); elsewhere XLA's convolution and adds. With `relu` the gradients
+  read the ReLU's mask from the output, as `conv_bias_relu`'s do.
+  """
+  load()
+  strides, pads = _static(x, w, strides, padding)
+  if z.shape != _out_shape(x, w, strides, pads):
+    raise ValueError(f'conv_bias_add: z has shape {z.shape}, the convolution gives {_out_shape(x, w, strides, pads)}')
+  return _conv_bias_add(x, w, b, z, strides, pads, bool(relu))
 
 
 def kernel_gradient(x, dy, kernel_shape, strides=(1, 1), padding='SAME'):

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -43,12 +44,20 @@ struct Shape {
   bool operator<(const Shape& b) const { return key() < b.key(); }
 };
 
+// A forward primitive with a bias and post-ops, and the reorder of the user's kernel into its layout.
+struct Fused {
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward prim;
+  bool reorder_needed = false;
+  dnnl::reorder reorder;
+};
+
 struct Plan {
   memory::desc src, wei_user, dst, bias;
-  dnnl::convolution_forward::primitive_desc fwd, fused;  // fused: + bias, then ReLU
-  dnnl::convolution_forward fused_p;
-  bool fused_reorder;
-  dnnl::reorder fused_r;
+  dnnl::convolution_forward::primitive_desc fwd;
+  Fused bias_relu;       // + bias, then ReLU
+  Fused bias_sum[2];     // + bias + the destination's prior contents, then ReLU when [1]
+  bool bias_sum_ready[2] = {false, false};
   dnnl::convolution_backward_data::primitive_desc bwd_data;
   dnnl::convolution_backward_weights::primitive_desc bwd_weights;
   dnnl::convolution_forward fwd_p;
@@ -56,10 +65,39 @@ struct Plan {
   dnnl::convolution_backward_weights bwd_weights_p;
   bool fwd_reorder, bwd_data_reorder, bwd_weights_reorder;
   dnnl::reorder fwd_r, bwd_data_r, bwd_weights_r;
+  memory::dims strides, pad_l, pad_r;
 };
 
 std::mutex mu;
 std::map<Shape, std::unique_ptr<Plan>> plans;
+
+Fused MakeFused(const Plan& p, const dnnl::post_ops& post_ops) {
+  auto& e = Engine();
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(post_ops);
+  memory::desc wei_any(p.wei_user.get_dims(), dt::f32, tag::any);
+  Fused f;
+  f.pd = dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
+                                                   dnnl::algorithm::convolution_direct, p.src, wei_any, p.bias, p.dst,
+                                                   p.strides, p.pad_l, p.pad_r, attr);
+  f.prim = dnnl::convolution_forward(f.pd);
+  f.reorder_needed = f.pd.weights_desc() != p.wei_user;
+  if (f.reorder_needed) f.reorder = dnnl::reorder(dnnl::reorder::primitive_desc(e, p.wei_user, e, f.pd.weights_desc()));
+  return f;
+}
+
+// The bias-and-sum primitive of a plan, made on first use (`relu`: a ReLU after the sum).
+Fused& BiasSum(Plan& p, bool relu) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (!p.bias_sum_ready[relu]) {
+    dnnl::post_ops ops;
+    ops.append_sum(1.f);
+    if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    p.bias_sum[relu] = MakeFused(p, ops);
+    p.bias_sum_ready[relu] = true;
+  }
+  return p.bias_sum[relu];
+}
 
 Plan& GetPlan(const Shape& s) {
   std::lock_guard<std::mutex> lock(mu);
@@ -80,17 +118,12 @@ Plan& GetPlan(const Shape& s) {
   p->bwd_weights = dnnl::convolution_backward_weights::primitive_desc(
       e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd);
   p->bias = memory::desc({s.o}, dt::f32, tag::x);
+  p->strides = strides;
+  p->pad_l = pad_l;
+  p->pad_r = pad_r;
   dnnl::post_ops relu;
   relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-  dnnl::primitive_attr fused_attr;
-  fused_attr.set_post_ops(relu);
-  p->fused = dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
-                                                       dnnl::algorithm::convolution_direct, p->src, wei_any, p->bias,
-                                                       p->dst, strides, pad_l, pad_r, fused_attr);
-  p->fused_p = dnnl::convolution_forward(p->fused);
-  p->fused_reorder = p->fused.weights_desc() != p->wei_user;
-  if (p->fused_reorder)
-    p->fused_r = dnnl::reorder(dnnl::reorder::primitive_desc(e, p->wei_user, e, p->fused.weights_desc()));
+  p->bias_relu = MakeFused(*p, relu);
   p->fwd_p = dnnl::convolution_forward(p->fwd);
   p->bwd_data_p = dnnl::convolution_backward_data(p->bwd_data);
   p->bwd_weights_p = dnnl::convolution_backward_weights(p->bwd_weights);
@@ -169,19 +202,38 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Re
   return ffi::Error::Success();
 }
 
+// `fused` on x, w and b, into y.
+ffi::Error RunFused(Plan& p, Fused& fused, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                    float* y) {
+  std::lock_guard<std::mutex> one_at_a_time(execution);
+  dnnl::stream stream(Engine());
+  memory wei = InLayout(stream, fused.reorder_needed, fused.reorder, fused.pd.weights_desc(),
+                        Wrap(p.wei_user, w.typed_data()));
+  fused.prim.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
+                              {DNNL_ARG_WEIGHTS, wei},
+                              {DNNL_ARG_BIAS, Wrap(p.bias, b.typed_data())},
+                              {DNNL_ARG_DST, Wrap(p.dst, y)}});
+  stream.wait();
+  return ffi::Error::Success();
+}
+
 ffi::Error ForwardBiasReluImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                                ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                                int64_t pl, int64_t pr) {
   Plan& p = GetPlan(MakeShape(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
-  std::lock_guard<std::mutex> one_at_a_time(execution);
-  dnnl::stream stream(Engine());
-  memory wei = InLayout(stream, p.fused_reorder, p.fused_r, p.fused.weights_desc(), Wrap(p.wei_user, w.typed_data()));
-  p.fused_p.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
-                             {DNNL_ARG_WEIGHTS, wei},
-                             {DNNL_ARG_BIAS, Wrap(p.bias, b.typed_data())},
-                             {DNNL_ARG_DST, Wrap(p.dst, y->typed_data())}});
-  stream.wait();
-  return ffi::Error::Success();
+  return RunFused(p, p.bias_relu, x, w, b, y->typed_data());
+}
+
+// y = conv(x, w) + b + z, then a ReLU when `relu`; y is z's buffer (an input-output alias), or
+// gets a copy of z first.
+ffi::Error ForwardBiasSumImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                              ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
+                              int64_t pt, int64_t pb, int64_t pl, int64_t pr, bool relu) {
+  Plan& p = GetPlan(MakeShape(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
+  if (z.element_count() != y->element_count())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "the summand's shape is not the convolution's output shape");
+  if (y->typed_data() != z.typed_data()) std::memcpy(y->typed_data(), z.typed_data(), z.size_bytes());
+  return RunFused(p, BiasSum(p, relu), x, w, b, y->typed_data());
 }
 
 ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
@@ -238,6 +290,11 @@ ffi::Error ForwardBiasRelu(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi
   return Guarded([&] { return ForwardBiasReluImpl(x, w, b, y, CONV_ARGS); });
 }
 
+ffi::Error ForwardBiasSum(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                          ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> y, CONV_PARAMS, int64_t relu) {
+  return Guarded([&] { return ForwardBiasSumImpl(x, w, b, z, y, CONV_ARGS, relu != 0); });
+}
+
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                         CONV_PARAMS) {
   return Guarded([&] { return BackwardDataImpl(dy, w, dx, CONV_ARGS); });
@@ -268,6 +325,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForwardBiasRelu, ForwardBiasRelu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForwardBiasSum, ForwardBiasSum,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS.Attr<int64_t>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, BackwardData,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()

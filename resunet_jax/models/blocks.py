@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from resunet_jax.kernels import onednn
+from resunet_jax.models import resample
 
 
 def make_norm(
@@ -77,6 +78,15 @@ class ConvTranspose2x2(nn.Module):
     return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
 
 
+def _conv_params(
+  module: nn.Module, size: int, channels: int, features: int, param_dtype
+) -> tuple[jax.Array, jax.Array]:
+  """`nn.Conv`'s parameters, `kernel` `[size, size, channels, features]` and `bias`, with its initialisers."""
+  kernel = module.param('kernel', nn.linear.default_kernel_init, (size, size, channels, features), param_dtype)
+  bias = module.param('bias', nn.initializers.zeros_init(), (features,), param_dtype)
+  return kernel.astype(jnp.float32), bias.astype(jnp.float32)
+
+
 class ConvReLU(nn.Module):
   """`relu(nn.Conv(features, (k, k), strides, padding='SAME')(x))` as one oneDNN primitive.
 
@@ -93,12 +103,35 @@ class ConvReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    kernel_shape = (k, k, x.shape[-1], self.features)
-    kernel = self.param('kernel', nn.linear.default_kernel_init, kernel_shape, self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=jnp.float32)
-    return onednn.conv_bias_relu(x, kernel, bias, (self.stride, self.stride), 'SAME')
+    kernel, bias = _conv_params(self, self.kernel_size, x.shape[-1], self.features, self.param_dtype)
+    return onednn.conv_bias_relu(x.astype(jnp.float32), kernel, bias, (self.stride, self.stride), 'SAME')
+
+
+def _upsampled_input(x: jax.Array, skip: jax.Array | None) -> jax.Array:
+  """A decoder block's input: `concat([upsample_nearest_2x(x), skip])`, or the upsampled `x` alone."""
+  up = resample.upsample_nearest_2x(x)
+  return up if skip is None else jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
+
+
+class UpsampledConv(nn.Module):
+  """`nn.Conv(features, (k, k), padding='SAME')` of `concat([upsample_nearest_2x(x), skip])`, then ReLU if `relu`.
+
+  The same parameters and initialisers as that `nn.Conv` (`kernel` `[k, k, C_x + C_skip,
+  features]`); computed by `resample.upsample_concat_conv`, without the upsampled tensor or the
+  concatenation. float32; `skip` may be None (the upsampled `x` alone).
+  """
+
+  features: int
+  kernel_size: int = 3
+  relu: bool = True
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array | None) -> jax.Array:
+    channels = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+    kernel, bias = _conv_params(self, self.kernel_size, channels, self.features, self.param_dtype)
+    skip = None if skip is None else skip.astype(jnp.float32)
+    return resample.upsample_concat_conv(x.astype(jnp.float32), skip, kernel, bias, relu=self.relu)
 
 
 class ConvBlock(nn.Module):
@@ -111,9 +144,14 @@ class ConvBlock(nn.Module):
   add, where `shortcut = x` when channels and resolution match and a 1x1 convolution with
   bias, `conv_proj`, otherwise. Without `residual` the output is `h`.
 
+  With `upsample`, the block's input is `concat([upsample_nearest_2x(x), skip])` (a decoder
+  block: `x` from the level below, `skip` from the encoder, or None).
+
   With oneDNN's convolutions, float32 and no normalisation ('postact'), each conv and its ReLU
   are one primitive (`ConvReLU`): the same parameters and values, one activation per
-  convolution kept for the backward pass instead of two.
+  convolution kept for the backward pass instead of two. A decoder block's `conv1` (and
+  `conv_proj`) then read `x` and `skip` directly (`UpsampledConv`): no upsampled tensor, no
+  concatenation, and for the 3x3 conv 4 taps per pixel on the upsampled part instead of 9.
 
   Attributes:
     features: output channels.
@@ -126,6 +164,7 @@ class ConvBlock(nn.Module):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     axis_name: BatchNorm's mapped axis (see `make_norm`).
+    upsample: the input is `x` upsampled x2 (nearest) and concatenated with `skip`.
   """
 
   features: int
@@ -139,19 +178,25 @@ class ConvBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None
   conv_general_dilated: Callable | None = None  # None: XLA's (see kernels.onednn.resolve)
+  upsample: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, residual_scale: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, train: bool, residual_scale: jax.Array | None = None, skip: jax.Array | None = None
+  ) -> jax.Array:
     """Applies the block.
 
     Args:
       x: `[B, H, W, C_in]`.
       train: BatchNorm mode. Positional so that `nn.remat` can mark it static.
       residual_scale: scalar multiplier on the shortcut (apply-time knock-out); None is 1.
+      skip: with `upsample`, `[B, 2H, 2W, C_skip]` concatenated after the upsampled `x`, or None.
 
     Returns:
-      `[B, H / stride, W / stride, features]` in `dtype`.
+      `[B, H / stride, W / stride, features]` in `dtype` (`2H, 2W` with `upsample`).
     """
+    if skip is not None and not self.upsample:
+      raise ValueError('ConvBlock got a skip tensor but upsample=False; a skip joins an upsampled input')
 
     def conv(features, kernel, stride, name):
       return nn.Conv(
@@ -185,7 +230,13 @@ class ConvBlock(nn.Module):
       and jnp.dtype(self.dtype) == jnp.float32
       and jnp.dtype(self.param_dtype) == jnp.float32
     )
-    if fused:  # conv -> ReLU, as one oneDNN primitive each
+    decoder_fused = fused and self.upsample and self.stride == 1
+    if self.upsample and not decoder_fused:
+      x = _upsampled_input(x, skip)
+    if decoder_fused:
+      h = UpsampledConv(self.features, 3, relu=True, name='conv1')(x, skip)
+      h = ConvReLU(self.features, 3, 1, name='conv2')(h)
+    elif fused:  # conv -> ReLU, as one oneDNN primitive each
       h = ConvReLU(self.features, 3, self.stride, name='conv1')(x)
       h = ConvReLU(self.features, 3, 1, name='conv2')(h)
     elif self.preact:
@@ -197,9 +248,16 @@ class ConvBlock(nn.Module):
       h = norm_act(conv(self.features, 3, 1, 'conv2')(h), 'norm2')
     if not self.residual:
       return h
-    shortcut = x
-    if x.shape[-1] != self.features or self.stride != 1:
+    if decoder_fused:  # x and skip, not yet upsampled and concatenated
+      channels = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+      if channels != self.features:
+        shortcut = UpsampledConv(self.features, 1, relu=False, name='conv_proj')(x, skip)
+      else:
+        shortcut = _upsampled_input(x, skip)
+    elif x.shape[-1] != self.features or self.stride != 1:
       shortcut = conv(self.features, 1, self.stride, 'conv_proj')(x)
+    else:
+      shortcut = x
     if residual_scale is not None:
       shortcut = shortcut * jnp.asarray(residual_scale, shortcut.dtype)
     return h + shortcut

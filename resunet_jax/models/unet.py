@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from resunet_jax.kernels import onednn
 from resunet_jax.models import blocks
 from resunet_jax.models.config import ModelConfig
+from resunet_jax.models.resample import max_pool_2x2
 
 
 def block_names(config: ModelConfig) -> tuple[str, ...]:
@@ -62,80 +63,6 @@ def _check_scale(name: str, scale, length: int, what: str) -> jax.Array | None:
   if scale.shape != (length,):
     raise ValueError(f'{name} has shape {scale.shape}; it needs one multiplier per {what}: shape ({length},)')
   return scale
-
-
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool with stride 2 of `[B, H, W, C]` (H and W even) as a reshape and a max.
-
-  The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`; on XLA's CPU backend its
-  gradient is 2.5x faster than `reduce_window`'s (select-and-scatter), see
-  benchmarks/README.md. Where a window holds tied maxima the gradient is shared between them
-  rather than given to the first (both are valid subgradients; after a ReLU the tied zeros get
-  none either way), as `jnp.max`'s own gradient does. The backward pass finds the maxima again
-  from the input and the output, which the network keeps anyway (the skip and the next
-  convolution's input), instead of keeping a float32 mask the size of the input (30 MB of U-Net
-  base 64's training peak at batch 4, 128x128). Reverse mode only, like the oneDNN
-  convolutions.
-  """
-  return _windows(x).max(axis=(2, 4))
-
-
-def _windows(x: jax.Array) -> jax.Array:
-  batch, height, width, channels = x.shape
-  return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
-
-
-def _sum_windows(blocks: jax.Array) -> jax.Array:
-  """`[B, H/2, 2, W/2, 2, C]` -> `[B, H/2, W/2, C]`: the four positions added elementwise.
-
-  Not `sum(axis=(2, 4))`: XLA's CPU backend hands that reduction to a library call that needs
-  its input materialised (the copies and masks the two gradients below avoid).
-  """
-  return sum(blocks[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1))
-
-
-def _max_pool_fwd(x):
-  y = max_pool_2x2(x)
-  return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-  x, y = residuals
-  at_max = _windows(x) == y[:, :, None, :, None, :]
-  ties = _sum_windows(at_max.astype(g.dtype))  # as a reduction, XLA would materialise the mask early
-  share = (g / ties)[:, :, None, :, None, :]
-  return (jnp.where(at_max, share, jnp.zeros((), g.dtype)).reshape(x.shape),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-@jax.custom_vjp
-def upsample_nearest_2x(x: jax.Array) -> jax.Array:
-  """x2 nearest-neighbour upsampling of `[B, H, W, C]`: each pixel becomes a 2x2 block.
-
-  `jnp.repeat` along H and W, with a gradient that adds each 2x2 block of the incoming
-  gradient as four strided slices. `jnp.repeat`'s own gradient is a reduction, which XLA's CPU
-  backend hands to a library call that needs its input materialised: a copy of the decoder's
-  input gradient the size of the upsampled tensor (32 MB at U-Net base 64's finest level, batch
-  4, 128x128, held at the training step's peak). Reverse mode only, like `max_pool_2x2`.
-  """
-  batch, height, width, channels = x.shape
-  return jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels)).reshape(
-    batch, 2 * height, 2 * width, channels
-  )
-
-
-def _upsample_fwd(x):
-  return upsample_nearest_2x(x), None
-
-
-def _upsample_bwd(_, g):
-  return (_sum_windows(_windows(g)),)
-
-
-upsample_nearest_2x.defvjp(_upsample_fwd, _upsample_bwd)
 
 
 def _pad_to_multiple(x: jax.Array, multiple: int) -> tuple[jax.Array, tuple[int, int, int, int]]:
@@ -201,7 +128,7 @@ class UNet(nn.Module):
     stride_down = cfg.downsample == 'stride'
     conv = onednn.resolve(cfg.conv)
 
-    def block(h, index, features, stride=1):
+    def block(h, index, features, stride=1, upsample=False, skip=None):
       module = block_cls(
         features=features,
         residual=cfg.residual,
@@ -214,9 +141,10 @@ class UNet(nn.Module):
         param_dtype=cfg.params_dtype,
         axis_name=self.axis_name,
         conv_general_dilated=conv,
+        upsample=upsample,
         name=names[index],
       )
-      return module(h, train, None if residual_scale is None else residual_scale[index])
+      return module(h, train, None if residual_scale is None else residual_scale[index], skip)
 
     h, (top, left, height, width) = _pad_to_multiple(x.astype(cfg.compute_dtype), 2**cfg.depth)
     widths = cfg.widths()
@@ -229,11 +157,14 @@ class UNet(nn.Module):
     skips.pop()  # The bottleneck's output feeds the decoder, not a skip.
 
     for index, level in enumerate(reversed(range(cfg.depth)), start=cfg.depth + 1):
+      skip = skips[level] if cfg.skip_levels[level] else None
+      if skip is not None and skip_scale is not None:
+        skip = skip * skip_scale[level].astype(skip.dtype)
+      if cfg.upsample == 'nearest':  # the block upsamples and concatenates (without either, with oneDNN)
+        h = block(h, index, widths[level], upsample=True, skip=skip)
+        continue
       h = self._upsample(h, widths[level], level)
-      if cfg.skip_levels[level]:
-        skip = skips[level]
-        if skip_scale is not None:
-          skip = skip * skip_scale[level].astype(skip.dtype)
+      if skip is not None:
         h = jnp.concatenate([h, skip], axis=-1)
       h = block(h, index, widths[level])
 
@@ -253,7 +184,5 @@ class UNet(nn.Module):
       return blocks.ConvTranspose2x2(
         features, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=f'up_{level}'
       )(h)
-    if cfg.upsample == 'nearest':
-      return upsample_nearest_2x(h)
     batch, height, width, channels = h.shape
     return jax.image.resize(h, (batch, 2 * height, 2 * width, channels), method='bilinear')

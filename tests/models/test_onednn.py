@@ -12,7 +12,7 @@ from jax import lax
 
 from resunet_jax import configs, models
 from resunet_jax.kernels import onednn
-from resunet_jax.models import blocks, unet
+from resunet_jax.models import blocks, resample
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason='oneDNN is not installed here')
@@ -87,6 +87,88 @@ def test_fused_bias_relu_matches_xla(strides):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
   text = jax.jit(fused).lower(x, w, b).compile().as_text()
   assert 'resunet_onednn_ConvForwardBiasRelu' in text
+
+
+def _values_and_grads(f, probe, *args):
+  """`f(*args)` and the gradients of `sum(f * probe)` with respect to every array argument."""
+  argnums = tuple(i for i, a in enumerate(args) if a is not None)
+  return jax.jit(lambda *a: (f(*a), jax.grad(lambda *a: jnp.sum(f(*a) * probe), argnums)(*a)))(*args)
+
+
+def _assert_close(ours, reference):
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@needs_onednn
+@pytest.mark.parametrize('relu', [True, False])
+def test_fused_bias_and_sum_matches_xla_and_writes_over_the_summand(relu):
+  keys = jax.random.split(jax.random.key(4), 5)
+  x, w = jax.random.normal(keys[0], (2, 9, 10, 4)), jax.random.normal(keys[1], (3, 3, 4, 6))
+  b, z = jax.random.normal(keys[2], (6,)), jax.random.normal(keys[3], (2, 9, 10, 6))
+
+  def xla(x, w, b, z):
+    y = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC) + b + z
+    return jax.nn.relu(y) if relu else y
+
+  def ours(x, w, b, z):
+    return onednn.conv_bias_add(x, w, b, z, relu=relu)
+
+  probe = jax.random.normal(keys[4], z.shape)
+  _assert_close(_values_and_grads(ours, probe, x, w, b, z), _values_and_grads(xla, probe, x, w, b, z))
+  text = jax.jit(ours).lower(x, w, b, z).compile().as_text()
+  (call,) = [line for line in text.splitlines() if 'resunet_onednn_ConvForwardBiasSum' in line]
+  assert 'output_to_operand_aliasing={{}: (3, {})}' in call  # the result is written over z
+  with pytest.raises(ValueError, match=r'z has shape \(2, 9, 10, 5\), the convolution gives \(2, 9, 10, 6\)'):
+    onednn.conv_bias_add(x, w, b, z[..., :5])
+
+
+def _upsample_concat_conv_directly(low, skip, kernel, bias, relu):
+  x = resample.upsample_nearest_2x(low)
+  x = x if skip is None else jnp.concatenate([x, skip], axis=-1)
+  y = lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC) + bias
+  return jax.nn.relu(y) if relu else y
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+  'low_shape, skip_channels, size, relu, target',
+  [
+    ((2, 5, 7, 6), 3, 3, True, 'ConvForwardBiasSum'),  # the decoder's conv1, by output parity
+    ((2, 5, 7, 6), None, 3, True, 'ConvForward'),  # a removed skip: the upsampled input alone
+    ((2, 5, 7, 6), 3, 1, False, 'ConvForwardBiasSum'),  # the residual decoder's conv_proj
+    ((1, 2, 3, 8), 4, 3, True, 'ConvForwardBiasRelu'),  # fewer positions (6) than channels: directly
+  ],
+)
+def test_upsampled_concatenated_conv_matches_the_direct_form(low_shape, skip_channels, size, relu, target):
+  keys = jax.random.split(jax.random.key(5), 5)
+  batch, height, width, channels = low_shape
+  low = jax.random.normal(keys[0], low_shape)
+  skip = None if skip_channels is None else jax.random.normal(keys[1], (batch, 2 * height, 2 * width, skip_channels))
+  kernel = jax.random.normal(keys[2], (size, size, channels + (skip_channels or 0), 5))
+  bias = jax.random.normal(keys[3], (5,))
+  probe = jax.random.normal(keys[4], (batch, 2 * height, 2 * width, 5))
+
+  def ours(low, skip, kernel, bias):
+    return resample.upsample_concat_conv(low, skip, kernel, bias, relu=relu)
+
+  def direct(low, skip, kernel, bias):
+    return _upsample_concat_conv_directly(low, skip, kernel, bias, relu)
+
+  results = [_values_and_grads(f, probe, low, skip, kernel, bias) for f in (ours, direct)]
+  if relu:
+    assert 0.2 < float(jnp.mean(results[1][0] > 0)) < 0.8  # the mask matters
+  _assert_close(*results)
+  text = jax.jit(ours).lower(low, skip, kernel, bias).compile().as_text()
+  assert f'resunet_onednn_{target}"' in text
+  with pytest.raises(ValueError, match=rf'needs a \[1\|3, 1\|3, \d+, F\] kernel; got \({size}, {size}, 2, 5\)'):
+    resample.upsample_concat_conv(low, skip, kernel[:, :, :2], bias, relu=relu)
+
+
+def test_a_skip_without_upsampling_is_refused():
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(ValueError, match='ConvBlock got a skip tensor but upsample=False'):
+    models.ConvBlock(features=3).init(jax.random.key(0), x, False, None, x)
 
 
 @needs_onednn
@@ -199,24 +281,24 @@ def test_transposed_conv_equals_flax():
 def test_max_pool_equals_flax_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 6, 8, 3))  # no ties
   flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
-  np.testing.assert_array_equal(unet.max_pool_2x2(x), flax_pool(x))
+  np.testing.assert_array_equal(resample.max_pool_2x2(x), flax_pool(x))
   probe = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
   grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * probe))(x)  # noqa: E731
-  np.testing.assert_array_equal(grad(unet.max_pool_2x2), grad(flax_pool))
+  np.testing.assert_array_equal(grad(resample.max_pool_2x2), grad(flax_pool))
 
 
 def test_nearest_upsampling_equals_repeat_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
   repeat = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # noqa: E731
-  np.testing.assert_array_equal(unet.upsample_nearest_2x(x), repeat(x))
+  np.testing.assert_array_equal(resample.upsample_nearest_2x(x), repeat(x))
   probe = jax.random.normal(jax.random.key(1), (2, 6, 8, 5))
   grad = lambda up: jax.grad(lambda x: jnp.sum(up(x) * probe))(x)  # noqa: E731
-  np.testing.assert_allclose(grad(unet.upsample_nearest_2x), grad(repeat), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grad(resample.upsample_nearest_2x), grad(repeat), rtol=1e-6, atol=1e-6)
 
 
 def test_max_pool_shares_the_gradient_between_tied_maxima():
   x = jnp.stack([jnp.array([[1.0, 3.0], [3.0, 2.0]]), jnp.array([[0.0, 0.0], [0.0, 0.0]])], axis=-1)[None]
-  g = jax.grad(lambda x: jnp.sum(unet.max_pool_2x2(x) * jnp.array([2.0, 4.0])))(x)
+  g = jax.grad(lambda x: jnp.sum(resample.max_pool_2x2(x) * jnp.array([2.0, 4.0])))(x)
   np.testing.assert_array_equal(g[0, :, :, 0], [[0.0, 1.0], [1.0, 0.0]])  # two tied 3s share 2
   np.testing.assert_array_equal(g[0, :, :, 1], [[1.0, 1.0], [1.0, 1.0]])  # four tied 0s share 4
   reference = jax.grad(lambda x: jnp.sum(x.reshape(1, 1, 2, 1, 2, 2).max(axis=(2, 4)) * jnp.array([2.0, 4.0])))(x)

@@ -1,0 +1,171 @@
+"""x2 resampling of NHWC tensors: max-pooling, nearest upsampling, and a convolution of an upsampled input.
+
+`max_pool_2x2` and `upsample_nearest_2x` are the note's pooling and upsampling with gradients
+written for XLA's CPU backend. `upsample_concat_conv` is the decoder's first convolution,
+`conv(concat([upsample_nearest_2x(low), skip]))`, computed without the upsampled tensor or the
+concatenation: a 3x3 convolution of a nearest-upsampled image is, at each of the four output
+parities, a 2x2 convolution of the low-resolution image with summed taps (the sub-pixel view of
+resize-convolution; Shi et al., CVPR 2016; Odena, Dumoulin & Olah, Distill 2016).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resunet_jax.kernels import onednn
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 of `[B, H, W, C]` (H and W even) as a reshape and a max.
+
+  The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`; on XLA's CPU backend its
+  gradient is 2.5x faster than `reduce_window`'s (select-and-scatter), see
+  benchmarks/README.md. Where a window holds tied maxima the gradient is shared between them
+  rather than given to the first (both are valid subgradients; after a ReLU the tied zeros get
+  none either way), as `jnp.max`'s own gradient does. The backward pass finds the maxima again
+  from the input and the output, which the network keeps anyway (the skip and the next
+  convolution's input), instead of keeping a float32 mask the size of the input (30 MB of U-Net
+  base 64's training peak at batch 4, 128x128). Reverse mode only, like the oneDNN
+  convolutions.
+  """
+  return _windows(x).max(axis=(2, 4))
+
+
+def _windows(x: jax.Array) -> jax.Array:
+  batch, height, width, channels = x.shape
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+
+
+def _sum_windows(blocks: jax.Array) -> jax.Array:
+  """`[B, H/2, 2, W/2, 2, C]` -> `[B, H/2, W/2, C]`: the four positions added elementwise.
+
+  Not `sum(axis=(2, 4))`: XLA's CPU backend hands that reduction to a library call that needs
+  its input materialised (the copies and masks the two gradients below avoid).
+  """
+  return sum(blocks[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1))
+
+
+def _max_pool_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(residuals, g):
+  x, y = residuals
+  at_max = _windows(x) == y[:, :, None, :, None, :]
+  ties = _sum_windows(at_max.astype(g.dtype))  # as a reduction, XLA would materialise the mask early
+  share = (g / ties)[:, :, None, :, None, :]
+  return (jnp.where(at_max, share, jnp.zeros((), g.dtype)).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@jax.custom_vjp
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+  """x2 nearest-neighbour upsampling of `[B, H, W, C]`: each pixel becomes a 2x2 block.
+
+  `jnp.repeat` along H and W, with a gradient that adds each 2x2 block of the incoming
+  gradient as four strided slices. `jnp.repeat`'s own gradient is a reduction, which XLA's CPU
+  backend hands to a library call that needs its input materialised: a copy of the decoder's
+  input gradient the size of the upsampled tensor (32 MB at U-Net base 64's finest level, batch
+  4, 128x128, held at the training step's peak). Reverse mode only, like `max_pool_2x2`.
+  """
+  batch, height, width, channels = x.shape
+  return jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels)).reshape(
+    batch, 2 * height, 2 * width, channels
+  )
+
+
+def _upsample_fwd(x):
+  return upsample_nearest_2x(x), None
+
+
+def _upsample_bwd(_, g):
+  return (_sum_windows(_windows(g)),)
+
+
+upsample_nearest_2x.defvjp(_upsample_fwd, _upsample_bwd)
+
+
+def _parity_taps() -> np.ndarray:
+  """`[16, 9]` 0/1 matrix: row `(u, v, k, l)` sums the 3x3 taps `(p, q)` that make 2x2 tap `(u, v)`.
+
+  Along one axis, for output parity `1 - k`: output row `2i+1` reads upsampled rows `2i, 2i+1,
+  2i+2`, that is input rows `i, i, i+1`, so its taps are `(k0 + k1, k2)` on rows `(i, i+1)`
+  (`k = 0`). Output row `2i` reads input rows `i-1, i, i`: taps `(k0, k1 + k2)` on rows
+  `(i-1, i)` (`k = 1`).
+  """
+  axis = np.array([[[1, 1, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 1]]], np.float32)  # [k, u, p]
+  return np.einsum('kup,lvq->uvklpq', axis, axis).reshape(16, 9)
+
+
+_PARITY_TAPS = _parity_taps()
+
+
+def _upsampled_conv3x3(low: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv3x3_same(upsample_nearest_2x(low), kernel)` (no bias) from `low` itself.
+
+  Each output parity is a 2x2 convolution of `low` with summed taps (`_parity_taps`). One 2x2
+  convolution of `low`, padded by one on every side, with the four parities' kernels side by
+  side (`[2, 2, C, 4F]`, parity `(1 - k, 1 - l)` at group `2k + l`), gives a `[B, H+1, W+1, 4F]`
+  map `m`. Its depth-to-space `d` (`d[2u + k, 2v + l] = m[u, v, group 2k + l]`) holds output
+  pixel `(2i + a, 2j + b)` at `(2i + a + 1, 2j + b + 1)`: from `(i + a, j + b)`, group
+  `(1 - a, 1 - b)`. So the output is `d[1 : 2H + 1, 1 : 2W + 1]`. Per output pixel that is 4 taps
+  where the direct form reads 9, with 1/(H+1) + 1/(W+1) more positions.
+  """
+  batch, height, width, channels = low.shape
+  features = kernel.shape[-1]
+  # One small matrix product (as adds and stacks, XLA compiled the step 40% slower).
+  taps = jnp.asarray(_PARITY_TAPS, kernel.dtype) @ kernel.reshape(9, channels * features)
+  stacked = taps.reshape(2, 2, 2, 2, channels, features).transpose(0, 1, 4, 2, 3, 5)  # [u, v, C, k, l, F]
+  stacked = stacked.reshape(2, 2, channels, 4 * features)
+  maps = onednn.conv_general_dilated(low, stacked, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+  blocks = maps.reshape(batch, height + 1, width + 1, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+  spread = blocks.reshape(batch, 2 * height + 2, 2 * width + 2, features)
+  return spread[:, 1 : 2 * height + 1, 1 : 2 * width + 1]
+
+
+def upsample_concat_conv(
+  low: jax.Array, skip: jax.Array | None, kernel: jax.Array, bias: jax.Array, *, relu: bool
+) -> jax.Array:
+  """`conv_same(concat([upsample_nearest_2x(low), skip]), kernel) + bias`, then ReLU if `relu`.
+
+  The decoder's first convolution (3x3) or projection shortcut (1x1) without the upsampled
+  tensor or the concatenation: `kernel` (`[k, k, C_low + C_skip, F]`, k = 1 or 3) is split by
+  input channel; the upsampled part is `_upsampled_conv3x3`, or for k = 1 the convolution of
+  `low` upsampled afterwards (a 1x1 convolution commutes with nearest upsampling); the skip's
+  part is one `onednn.conv_bias_add` that adds it, the bias and the ReLU. With `skip=None` the
+  input is the upsampled `low` alone. At the design note's U-Net (skip width F, `low` 2F) the 3x3
+  form does 68/108 of the direct form's multiply-adds (+ the border positions); the values match
+  it to float32 rounding (the summed taps round differently).
+  """
+  channels = low.shape[-1]
+  size = kernel.shape[0]
+  expected = channels + (0 if skip is None else skip.shape[-1])
+  if kernel.shape[:3] != (size, size, expected) or size not in (1, 3):
+    raise ValueError(f'upsample_concat_conv needs a [1|3, 1|3, {expected}, F] kernel; got {kernel.shape}')
+  batch, height, width, _ = low.shape
+  if size == 3 and batch * height * width < channels:
+    # Fewer input positions than channels: the step is bound by reading the kernels, which the
+    # four parities' form makes 16/9 as large (and assembles and reorders on every call). At
+    # U-Net base 64, batch 4, 128x128, the 8x8 level ran no faster so (65-70 ms either way).
+    x = upsample_nearest_2x(low)
+    x = x if skip is None else jnp.concatenate([x, skip], axis=-1)
+    if relu:
+      return onednn.conv_bias_relu(x, kernel, bias)
+    return onednn.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC) + bias
+  up_kernel = kernel[:, :, :channels]
+  if size == 3:
+    z = _upsampled_conv3x3(low, up_kernel)
+  else:
+    z = upsample_nearest_2x(onednn.conv_general_dilated(low, up_kernel, (1, 1), 'VALID', dimension_numbers=_NHWC))
+  if skip is None:
+    y = z + bias
+    return jax.nn.relu(y) if relu else y
+  return onednn.conv_bias_add(skip, kernel[:, :, channels:], bias, z, relu=relu)
