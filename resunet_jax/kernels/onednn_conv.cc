@@ -1,6 +1,7 @@
-// oneDNN convolutions as XLA FFI handlers: forward (plain, or followed by a bias and a ReLU in
-// the same primitive), input gradient and kernel gradient of a 2-D convolution with NHWC
-// activations and HWIO kernels in float32, any stride and padding.
+// oneDNN convolutions as XLA FFI handlers: forward (plain, followed by a bias and a ReLU in the
+// same primitive, or by a bias and a summand already in the output buffer, then optionally a
+// ReLU), input gradient and kernel gradient of a 2-D convolution with NHWC activations and HWIO
+// kernels in float32, any stride and padding.
 //
 // Built on first use by resunet_jax/kernels/onednn.py (g++, the headers of the onednn-devel-cpu-gomp
 // wheel) and registered with jax.ffi for the CPU platform. oneDNN picks its kernel for the shape
