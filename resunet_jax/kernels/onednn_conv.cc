@@ -57,8 +57,7 @@ struct Plan {
   memory::desc src, wei_user, dst, bias;
   dnnl::convolution_forward::primitive_desc fwd;
   Fused bias_relu;       // + bias, then ReLU
-  Fused bias_sum[2];     // + bias + the destination's prior contents, then ReLU when [1]
-  bool bias_sum_ready[2] = {false, false};
+  Fused bias_sum[2];     // + bias + the destination's prior contents, then ReLU when [1]; made on first use
   dnnl::convolution_backward_data::primitive_desc bwd_data;
   dnnl::convolution_backward_weights::primitive_desc bwd_weights;
   dnnl::convolution_forward fwd_p;
@@ -90,12 +89,11 @@ Fused MakeFused(const Plan& p, const dnnl::post_ops& post_ops) {
 // The bias-and-sum primitive of a plan, made on first use (`relu`: a ReLU after the sum).
 Fused& BiasSum(Plan& p, bool relu) {
   std::lock_guard<std::mutex> lock(mu);
-  if (!p.bias_sum_ready[relu]) {
+  if (!p.bias_sum[relu].prim) {
     dnnl::post_ops ops;
     ops.append_sum(1.f);
     if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
     p.bias_sum[relu] = MakeFused(p, ops);
-    p.bias_sum_ready[relu] = true;
   }
   return p.bias_sum[relu];
 }

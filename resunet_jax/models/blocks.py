@@ -107,12 +107,6 @@ class ConvReLU(nn.Module):
     return onednn.conv_bias_relu(x.astype(jnp.float32), kernel, bias, (self.stride, self.stride), 'SAME')
 
 
-def _upsampled_input(x: jax.Array, skip: jax.Array | None) -> jax.Array:
-  """A decoder block's input: `concat([upsample_nearest_2x(x), skip])`, or the upsampled `x` alone."""
-  up = resample.upsample_nearest_2x(x)
-  return up if skip is None else jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
-
-
 class UpsampledConv(nn.Module):
   """`nn.Conv(features, (k, k), padding='SAME')` of `concat([upsample_nearest_2x(x), skip])`, then ReLU if `relu`.
 
@@ -232,7 +226,7 @@ class ConvBlock(nn.Module):
     )
     decoder_fused = fused and self.upsample and self.stride == 1
     if self.upsample and not decoder_fused:
-      x = _upsampled_input(x, skip)
+      x = resample.upsample_concat(x, skip)
     if decoder_fused:
       h = UpsampledConv(self.features, 3, relu=True, name='conv1')(x, skip)
       h = ConvReLU(self.features, 3, 1, name='conv2')(h)
@@ -253,7 +247,7 @@ class ConvBlock(nn.Module):
       if channels != self.features:
         shortcut = UpsampledConv(self.features, 1, relu=False, name='conv_proj')(x, skip)
       else:
-        shortcut = _upsampled_input(x, skip)
+        shortcut = resample.upsample_concat(x, skip)
     elif x.shape[-1] != self.features or self.stride != 1:
       shortcut = conv(self.features, 1, self.stride, 'conv_proj')(x)
     else:

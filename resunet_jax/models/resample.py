@@ -93,6 +93,12 @@ def _upsample_bwd(_, g):
 upsample_nearest_2x.defvjp(_upsample_fwd, _upsample_bwd)
 
 
+def upsample_concat(low: jax.Array, skip: jax.Array | None) -> jax.Array:
+  """A decoder block's input: `concat([upsample_nearest_2x(low), skip])`, or the upsampled `low` alone."""
+  up = upsample_nearest_2x(low)
+  return up if skip is None else jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
+
+
 def _parity_taps() -> np.ndarray:
   """`[16, 9]` 0/1 matrix: row `(u, v, k, l)` sums the 3x3 taps `(p, q)` that make 2x2 tap `(u, v)`.
 
@@ -155,8 +161,7 @@ def upsample_concat_conv(
     # Fewer input positions than channels: the step is bound by reading the kernels, which the
     # four parities' form makes 16/9 as large (and assembles and reorders on every call). At
     # U-Net base 64, batch 4, 128x128, the 8x8 level ran no faster so (65-70 ms either way).
-    x = upsample_nearest_2x(low)
-    x = x if skip is None else jnp.concatenate([x, skip], axis=-1)
+    x = upsample_concat(low, skip)
     if relu:
       return onednn.conv_bias_relu(x, kernel, bias)
     return onednn.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC) + bias
