@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--size', type=int, default=128)
   parser.add_argument('--repeats', type=int, default=10, help='timed calls per part (median)')
-  parser.add_argument('--conv', default='auto', help="ours: 'auto', 'xla' or 'onednn' (ModelConfig.conv)")
+  parser.add_argument(
+    '--backend', default='auto', help="ours: the layer set, 'auto', 'stock' or 'cpu' (runtime.backend)"
+  )
   parser.add_argument('--compare', action='store_true', help='time the same shapes in PyTorch channels_last too')
   parser.add_argument('--torch-layers', help=argparse.SUPPRESS)  # set by --compare for its child
   return parser.parse_args(argv)
@@ -61,7 +63,7 @@ def conv_layers(args) -> list[dict]:
   from resunet_jax import models
 
   # Traced with XLA's convolutions, whose primitives carry the shapes (oneDNN's are custom calls).
-  model = models.UNet(models.preset(args.model, base_width=args.base_width, conv='xla'))
+  model = models.UNet(models.preset(args.model, base_width=args.base_width))
   images = jnp.zeros((args.batch, args.size, args.size, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, train=False))(variables)
@@ -87,16 +89,18 @@ def time_jax(layers: list[dict], repeats: int, backend: str = 'auto') -> list[di
   """Ours: each part of each layer jitted on its own, in milliseconds, with `backend`'s convolution."""
   from jax import lax
 
-  from resunet_jax.kernels import onednn
+  from resunet_jax import models, runtime
+  from resunet_jax.cpu import onednn
 
-  conv_general_dilated = onednn.resolve(backend) or lax.conv_general_dilated
+  on_cpu = runtime.layers(backend) is not models.STOCK
+  conv_general_dilated = onednn.conv_general_dilated if on_cpu else lax.conv_general_dilated
   return [_time_jax_layer(layer, repeats, conv_general_dilated) for layer in layers]
 
 
 def _time_jax_layer(layer: dict, repeats: int, conv_general_dilated) -> dict:
   import jax
 
-  from resunet_jax.kernels import onednn
+  from resunet_jax.cpu import onednn
 
   def conv(x, w):
     return conv_general_dilated(x, w, layer['stride'], layer['padding'], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -158,11 +162,11 @@ def main(argv: list[str]) -> None:
     print(json.dumps(time_torch(json.loads(args.torch_layers), args.repeats)))
     return
   layers = conv_layers(args)
-  ours = time_jax(layers, args.repeats, args.conv)
+  ours = time_jax(layers, args.repeats, args.backend)
   result = {
     'benchmark': 'conv_layers',
     'model': args.model,
-    'conv': args.conv,
+    'backend': args.backend,
     'base_width': args.base_width,
     'batch': args.batch,
     'size': args.size,

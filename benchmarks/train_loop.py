@@ -100,7 +100,7 @@ def main(argv: list[str]) -> None:
     'bare_images_per_sec': round(bare_images_per_sec, 2),
     'bare_step_ms_median': round(bare_ms, 1),
     'loop_over_bare': round(loop_images_per_sec / bare_images_per_sec, 3),
-    'conv': model_config.conv,
+    'backend': config.runtime.backend,
     'cpu_count': os.cpu_count(),
   }
   print(json.dumps(result))

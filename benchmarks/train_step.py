@@ -4,6 +4,7 @@ r"""Training-step and inference throughput of a preset, ours (JAX) or a PyTorch 
   python benchmarks/train_step.py --model=unet --base-width=64 --batch=4 --size=128 --infer
   python benchmarks/train_step.py --model=resunet --base-width=16 --compare   # vs PyTorch, needs .[bench]
   python benchmarks/train_step.py --model=unet --base-width=16 --compare --repeats=3   # median of 3 rounds
+  python benchmarks/train_step.py --model=unet --base-width=16 --backend=stock   # the stock layers alone
   python benchmarks/train_step.py --model=unet --base-width=64 --batch=64 --size=256 --dtype=bfloat16  # a GPU
 
 One training step is forward, sigmoid BCE, backward and Adam on random float32 inputs, computed
@@ -16,9 +17,11 @@ none, the model FLOPs), `percent_of_matmul_peak` (against a jitted matmul timed 
 process: 2048x2048 float32 on a CPU, 8192x8192 in `--dtype` on a GPU), `peak_rss_mb` (the
 process's resident set size at its peak) and `params`. On a GPU it adds `device_peak_mb` (the
 accelerator memory the process held at its peak) and, for a chip `DATASHEET_TFLOPS` knows,
-`mfu_percent` (model FLOPs over the median time against the chip's dense peak). `--compare` runs
-ours, PyTorch NCHW and PyTorch channels_last (on the GPU, if PyTorch has one), each in its own
-process (so each peak memory is its own), and prints their lines and the ratios ours/PyTorch;
+`mfu_percent` (model FLOPs over the median time against the chip's dense peak). `--backend` picks
+our layer set (`resunet_jax.runtime`: auto, stock, cpu). `--compare` runs ours (`--backend`),
+ours with the stock layers (where `--backend` is not stock already), PyTorch NCHW and PyTorch
+channels_last (on the GPU, if PyTorch has one), each in its own process (so each peak memory is
+its own), and prints their lines and the ratios ours/PyTorch, the stock layers' beside ours;
 `--repeats=N` runs N interleaved rounds and gives the median ratios.
 """
 
@@ -49,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=10, help='timed steps (at least 10 for reported figures)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--framework', choices=('jax', 'torch'), default='jax')
-  parser.add_argument('--conv', default='auto', help="JAX: 'auto', 'xla' or 'onednn' convolutions (ModelConfig.conv)")
+  parser.add_argument(
+    '--backend', default='auto', help="JAX: the layer set, 'auto', 'stock' or 'cpu' (runtime.backend)"
+  )
   parser.add_argument('--channels-last', action='store_true', help='PyTorch: NHWC memory format')
   parser.add_argument(
     '--devices', type=int, default=1, help='JAX: split the CPU into this many devices and the batch over them'
@@ -141,8 +146,8 @@ def model_flops(jaxpr) -> float:
   return total
 
 
-def _jax_program(args, mesh, conv: str, abstract: bool = False):
-  """The jitted step (or forward pass) with `conv` convolutions, its operands and `run(step, operands) -> operands`.
+def _jax_program(args, mesh, backend: str, abstract: bool = False):
+  """The jitted step (or forward pass) with `backend`'s layers, its operands and `run(step, operands) -> operands`.
 
   `abstract`: the operands are shapes only (`jax.ShapeDtypeStruct`), enough to lower the step.
   """
@@ -150,10 +155,10 @@ def _jax_program(args, mesh, conv: str, abstract: bool = False):
   import jax.numpy as jnp
   import optax
 
-  from resunet_jax import models
+  from resunet_jax import models, runtime
   from resunet_jax.training import parallel
 
-  model = models.UNet(_config(args, conv=conv, dtype=args.dtype))
+  model = models.UNet(_config(args, dtype=args.dtype), layers=runtime.layers(backend))
   images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
   masks = (jax.random.uniform(jax.random.key(1), (args.batch, args.size, args.size, 1)) > 0.9).astype(jnp.float32)
   # As the training loop does: one jitted init on one image, created replicated (an eager init
@@ -210,11 +215,13 @@ def jax_step(args) -> tuple[dict, dict]:
   """Our step: returns the figures and the flop counts of one step (`flops`: XLA's, `model_flops`)."""
   import jax
 
-  from resunet_jax import hostmem, models
+  from resunet_jax import models, runtime
+  from resunet_jax.cpu import hostmem
   from resunet_jax.training import parallel
 
   mesh = parallel.make_mesh()
-  step, operands, run = _jax_program(args, mesh, args.conv)
+  layers = runtime.layers(args.backend)
+  step, operands, run = _jax_program(args, mesh, args.backend)
   jax.clear_caches()  # as the training loop does: the initialiser's executable is not run again
   params = operands[0]
   start = time.perf_counter()
@@ -223,9 +230,9 @@ def jax_step(args) -> tuple[dict, dict]:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   # XLA counts no flops inside custom calls (oneDNN's convolutions), so the counts are the same
-  # step's with XLA's convolutions, lowered, not compiled: the unpartitioned program, all devices' flops.
-  if args.conv != 'xla':  # on abstract operands: the twin allocates no parameters or optimizer state of its own
-    twin, abstract, _ = _jax_program(args, mesh, 'xla', abstract=True)
+  # step's with the stock layers, lowered, not compiled: the unpartitioned program, all devices' flops.
+  if layers is not models.STOCK:  # on abstract operands: the twin allocates no parameters or optimizer state of its own
+    twin, abstract, _ = _jax_program(args, mesh, 'stock', abstract=True)
     traced = twin.trace(*abstract)
     lowered = traced.lower()
   counts = {'model_flops': model_flops(traced.jaxpr)}
@@ -233,7 +240,8 @@ def jax_step(args) -> tuple[dict, dict]:
   # calls: there the count is the model FLOPs.
   counts['flops'] = (lowered.cost_analysis() or {}).get('flops', counts['model_flops'])
   del traced, lowered
-  hostmem.release_free_memory()  # as the training loop does after its first step
+  if jax.default_backend() == 'cpu':  # as the training loop does after its first step
+    hostmem.release_free_memory()
   for _ in range(args.warmup):
     operands = run(compiled, operands)
   times = []
@@ -241,7 +249,7 @@ def jax_step(args) -> tuple[dict, dict]:
     start = time.perf_counter()
     operands = run(compiled, operands)
     times.append(time.perf_counter() - start)
-  figures = {'compile_s': round(compile_s, 2), 'params': models.count_params(params), 'conv': args.conv}
+  figures = {'compile_s': round(compile_s, 2), 'params': models.count_params(params), 'layers': layers.name}
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     figures['device_peak_mb'] = round(stats['peak_bytes_in_use'] / 2**20, 1)
@@ -321,7 +329,7 @@ def measure(args) -> dict:
       )
     import jax
 
-    from resunet_jax import hostmem
+    from resunet_jax.cpu import hostmem
 
     on_gpu = jax.default_backend() == 'gpu'
     peak = matmul_peak_gflops(8192, dtype=args.dtype) if on_gpu else matmul_peak_gflops()
@@ -381,9 +389,11 @@ def compare(argv: list[str], repeats: int) -> list[dict]:
     out = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
+  stock_too = parse_args(argv).backend != 'stock'
   lines, rounds = [], collections.defaultdict(list)
   for _ in range(repeats):
     ours = child('--framework=jax')
+    stock = child('--framework=jax', '--backend=stock') if stock_too else None
     torch_args = [
       '--framework=torch',
       f'--torch-model={json.dumps(torch_unet.fields(_config(parse_args(argv))))}',
@@ -394,11 +404,14 @@ def compare(argv: list[str], repeats: int) -> list[dict]:
     nchw, nhwc = child(*torch_args), child(*torch_args, '--channels-last')
     if not ours['params'] == nchw['params'] == nhwc['params']:
       raise SystemExit(f'parameter counts differ: ours {ours["params"]}, PyTorch {nchw["params"]}')
-    lines += [ours, nchw, nhwc]
-    rounds['ours_over_torch'].append(round(ours['images_per_sec'] / nchw['images_per_sec'], 3))
-    rounds['ours_over_torch_channels_last'].append(round(ours['images_per_sec'] / nhwc['images_per_sec'], 3))
-    memory = memory_field(ours, nhwc)
-    rounds['memory_ours_over_torch_channels_last'].append(round(ours[memory] / nhwc[memory], 3))
+    lines += [line for line in (ours, stock, nchw, nhwc) if line is not None]
+    for name, line in (('ours', ours), ('stock', stock)):
+      if line is None:
+        continue
+      rounds[f'{name}_over_torch'].append(round(line['images_per_sec'] / nchw['images_per_sec'], 3))
+      rounds[f'{name}_over_torch_channels_last'].append(round(line['images_per_sec'] / nhwc['images_per_sec'], 3))
+      memory = memory_field(line, nhwc)
+      rounds[f'memory_{name}_over_torch_channels_last'].append(round(line[memory] / nhwc[memory], 3))
   ratio = {'benchmark': f'{ours["benchmark"]}_ratio', 'model': ours['model'], 'base_width': ours['base_width']}
   ratio |= {'params': ours['params'], 'rounds': repeats}
   ratio |= {name: round(statistics.median(values), 3) for name, values in rounds.items()}
@@ -409,9 +422,9 @@ def compare(argv: list[str], repeats: int) -> list[dict]:
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
   if args.framework == 'jax' and not args.compare:  # as the command-line tools run; PyTorch with glibc's defaults
-    from resunet_jax import hostmem
+    from resunet_jax.cpu import hostmem
 
-    hostmem.relaunch_with_huge_pages()
+    hostmem.relaunch_for_cpu()
   for line in compare(argv, args.repeats) if args.compare else [measure(args)]:
     print(json.dumps(line))
 

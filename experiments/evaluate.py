@@ -11,18 +11,21 @@ import pathlib
 
 from absl import flags
 
-from resunet_jax import cli, evaluation, losses
+from resunet_jax import cli, evaluation, losses, runtime
 from resunet_jax.training import parallel, restore
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
 _SPLIT = flags.DEFINE_string('split', 'test', "Split: 'train', 'validation', 'test' or a raw split string.")
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
+_BACKEND = flags.DEFINE_enum(
+  'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
+)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --split=test')
-  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value)
   _, eval_fn = parallel.compile_steps('jit', run.mesh, losses.LossWeights())
   per_image, _ = evaluation.evaluate_split(eval_fn, run.state, run.config, run.mesh, role=_SPLIT.value)
   record = evaluation.report(per_image, tolerance=run.config.train.boundary_tolerance)

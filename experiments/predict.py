@@ -18,13 +18,16 @@ from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
-from resunet_jax import cli, data, inference
+from resunet_jax import cli, data, inference, runtime
 from resunet_jax.training import reporting, restore
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
 _INPUT = flags.DEFINE_string('input', None, 'An image, a folder of images, or split:SPLIT.', required=True)
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the predictions.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
+_BACKEND = flags.DEFINE_enum(
+  'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
+)
 _TILE = flags.DEFINE_integer('tile', None, 'Tile side; default the training image size.')
 _OVERLAP = flags.DEFINE_float('overlap', 0.5, 'Fraction of a tile shared with its neighbours.')
 _BATCH = flags.DEFINE_integer('batch', 4, 'Tiles per model call.')
@@ -57,7 +60,7 @@ def _images(spec: str, config):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --input=PATH')
-  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value)
   output = pathlib.Path(_OUTPUT.value)
   try:
     output.mkdir(parents=True, exist_ok=True)

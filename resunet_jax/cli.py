@@ -17,7 +17,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resunet_jax import hostmem
+from resunet_jax.cpu import hostmem
 from resunet_jax.errors import PeerLostError, UserError
 
 __all__ = ['UserError', 'define_config_file', 'parse_flags', 'run']
@@ -72,10 +72,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` with one-line errors for `UserError` and bad flags.
 
-  A command started as `python experiments/X.py` first relaunches itself with huge pages for
-  large host buffers (`hostmem.relaunch_with_huge_pages`).
+  A command that runs on CPU first relaunches itself with the CPU process settings
+  (`resunet_jax.cpu.hostmem`, where they are described).
   """
-  hostmem.relaunch_with_huge_pages()
+  hostmem.relaunch_for_cpu()
 
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:  # Library chatter only on request (-v 0).

@@ -2,7 +2,8 @@
 
 Experiment files in `experiments/configs/` start from `base_config()` and override what they
 change. Sections: `seed`, `preset`, `model` (ModelConfig fields; None = the preset's value),
-`data` (`resunet_jax.data.default_config`), `train`, `parallel`.
+`data` (`resunet_jax.data.default_config`), `train`, `parallel`, `runtime` (the layer set,
+`resunet_jax.runtime`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from resunet_jax import data, models
+from resunet_jax import data, models, runtime
 from resunet_jax.errors import UserError
 
 
@@ -76,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = data.default_config()
   config.train = train_section()
   config.parallel = parallel_section()
+  config.runtime = runtime.section()
   return config
 
 
@@ -101,9 +103,11 @@ def resolve_model(preset: str, section: Any, num_classes: int | None = None) -> 
 
 # Keys that say where or how fast a run executes, not what it computes. They are left out of the
 # hash, so that changing one (or adding one) neither forks a run's default workdir nor re-runs a
-# finished sweep, and so that the processes of a multi-process run agree on it.
+# finished sweep, and so that the processes of a multi-process run agree on it. A section named
+# with None is left out whole.
 PLACEMENT_KEYS = {
-  'model': ('conv',),
+  'runtime': None,
+  'model': ('conv',),  # where configs written before runtime.backend kept the backend
   'data': ('data_dir', 'read_threads', 'prefetch', 'num_workers'),
   'parallel': ('distributed', 'coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout_s'),
 }
@@ -115,10 +119,9 @@ def config_hash(resolved: dict) -> str:
   Args:
     resolved: the resolved config dict (what config.json holds). `PLACEMENT_KEYS` are ignored.
   """
-  what = {
-    section: {k: v for k, v in values.items() if k not in PLACEMENT_KEYS[section]}
-    if section in PLACEMENT_KEYS
-    else values
-    for section, values in resolved.items()
-  }
+  what = {}
+  for section, values in resolved.items():
+    left_out = PLACEMENT_KEYS.get(section, ())
+    if left_out is not None:
+      what[section] = {k: v for k, v in values.items() if k not in left_out} if left_out else values
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -1,8 +1,20 @@
-"""Shared fixtures: the small embedded datasets, built once per test session."""
+"""Shared fixtures: the small embedded datasets, built once per test session; the environment of every test.
 
-import pytest
+Set before JAX is imported, so this process, both xdist workers and every subprocess they start
+inherit it: one persistent JAX compilation cache, fresh for each session (the subprocesses
+compile the same few quick runs dozens of times).
+"""
 
-from resunet_jax import data
+import os
+import tempfile
+
+if 'PYTEST_XDIST_WORKER' not in os.environ:  # the session's first process: the workers inherit its cache
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='resunet_jax-tests-jax-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+import pytest  # noqa: E402
+
+from resunet_jax import data  # noqa: E402
 
 SMALL = ('synthetic_roads/small', 'synthetic_cells/small', 'synthetic_cells/three_class_small')
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from resunet_jax import models
+from resunet_jax import models, runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -37,6 +37,22 @@ def test_input_pipeline_benchmark_prints_its_figures(tfds_dir):
   assert figures['pipeline_over_step'] == pytest.approx(ratio, rel=0.05, abs=0.1)
 
 
+def _conv_flops_by_hand(params, side=32, batch=2):
+  """Forward FLOPs of each convolution of a preset's parameters: 2 x outputs x input channels x taps.
+
+  A block's convolutions run at its level's resolution (`enc_l`, `dec_l`: side / 2**l; the
+  bottleneck: side / 2**depth; the head: side). Returns `{(block, conv): flops}`.
+  """
+  depth = sum(name.startswith('enc_') for name in params)
+  flops = {}
+  for block, convs in params.items():
+    level = depth if block == 'bottleneck' else 0 if block == 'head' else int(block.split('_')[1])
+    for name, conv in convs.items() if block != 'head' else [('head', convs)]:
+      k, _, cin, cout = conv['kernel'].shape
+      flops[block, name] = 2 * batch * (side // 2**level) ** 2 * k * k * cin * cout
+  return flops
+
+
 @pytest.mark.parametrize(
   'extra', [[], ['--infer'], ['--devices=2'], ['--dtype=bfloat16']], ids=['train', 'infer', 'two devices', 'bfloat16']
 )
@@ -49,6 +65,14 @@ def test_train_step_benchmark_prints_its_figures(extra):
   config = models.preset('resunet', base_width=2)
   shapes = jax.eval_shape(lambda: models.UNet(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   assert figures['params'] == sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params']))
+  # Counted as the network is written, whatever layers ran (the CPU ones do fewer multiply-adds).
+  assert figures['layers'] == ('stock' if '--devices=2' in extra else runtime.auto_backend())
+  flops = _conv_flops_by_hand(shapes['params'])
+  # Training: each convolution forward, its kernel gradient, and its input gradient, but not of the
+  # two that read the image (enc_0's conv1 and conv_proj).
+  first = flops['enc_0', 'conv1'] + flops['enc_0', 'conv_proj']
+  expected = sum(flops.values()) if extra == ['--infer'] else 3 * sum(flops.values()) - first
+  assert figures['model_flops_per_step'] == pytest.approx(expected, rel=1e-3)  # the global batch's, on any devices
   for key in ('images_per_sec', 'step_ms_median', 'compile_s', 'gflops_per_step', 'matmul_peak_gflops', 'peak_rss_mb'):
     assert figures[key] > 0, key
   # step_ms_median is rounded to 0.1 ms (a tiny network's inference step takes about 1 ms)
@@ -74,7 +98,7 @@ def test_model_flops_count_convolutions_and_matrix_products_inside_nested_progra
 
 def test_model_flops_of_the_note_unet_match_the_analytic_count():
   """27.8 GFLOP per 128x128 forward (the performance issue's analytic figure); training ~3x."""
-  model = models.UNet(models.preset('unet', conv='xla'))
+  model = models.UNet(models.preset('unet'))
   images = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)), train=False))
   forward = train_step.model_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images))
@@ -121,11 +145,13 @@ def test_side_by_side_with_pytorch(script):
   timing = ['--steps=2', '--warmup=1'] if script == 'train_step.py' else ['--repeats=1']
   lines = _run(script, '--model=resunet', *TINY, *timing, '--compare')
   if script == 'train_step.py':
-    ours, nchw, nhwc, ratio = lines
+    ours, stock, nchw, nhwc, ratio = lines
     assert (nchw['framework'], nhwc['framework']) == ('torch', 'torch_channels_last')
-    assert ours['params'] == nchw['params'] == nhwc['params'] == ratio['params']
-    speed = ours['images_per_sec'] / nhwc['images_per_sec']
-    assert ratio['ours_over_torch_channels_last'] == pytest.approx(speed, rel=0.01)
+    assert stock['layers'] == 'stock' and ours['layers'] == runtime.auto_backend()
+    assert ours['params'] == stock['params'] == nchw['params'] == nhwc['params'] == ratio['params']
+    for name, line in (('ours', ours), ('stock', stock)):
+      speed = line['images_per_sec'] / nhwc['images_per_sec']
+      assert ratio[f'{name}_over_torch_channels_last'] == pytest.approx(speed, rel=0.01)
   else:
     (figures,) = lines
     ours, theirs = figures['jax_total_ms'], figures['torch_channels_last_total_ms']
@@ -138,9 +164,9 @@ def test_compare_rounds_interleave_and_give_median_ratios():
   pytest.importorskip('torch')
   lines = _run('train_step.py', '--model=unet', *TINY, '--steps=2', '--warmup=1', '--compare', '--repeats', '2')
   frameworks = [line.get('framework') for line in lines[:-1]]
-  assert frameworks == ['jax', 'torch', 'torch_channels_last'] * 2
+  assert frameworks == ['jax', 'jax', 'torch', 'torch_channels_last'] * 2  # ours, ours on stock layers, PyTorch
   ratio = lines[-1]
-  rounds = [lines[i]['images_per_sec'] / lines[i + 2]['images_per_sec'] for i in (0, 3)]
+  rounds = [lines[i]['images_per_sec'] / lines[i + 3]['images_per_sec'] for i in (0, 4)]
   assert ratio['rounds'] == 2
   # Each round's ratio is printed to 3 decimals (on this tiny network it can be well below 1).
   assert ratio['ours_over_torch_channels_last_rounds'] == pytest.approx(rounds, rel=0.01, abs=6e-4)

@@ -39,7 +39,7 @@ def test_config_builds(path, name):
     assert ablation.run_specs(config)
     assert set(config.ablation) == set(ablation.section())
   assert set(config) - {'ablation'} == set(base)
-  for section in ('model', 'data', 'train', 'parallel'):
+  for section in ('model', 'data', 'train', 'parallel', 'runtime'):
     assert set(config[section]) == set(base[section]), section
   assert set(config.model) == set(models.ModelConfig.field_names())
   assert isinstance(configs.resolve_model(name, config.model, num_classes=1), models.ModelConfig)

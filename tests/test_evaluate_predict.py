@@ -23,6 +23,14 @@ def trained(trained_run):
   return trained_run
 
 
+def _best_validation_step(workdir):
+  """The checkpointed step with the highest validation Dice, read from metrics.jsonl (the later of ties)."""
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  validation = [r for r in records if r['split'] == 'validation']
+  assert [r['step'] for r in validation] == [3, 6]  # both checkpointed, so either can be best
+  return max(validation, key=lambda r: (r['dice'], r['step']))['step']
+
+
 @pytest.mark.parametrize('checkpoint', ['best', 'latest', '3'])
 def test_evaluate_writes_json_and_markdown(trained, checkpoint):
   workdir, env = trained
@@ -30,9 +38,7 @@ def test_evaluate_writes_json_and_markdown(trained, checkpoint):
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((workdir / 'eval_test.json').read_text())
   assert record['images'] == 16 and record['split'] == 'test' and record['boundary_tolerance_px'] == 2.0
-  assert record['checkpoint_step'] == (
-    3 if checkpoint == '3' else 6 if checkpoint == 'latest' else record['checkpoint_step']
-  )
+  assert record['checkpoint_step'] == {'3': 3, 'latest': 6, 'best': _best_validation_step(workdir)}[checkpoint]
   for name in ('dice', 'iou', 'accuracy', 'boundary_f1', 'hd95'):
     stats = record['metrics'][name]
     assert stats['p5'] <= stats['median'] <= stats['p95']

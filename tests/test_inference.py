@@ -71,9 +71,33 @@ def test_device_memory_is_bounded_by_the_tile_batch():
     shapes.append(x.shape)
     return MODEL.apply(variables, x, train=False)
 
-  out = inference.sliding_window(recording_apply, VARIABLES, _image(200, 136), tile=32, overlap=0.5, batch_size=3)
+  image = _image(200, 136)
+  out = inference.sliding_window(recording_apply, VARIABLES, image, tile=32, overlap=0.5, batch_size=3)
   assert out.shape == (200, 136, 2)
   assert set(shapes) == {(3, 32, 32, 3)}  # traced once, on the tile batch only
+  # 12 x 8 = 96 tiles: the last batch of 3 is full, so one of 5 leaves two padding slots.
+  assert len(inference.tile_starts(200, 32, 0.5)) * len(inference.tile_starts(136, 32, 0.5)) == 96
+  for batch_size in (5, 96):  # padded last batch, one batch: the same blended values
+    batched = inference.sliding_window(apply_fn, VARIABLES, image, tile=32, overlap=0.5, batch_size=batch_size)
+    np.testing.assert_allclose(batched, out, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_wider_than_the_image_in_one_dimension_and_not_a_multiple_of_the_depth():
+  """A 20x70 image under 30-pixel tiles without overlap: zero-padded to 30 rows, windows at columns 0,
+  30 and 40; each tile is padded to 32 inside the model (a multiple of 2**depth) and cropped back.
+  Where one window alone covers a pixel, the constant blend is that window's logits exactly."""
+  image = _image(20, 70, seed=3)
+  out = inference.sliding_window(apply_fn, VARIABLES, image, tile=30, overlap=0.0, blend='constant', batch_size=2)
+  assert out.shape == (20, 70, 2) and inference.tile_starts(70, 30, 0.0) == [0, 30, 40]
+  padded = np.pad(image, ((0, 10), (0, 0), (0, 0)))  # what the windows see: zeros below row 20
+
+  def window(x):
+    return np.asarray(DIRECT(VARIABLES, np.ascontiguousarray(padded[None, :, x : x + 30]))[0, :20])
+
+  np.testing.assert_allclose(out[:, :30], window(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:, 30:40], window(30)[:, :10], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:, 40:60], (window(30)[:, 10:] + window(40)[:, :20]) / 2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:, 60:], window(40)[:, 20:], rtol=1e-5, atol=1e-5)
 
 
 def test_tile_layout_and_bad_arguments():

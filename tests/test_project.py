@@ -62,3 +62,22 @@ def test_config_overrides_win_over_the_preset(tfds_env):
   result = _train(*args, env=tfds_env)
   assert result.returncode == 0, result.stderr
   assert 'residual=False' in result.stdout and 'total         31,378,945' in result.stdout
+
+
+def test_a_config_files_preset_is_trained_unless_model_is_given(tmp_path, tfds_dir):
+  config = tmp_path / 'unet_config.py'
+  config.write_text(
+    'import runpy\n'
+    f'quick = runpy.run_path({str(ROOT / "experiments/configs/quick.py")!r})\n'
+    'def get_config():\n'
+    '  config = quick["get_config"]()\n'
+    "  config.preset = 'unet'\n"
+    '  return config\n'
+  )
+  env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir}
+  from_file = _train(f'--config={config}', '--summary', env=env)
+  assert from_file.returncode == 0, from_file.stderr
+  assert 'model: unet ModelConfig(' in from_file.stdout and 'residual=False' in from_file.stdout
+  given = _train(f'--config={config}', '--model=resunet_zhang', '--summary', env=env)
+  assert given.returncode == 0, given.stderr
+  assert 'model: resunet_zhang ModelConfig(' in given.stdout and "norm='batch'" in given.stdout

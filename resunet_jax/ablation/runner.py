@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from resunet_jax import configs, evaluation, models
 from resunet_jax.ablation import grid
@@ -155,7 +154,9 @@ def run(config, root: str | pathlib.Path, *, test_split: str = 'test') -> Result
       logging.warning('%s is unreadable (%s); measuring the run again', path, e)
   start = time.perf_counter()
   loop.train_and_evaluate(config, workdir, verbose=False)
-  loaded = restore.load_run(workdir, 'latest')  # the final weights: the same budget for every arm
+  loaded = restore.load_run(
+    workdir, 'latest', config.runtime.backend
+  )  # the final weights: the same budget for every arm
   eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
   per_image, _ = evaluation.evaluate_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=test_split)
   records = reporting.read_metrics(workdir / 'metrics.jsonl')
@@ -211,13 +212,15 @@ def sweep(config, root: str | pathlib.Path, *, progress: bool = True) -> list[tu
   finished = sum(done.values())
   if show:
     print(f'sweep of {len(specs)} runs in {root}: {finished} already done, {len(specs) - finished} to run')
-  bar = tqdm(total=len(specs), initial=finished, unit='run', disable=not show)
+  bar, live = reporting.progress_bar(show=show, total=len(specs), initial=finished, unit='run')
   results: list[tuple[grid.RunSpec, Any]] = []
   with bar:
-    for spec in specs:
+    for count, spec in enumerate(specs, start=1):
       if not done[spec]:
         bar.set_postfix_str(f'{spec.study} {spec.arm} seed {spec.seed}')
       results.append((spec, run(spec.config, root, test_split=config.ablation.test_split)))
       if not done[spec]:
         bar.update(1)
+        if show and not live:
+          reporting.progress_line(f'run {count}/{len(specs)} done: {spec.study} {spec.arm} seed {spec.seed}')
   return results

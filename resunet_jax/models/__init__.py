@@ -1,17 +1,21 @@
-"""The U-Net / ResUNet model family: `ModelConfig`, presets and the `UNet` module."""
+"""The U-Net / ResUNet model family: `ModelConfig`, presets, the `UNet` module and its `Layers` (plain Flax and lax)."""
 
-from resunet_jax.models import summary
+from resunet_jax.models import layers, summary
 from resunet_jax.models.blocks import ConvBlock, make_norm
 from resunet_jax.models.config import PRESETS, ModelConfig, preset
+from resunet_jax.models.layers import STOCK, Layers
 from resunet_jax.models.unet import UNet, block_names, count_params
 
 __all__ = [
   'PRESETS',
+  'STOCK',
   'ConvBlock',
+  'Layers',
   'ModelConfig',
   'UNet',
   'block_names',
   'count_params',
+  'layers',
   'make_norm',
   'preset',
   'summary',

@@ -15,7 +15,6 @@ from typing import Any
 import jax.numpy as jnp
 
 from resunet_jax.errors import suggest as _suggest
-from resunet_jax.kernels.onednn import BACKENDS as CONV_BACKENDS
 
 NORMS = ('none', 'batch', 'group', 'layer')
 UPSAMPLES = ('nearest', 'bilinear', 'transpose')
@@ -80,10 +79,8 @@ class ModelConfig:
     dtype: compute dtype name; logits are always float32.
     param_dtype: parameter dtype name.
     remat: rematerialise each block in the backward pass (less memory, more compute).
-    conv: which library computes the convolutions: 'auto' (oneDNN when JAX runs on one CPU
-      device and oneDNN is installed, else XLA), 'xla' or 'onednn' (see
-      `resunet_jax.kernels.onednn`). The same function to float32 rounding; not part of a
-      run's identity (left out of the config hash).
+
+  Which kernels compute the layers is not part of the model: see `UNet.layers`.
   """
 
   base_width: int = 64
@@ -99,7 +96,6 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: bool = False
-  conv: str = 'auto'
 
   def __new__(cls, **kwargs: Any) -> ModelConfig:
     # Runs before the dataclass __init__, so a mistyped key gets the valid names.
@@ -127,7 +123,6 @@ class ModelConfig:
       ('downsample', DOWNSAMPLES),
       ('dtype', DTYPES),
       ('param_dtype', DTYPES),
-      ('conv', CONV_BACKENDS),
     ):
       value = getattr(self, name)
       if value not in valid:

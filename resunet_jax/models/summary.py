@@ -25,10 +25,7 @@ def summarize(config: ModelConfig, input_shape: tuple[int, int, int, int]) -> st
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   params = variables['params']
-  # Execution order: each transposed-conv `up_l` just before its `dec_l`, the head last.
-  order = {name: 2 * i for i, name in enumerate(block_names(config) + ('head',))}
-  order.update({f'up_{name[4:]}': order[name] - 1 for name in block_names(config) if name.startswith('dec_')})
-  names = sorted(params, key=lambda name: order[name])
+  names = [name for name in block_names(config) + ('head',) if name in params]  # execution order
   width = max(len(name) for name in names)
   rows = [f'{"module":<{width}}  {"parameters":>12}']
   rows += [f'{name:<{width}}  {count_params(params[name]):>12,}' for name in names]

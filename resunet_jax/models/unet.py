@@ -4,7 +4,7 @@ Layout, for `depth = D` and widths `w_l = base_width * 2**l`:
 
   enc_0 .. enc_{D-1}   encoder blocks; each output is the skip tensor of its level
   bottleneck           block at width w_D, resolution / 2**D
-  dec_{D-1} .. dec_0   x2 upsample (`up_l` when 'transpose'), concat [up, skip_l], block
+  dec_{D-1} .. dec_0   x2 upsample (a transposed conv `dec_l/up` when 'transpose'), concat [up, skip_l], block
   head                 1x1 conv to `num_classes` float32 logits
 
 Parameter counts (input channels 3, `num_classes=1`): the note's U-Net is
@@ -34,10 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resunet_jax.kernels import onednn
 from resunet_jax.models import blocks
+from resunet_jax.models import layers as layers_lib
 from resunet_jax.models.config import ModelConfig
-from resunet_jax.models.resample import max_pool_2x2
 
 
 def block_names(config: ModelConfig) -> tuple[str, ...]:
@@ -82,10 +81,13 @@ class UNet(nn.Module):
     config: the architecture (see `ModelConfig`).
     axis_name: mapped axis over which BatchNorm syncs statistics under pmap/shard_map;
       leave None under jit.
+    layers: where every layer comes from (`models.layers`): `STOCK`, Flax's and lax's, or a
+      set with the same parameters and values (`resunet_jax.cpu.layers()` on XLA's CPU backend).
   """
 
   config: ModelConfig
   axis_name: str | None = None
+  layers: layers_lib.Layers = layers_lib.STOCK
 
   @nn.compact
   def __call__(
@@ -126,9 +128,8 @@ class UNet(nn.Module):
 
     block_cls = nn.remat(blocks.ConvBlock, static_argnums=(2,)) if cfg.remat else blocks.ConvBlock
     stride_down = cfg.downsample == 'stride'
-    conv = onednn.resolve(cfg.conv)
 
-    def block(h, index, features, stride=1, upsample=False, skip=None):
+    def block(h, index, features, stride=1, upsample=None, skip=None):
       module = block_cls(
         features=features,
         residual=cfg.residual,
@@ -140,8 +141,8 @@ class UNet(nn.Module):
         dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype,
         axis_name=self.axis_name,
-        conv_general_dilated=conv,
         upsample=upsample,
+        layers=self.layers,
         name=names[index],
       )
       return module(h, train, None if residual_scale is None else residual_scale[index], skip)
@@ -151,7 +152,7 @@ class UNet(nn.Module):
     skips = []
     for level in range(cfg.depth + 1):
       if level > 0 and not stride_down:
-        h = max_pool_2x2(h)
+        h = self.layers.max_pool(h)
       h = block(h, level, widths[level], stride=2 if level > 0 and stride_down else 1)
       skips.append(h)
     skips.pop()  # The bottleneck's output feeds the decoder, not a skip.
@@ -160,29 +161,9 @@ class UNet(nn.Module):
       skip = skips[level] if cfg.skip_levels[level] else None
       if skip is not None and skip_scale is not None:
         skip = skip * skip_scale[level].astype(skip.dtype)
-      if cfg.upsample == 'nearest':  # the block upsamples and concatenates (without either, with oneDNN)
-        h = block(h, index, widths[level], upsample=True, skip=skip)
-        continue
-      h = self._upsample(h, widths[level], level)
-      if skip is not None:
-        h = jnp.concatenate([h, skip], axis=-1)
-      h = block(h, index, widths[level])
+      h = block(h, index, widths[level], upsample=cfg.upsample, skip=skip)
 
-    logits = nn.Conv(
-      cfg.num_classes,
-      (1, 1),
-      dtype=jnp.float32,
-      param_dtype=cfg.params_dtype,
-      conv_general_dilated=conv,
-      name='head',
-    )(h.astype(jnp.float32))
+    logits = self.layers.conv(cfg.num_classes, (1, 1), dtype=jnp.float32, param_dtype=cfg.params_dtype, name='head')(
+      h.astype(jnp.float32)
+    )
     return logits[:, top : top + height, left : left + width, :]
-
-  def _upsample(self, h: jax.Array, features: int, level: int) -> jax.Array:
-    cfg = self.config
-    if cfg.upsample == 'transpose':
-      return blocks.ConvTranspose2x2(
-        features, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=f'up_{level}'
-      )(h)
-    batch, height, width, channels = h.shape
-    return jax.image.resize(h, (batch, 2 * height, 2 * width, channels), method='bilinear')

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
-from resunet_jax import configs, data, evaluation, hostmem, losses, models
+from resunet_jax import configs, data, evaluation, losses, models, runtime
+from resunet_jax.cpu import hostmem
 from resunet_jax.errors import PeerLostError, UserError
 from resunet_jax.training import checkpoint, parallel, reporting
 from resunet_jax.training import state as state_lib
@@ -109,7 +109,8 @@ def initial_state_and_steps(config, model_config: models.ModelConfig, info: data
   What `train_and_evaluate` trains with (before resuming); `benchmarks/train_loop.py` times the
   same step bare.
   """
-  model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy))
+  layers = runtime.layers(config.runtime.backend)
+  model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy), layers=layers)
   optimizer = state_lib.make_optimizer(config.train)
   input_shape = (1, *info.image_shape)
 
@@ -217,13 +218,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   last_time, last_step = time.perf_counter(), step
   lost_peer = False
   try:
-    with tqdm(
-      total=config.train.num_steps, initial=step, disable=not lead, leave=verbose, unit='step', dynamic_ncols=True
-    ) as bar:
+    bar, live = reporting.progress_bar(
+      show=lead, total=config.train.num_steps, initial=step, leave=verbose, unit='step', dynamic_ncols=True
+    )
+    with bar:
       while step < config.train.num_steps:
         batch = data.to_global(next(train_iter), sharding)
         train_state, step_metrics = train_fn(train_state, batch)
-        if step == start_step:  # compiled: return what compiling and initialising freed
+        if step == start_step and jax.default_backend() == 'cpu':  # compiled: return what it freed
           hostmem.release_free_memory()
         step += 1
         bar.update(1)
@@ -244,9 +246,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
           values['images_per_sec'] = (step - last_step) * config.train.batch_size / max(now - last_time, 1e-9)
           last_time, last_step = now, step
           log(step, 'train', values)
-          bar.set_postfix(
-            loss=f'{values["loss"]:.4f}', dice=f'{values["dice"]:.3f}', img_s=f'{values["images_per_sec"]:.1f}'
-          )
+          postfix = {'loss': f'{values["loss"]:.4f}', 'dice': f'{values["dice"]:.3f}'}
+          postfix['img_s'] = f'{values["images_per_sec"]:.1f}'
+          bar.set_postfix(postfix)
+          if lead and verbose and not live:
+            shown = ', '.join(f'{k} {v}' for k, v in postfix.items())
+            reporting.progress_line(f'step {step}/{config.train.num_steps}: {shown}')
         evaluated = None
         if final or step % config.train.eval_every == 0:
           per_image, samples = evaluation.evaluate_split(eval_fn, train_state, config, mesh, keep=keep if final else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import sys
 
 import matplotlib
 from absl import logging
@@ -12,6 +13,22 @@ from absl import logging
 matplotlib.use('Agg')  # Files only: no display on servers and CI.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+
+def progress_bar(*, show: bool, **kwargs) -> tuple[tqdm, bool]:
+  """A tqdm bar where stderr is a terminal; elsewhere (a file, a pipe) a disabled one.
+
+  Returns the bar and whether it is live: where it is not, callers print a line per log
+  interval (`progress_line`) instead of thousands of carriage-return frames on one line.
+  """
+  live = show and sys.stderr.isatty()
+  return tqdm(disable=not live, **kwargs), live
+
+
+def progress_line(text: str) -> None:
+  """One line of progress on stderr, for a non-terminal (see `progress_bar`)."""
+  print(text, file=sys.stderr, flush=True)
 
 
 class MetricWriter:

@@ -9,7 +9,7 @@ import pathlib
 import jax
 import ml_collections
 
-from resunet_jax import models
+from resunet_jax import models, runtime
 from resunet_jax.errors import UserError
 from resunet_jax.training import checkpoint, parallel
 from resunet_jax.training import state as state_lib
@@ -39,12 +39,13 @@ class LoadedRun:
     return self.state.variables(self.state.eval_params)
 
 
-def load_run(workdir: str | pathlib.Path, which: str = 'best') -> LoadedRun:
+def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'auto') -> LoadedRun:
   """Restores `which` checkpoint of the run in `workdir`.
 
   Args:
     workdir: a folder written by `experiments/train.py`.
     which: 'best' (highest validation Dice), 'latest', or a step number.
+    backend: the layer set to predict with (`runtime.layers`); any restores any run.
 
   Raises:
     UserError: no such workdir, no config.json, no checkpoints, or no such step.
@@ -57,6 +58,7 @@ def load_run(workdir: str | pathlib.Path, which: str = 'best') -> LoadedRun:
     raise UserError(f'{config_path} is missing: {workdir} is not a training workdir (experiments/train.py writes it)')
   try:
     resolved = json.loads(config_path.read_text())
+    resolved['model'].pop('conv', None)  # runs before runtime.backend kept the backend here
     model_config = models.ModelConfig.from_dict(resolved['model'])
   except (ValueError, KeyError, TypeError) as e:
     raise UserError(f'{config_path} cannot be read as a run config ({e}); was it edited by hand?') from None
@@ -77,7 +79,7 @@ def load_run(workdir: str | pathlib.Path, which: str = 'best') -> LoadedRun:
     raise UserError(f"--checkpoint={which} is not 'best', 'latest' or a saved step ({', '.join(map(str, steps))})")
 
   mesh = parallel.make_mesh()
-  model = models.UNet(model_config)
+  model = models.UNet(model_config, layers=runtime.layers(backend))
   optimizer = state_lib.make_optimizer(config.train)
   shape = (1, config.data.image_size, config.data.image_size, 3)
 

@@ -43,12 +43,14 @@ def _pairs(residual_better: bool, depths=(2,)):
   pairs = []
   for depth in depths:
     for seed in range(3):
-      jitter = 0.01 * seed
+      # The arms' seed-to-seed jitters differ, so every paired difference has a spread (0.01 per
+      # seed): its interval's width is the t multiplier's (4.303 at 2 degrees of freedom).
+      jitter, other = 0.01 * seed, 0.02 * seed
       good = dict(
         dice=0.8 + jitter, boundary_f1=0.85 + jitter, curve=[(50, 0.3), (100, 0.6)], bottleneck_grad=0.5 + jitter
       )
       bad = dict(
-        dice=0.6 + jitter, boundary_f1=0.7 + jitter, curve=[(50, 0.1), (100, 0.3), (150, 0.55)], bottleneck_grad=0.01
+        dice=0.6 + other, boundary_f1=0.7 + other, curve=[(50, 0.1), (100, 0.3), (150, 0.55)], bottleneck_grad=0.01
       )
       plain, residual = (bad, good) if residual_better else (good, bad)
       if depth == depths[-1] and len(depths) > 1:  # deeper: the gap widens
@@ -73,7 +75,8 @@ def test_clear_residual_advantages_are_supported():
   (convergence, gradients, edges), lines = _verdicts(_pairs(True))
   assert convergence.startswith('supported') and 'reached by 3/3 residual' in convergence  # 150 vs 100 steps
   assert gradients.startswith('supported')
-  assert edges.startswith('supported') and 'boundary F1 difference (residual minus plain) 0.150' in edges
+  # Mean 0.14, sd 0.01 over 3 seeds: 0.14 +- 4.303 * 0.01 / sqrt(3) (a normal 1.96 would give [0.129, 0.151]).
+  assert edges.startswith('supported') and 'boundary F1 difference (residual minus plain) 0.140 [0.115, 0.165]' in edges
   assert lines[-1] == '   - not tested in this grid: run the depth sweep, --config=experiments/configs/ablate_depth.py'
   assert [line[:3] for line in lines if not line.startswith(' ')] == ['1. ', '2. ', '3. ', '4. ']
 
@@ -93,9 +96,52 @@ def test_noise_is_inconclusive():
   assert edges.startswith('inconclusive at this budget')
 
 
+def test_convergence_and_gradient_noise_is_inconclusive():
+  pairs = []
+  reach = [((100, 50), 0.2), ((50, 100), 0.05), ((150, 100), 0.1)]  # (plain, residual) steps; residual's grad
+  for seed, ((plain_at, residual_at), grad) in enumerate(reach):
+    common = {'dice': 0.7, 'boundary_f1': 0.7}
+    plain = _result(False, seed, curve=[(plain_at, 0.6)], bottleneck_grad=0.1, **common)
+    residual = _result(True, seed, curve=[(residual_at, 0.6)], bottleneck_grad=grad, **common)
+    pairs += [(_spec('cells', 'plain-all', False, seed), plain), (_spec('cells', 'residual-all', True, seed), residual)]
+  (convergence, gradients, _), _ = _verdicts(pairs, 'cells')
+  assert convergence.startswith('inconclusive at this budget') and ' 17 [-127, 160] steps sooner' in convergence
+  assert gradients.startswith('inconclusive at this budget')
+
+
+def test_a_plain_arm_that_never_reaches_the_target_is_counted_at_the_budget():
+  pairs = []
+  for seed in range(3):
+    common = {'dice': 0.7, 'boundary_f1': 0.7, 'bottleneck_grad': 0.1}
+    plain = _result(False, seed, curve=[(100, 0.2), (200, 0.4)], **common)
+    residual = _result(True, seed, curve=[(50 + 10 * seed, 0.6)], **common)
+    pairs += [(_spec('roads', 'plain-all', False, seed), plain), (_spec('roads', 'residual-all', True, seed), residual)]
+  (convergence, _, _), _ = _verdicts(pairs)
+  assert convergence.startswith('supported') and ' 140 [115, 165] steps sooner' in convergence  # 200 - 60 on average
+  assert 'reached by 3/3 residual and 0/3 plain runs, the others counted at the budget' in convergence
+  table = '\n'.join(report._study_section('roads', report.group(pairs)['roads'], 0.5))
+  assert '| `plain-all` |' in table and '— (0/3)' in table
+
+
+def test_depth_claim_is_not_supported_when_the_deep_residual_network_loses():
+  pairs = []
+  for depth, gains in ((2, (0.05, 0.06, 0.04)), (4, (-0.05, -0.06, -0.04))):
+    for seed, gain in enumerate(gains):
+      common = {'boundary_f1': 0.7, 'curve': [(50, 0.6)], 'bottleneck_grad': 0.1, 'depth': depth}
+      pairs.append(
+        (_spec('roads', f'plain-all-d{depth}', False, seed, depth), _result(False, seed, dice=0.6, **common))
+      )
+      pairs.append(
+        (_spec('roads', f'residual-all-d{depth}', True, seed, depth), _result(True, seed, dice=0.6 + gain, **common))
+      )
+  verdicts, _ = _verdicts(pairs)
+  assert verdicts[-1].startswith('not supported') and 'depth 4: -0.050 [' in verdicts[-1]
+
+
 def test_depth_claim_needs_a_widening_gap():
   verdicts, _ = _verdicts(_pairs(True, depths=(2, 4)))
-  assert verdicts[-1].startswith('supported') and 'depth 2: 0.200' in verdicts[-1] and 'depth 4: 0.300' in verdicts[-1]
+  assert verdicts[-1].startswith('supported')
+  assert 'depth 2: 0.190 [0.165, 0.215]' in verdicts[-1] and 'depth 4: 0.290 [0.265, 0.315]' in verdicts[-1]
   assert verdicts[-1].endswith('its change from depth 2 to 4: 0.100 [0.100, 0.100]')
 
 

@@ -5,9 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resunet_jax import models
-from resunet_jax.kernels import onednn
-from resunet_jax.models import resample
+from resunet_jax import models, runtime
 
 
 def _conv(x, layer):
@@ -54,24 +52,29 @@ def test_group_norm_uses_a_divisor_of_narrow_widths():
   )
 
 
-@pytest.mark.parametrize('conv', ['xla', 'onednn'])
+@pytest.mark.parametrize('backend', ['stock', 'cpu'])
 @pytest.mark.parametrize(
   'skip_channels, features',
   [(3, 4), (3, 6), (None, 3)],  # projected; identity (3 + 3 = 6 channels); no skip, identity
 )
-def test_decoder_block_is_the_block_of_its_upsampled_concatenated_input(conv, skip_channels, features):
-  if conv == 'onednn' and not onednn.available():
-    pytest.skip('oneDNN is not installed here')
+def test_decoder_block_is_the_block_of_its_upsampled_concatenated_input(backend, skip_channels, features):
+  if backend == 'cpu' and not runtime.cpu_backend_available():
+    pytest.skip('no CPU backend here')
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], (2, 4, 5, 3))
   skip = None if skip_channels is None else jax.random.normal(keys[1], (2, 8, 10, skip_channels))
-  joined = resample.upsample_nearest_2x(x)
-  joined = joined if skip is None else jnp.concatenate([joined, skip], axis=-1)
-  resolved = onednn.resolve(conv)
-  decoder = models.ConvBlock(features=features, residual=True, upsample=True, conv_general_dilated=resolved)
-  block = models.ConvBlock(features=features, residual=True, conv_general_dilated=resolved)
+  joined = models.layers.concat_skip(models.layers.upsample_nearest_2x(x), skip)
+  layers = runtime.layers(backend)
+  decoder = models.ConvBlock(features=features, residual=True, upsample='nearest', layers=layers)
+  block = models.ConvBlock(features=features, residual=True, layers=layers)
   params = block.init(keys[2], joined, False)
   assert jax.tree.map(jnp.shape, decoder.init(keys[2], x, False, None, skip)) == jax.tree.map(jnp.shape, params)
   np.testing.assert_allclose(
     decoder.apply(params, x, False, 0.5, skip), block.apply(params, joined, False, 0.5), rtol=1e-5, atol=1e-5
   )
+
+
+def test_a_skip_without_upsampling_is_refused():
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(ValueError, match='ConvBlock got a skip tensor but upsample=None'):
+    models.ConvBlock(features=3).init(jax.random.key(0), x, False, None, x)

@@ -76,10 +76,11 @@ def test_every_switch_combination(skips, residual, norm, upsample):
   assert np.isfinite(np.asarray(logits)).all()
 
   params = variables['params']
-  expected = {'enc_0', 'enc_1', 'bottleneck', 'dec_1', 'dec_0', 'head'}
-  if upsample == 'transpose':
-    expected |= {'up_0', 'up_1'}
-  assert set(params) == expected
+  assert set(params) == {'enc_0', 'enc_1', 'bottleneck', 'dec_1', 'dec_0', 'head'}
+  for level, width in ((1, 8), (0, 4)):  # the learned upsampling lives in its decoder block
+    assert ('up' in params[f'dec_{level}']) == (upsample == 'transpose')
+    if upsample == 'transpose':
+      assert params[f'dec_{level}']['up']['kernel'].shape == (2, 2, 2 * width, width)
   assert ('batch_stats' in variables) == (norm == 'batch')
   in_channels = {'enc_0': 3, 'enc_1': 4, 'bottleneck': 8, **_expected_decoder_inputs(config)}
   out_channels = {'enc_0': 4, 'enc_1': 8, 'bottleneck': 16, 'dec_1': 8, 'dec_0': 4}

@@ -166,10 +166,19 @@ def test_three_classes_with_the_per_device_strategy(tmp_path, env):
   assert [r['learning_rate'] for r in records if r['split'] == 'train'][:2] == pytest.approx([0.0005, 0.001])
 
 
-def test_two_processes_train_and_one_resumes_their_checkpoint(tmp_path, env):
+def _train_records(workdir):
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [r['step'] for r in records if r['split'] == 'train']
+
+
+def test_one_run_moves_across_processes_devices_and_backends(tmp_path, env):
+  """2 processes x 2 devices (stock layers) -> 1 device (CPU layers) -> 4 devices (stock): each stage
+  restores the previous stage's checkpoint and trains on; none starts over."""
   import portpicker
 
-  workdir = tmp_path / 'multi'
+  from resunet_jax import runtime
+
+  workdir = tmp_path / 'moving'
   port = portpicker.pick_unused_port()
   two = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   processes = [
@@ -177,6 +186,7 @@ def test_two_processes_train_and_one_resumes_their_checkpoint(tmp_path, env):
       _command(
         workdir,
         *QUICK,
+        '--config.train.num_steps=3',
         f'--config.parallel.coordinator_address=127.0.0.1:{port}',
         '--config.parallel.num_processes=2',
         f'--config.parallel.process_id={i}',
@@ -192,11 +202,21 @@ def test_two_processes_train_and_one_resumes_their_checkpoint(tmp_path, env):
   outputs = [p.communicate(timeout=600) for p in processes]
   for process, (_, err) in zip(processes, outputs, strict=True):
     assert process.returncode == 0, err[-3000:]
-  assert 'finished at step 6' in outputs[0][0] and 'predictions' in outputs[0][0]
-  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['3', '6']
-  # One process on one device picks the run up and trains on.
-  result = _train(workdir, env, *QUICK, '--config.train.num_steps=8')
-  assert 'finished at step 8' in result.stdout
+  assert 'finished at step 3' in outputs[0][0] and 'predictions' in outputs[0][0]
+  assert _train_records(workdir) == [2, 3]
+
+  backend = 'cpu' if runtime.cpu_backend_available() else 'stock'
+  one = _train(workdir, env, *QUICK, '--config.train.num_steps=6', f'--config.runtime.backend={backend}')
+  assert 'finished at step 6' in one.stdout
+  # Restored, not started over: the two processes' data position cannot be, and says so.
+  assert 'holds the data position of 2 processes, this run has 1: the state resumes' in one.stderr
+  assert _train_records(workdir) == [2, 3, 4, 6]
+
+  four = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  more = _train(workdir, four, *QUICK, '--config.train.num_steps=9', '--config.runtime.backend=stock')
+  assert 'finished at step 9' in more.stdout and 'data position' not in more.stderr
+  assert _train_records(workdir) == [2, 3, 4, 6, 8, 9]  # a fresh start would log 2, 3, ... again
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())[-1] == 9
 
 
 def test_latest_link_follows_the_newest_default_workdir(tmp_path):
@@ -209,14 +229,3 @@ def test_latest_link_follows_the_newest_default_workdir(tmp_path):
   (tmp_path / 'latest').mkdir()  # a real folder of that name is never replaced
   loop._link_latest(tmp_path / 'run-c')
   assert not (tmp_path / 'latest').is_symlink()
-
-
-def test_restore_onto_fewer_devices(tmp_path, env):
-  """4 fake devices -> 2 -> 1: each run restores the previous one's checkpoint and trains on."""
-  workdir = tmp_path / 'devices'
-  for devices, steps in ((4, 3), (2, 6), (1, 9)):
-    run_env = {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-    result = _train(workdir, run_env, *QUICK, f'--config.train.num_steps={steps}')
-    assert f'finished at step {steps}' in result.stdout
-  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert sorted({r['step'] for r in records if r['split'] == 'train'}) == [2, 3, 4, 6, 8, 9]

@@ -9,17 +9,19 @@ convolution primitives (forward, backward-data, backward-weights) as XLA FFI cus
                                         `nn.Conv(conv_general_dilated=...)` takes)
   conv_bias_relu(x, w, b, ...)          `relu(conv(x, w) + b)` as one oneDNN primitive (ConvReLU)
   conv_bias_add(x, w, b, z, ...)        `conv(x, w) + b + z`, optionally then ReLU, as one primitive
-  resolve(backend)                      'xla' | 'onednn' | 'auto' -> that function or None
 
 Only what it supports goes to oneDNN: float32, 2-D, NHWC/HWIO, any stride and padding, no
 dilation or grouping. Anything else, and every platform other than CPU (the lowering is chosen
 per platform), uses XLA's own convolution. Results match XLA's to float32 rounding (~1e-6
 relative), not bit for bit.
 
+Their gradients are custom (reverse mode only): forward-mode transformations raise
+`ForwardModeError`, which names the stock backend.
+
 The handlers (onednn_conv.cc, next to this file) are compiled on first use with the C++
 compiler (`$CXX`, else g++) against the oneDNN wheels `onednn-cpu-gomp` and
-`onednn-devel-cpu-gomp` (oneDNN 3.2, GNU OpenMP), into `$RESUNET_JAX_CACHE` (default
-~/.cache/resunet_jax); about 5 s, once per machine and source version.
+`onednn-devel-cpu-gomp` (oneDNN 3.2, GNU OpenMP; `pip install -e '.[cpu]'`), into
+`$RESUNET_JAX_CACHE` (default ~/.cache/resunet_jax); about 5 s, once per machine and source version.
 """
 
 from __future__ import annotations
@@ -35,15 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.interpreters import ad
 
-from resunet_jax import native
+from resunet_jax.cpu import native
 from resunet_jax.errors import UserError
 
-BACKENDS = ('auto', 'xla', 'onednn')
 SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
 _TARGETS = ('ConvForward', 'ConvForwardBiasRelu', 'ConvForwardBiasSum', 'ConvBackwardData', 'ConvBackwardWeights')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-_INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 (Linux x86-64), or set conv='xla'"
+_INSTALL = "pip install -e '.[cpu]' (Linux x86-64), or use runtime.backend='stock'"
+_FORWARD_MODE = (
+  "the CPU backend's layers (oneDNN convolutions, custom pooling gradients) are reverse-mode only; for jvp, "
+  "jacfwd, linearize or Hessian-vector products use the stock layers (models.STOCK, runtime.backend='stock')"
+)
 
 
 class OneDNNUnavailable(UserError):
@@ -51,7 +57,32 @@ class OneDNNUnavailable(UserError):
 
 
 class OneDNNNotInstalled(OneDNNUnavailable):
-  """The oneDNN wheels are not installed (the install step adds them on Linux x86-64 only)."""
+  """The oneDNN wheels are not installed (the `cpu` extra, Linux x86-64 only)."""
+
+
+class ForwardModeError(TypeError):
+  """A forward-mode transformation met a reverse-only layer of the CPU backend."""
+
+
+def reverse_only(function):
+  """`function` (which has a custom VJP) raising `ForwardModeError` under forward-mode autodiff.
+
+  Under `jvp` (eager or jitted) the operands are JVP tracers; eagerly, JAX's own refusal is
+  raised inside the call. Both become the one-line error naming the stock layers.
+  """
+
+  @functools.wraps(function)
+  def wrapped(*args, **kwargs):
+    if any(isinstance(leaf, ad.JVPTracer) for leaf in jax.tree.leaves((args, kwargs))):
+      raise ForwardModeError(_FORWARD_MODE)
+    try:
+      return function(*args, **kwargs)
+    except TypeError as e:
+      if 'forward-mode' in str(e):
+        raise ForwardModeError(_FORWARD_MODE) from None
+      raise
+
+  return wrapped
 
 
 def _wheel_file(distribution: str, name: str) -> pathlib.Path:
@@ -100,23 +131,6 @@ def available() -> bool:
     logging.log(level, 'Using XLA convolutions (2x slower on CPU): %s', e)
     return False
   return True
-
-
-def resolve(backend: str):
-  """The `conv_general_dilated` for a model's `conv` setting; None means flax's default (XLA).
-
-  'auto' takes oneDNN when JAX runs on one CPU device and oneDNN is available. Several devices
-  keep XLA's: a custom call is not partitioned over a sharded batch.
-  """
-  if backend == 'xla':
-    return None
-  if backend == 'onednn':
-    load()
-    return conv_general_dilated
-  if backend == 'auto':
-    on_one_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
-    return conv_general_dilated if on_one_cpu and available() else None
-  raise UserError(f'conv={backend!r} is not a convolution backend; valid: {", ".join(BACKENDS)}')
 
 
 def _attrs(strides, pads) -> dict:
@@ -221,6 +235,7 @@ def _conv_bias_relu_bwd(strides, pads, residuals, dy):
 _conv_bias_relu.defvjp(_conv_bias_relu_fwd, _conv_bias_relu_bwd)
 
 
+@reverse_only
 def conv_bias_relu(x, w, b, strides=(1, 1), padding='SAME'):
   """`relu(conv(x, w) + b)` for NHWC `x`, HWIO `w` and `[O]` `b`, all float32.
 
@@ -264,6 +279,7 @@ def _conv_bias_add_bwd(strides, pads, relu, residuals, dy):
 _conv_bias_add.defvjp(_conv_bias_add_fwd, _conv_bias_add_bwd)
 
 
+@reverse_only
 def conv_bias_add(x, w, b, z, strides=(1, 1), padding='SAME', relu=False):
   """`conv(x, w) + b + z`, then `relu` if asked, for NHWC `x` and `z`, HWIO `w`, `[O]` `b`, float32.
 
@@ -290,6 +306,7 @@ def kernel_gradient(x, dy, kernel_shape, strides=(1, 1), padding='SAME'):
   return _call('ConvBackwardWeights', tuple(kernel_shape), x.dtype, x, dy, x, strides=strides, pads=pads)
 
 
+@reverse_only
 def conv_general_dilated(
   lhs,
   rhs,
@@ -304,8 +321,13 @@ def conv_general_dilated(
   preferred_element_type=None,
 ):
   """`lax.conv_general_dilated`, computed by oneDNN on CPU where it supports the case."""
+  # oneDNN 3.2's kernel gradient of a strided 1x1 convolution (a projection shortcut with
+  # `downsample='stride'`) is wrong here, by an amount that depends on what ran before it
+  # (tests/cpu/test_onednn.py): those, a few cheap matmuls, stay XLA's.
+  strided_1x1 = tuple(rhs.shape[:2]) == (1, 1) and tuple(window_strides) != (1, 1)
   supported = (
-    lhs.ndim == 4
+    not strided_1x1
+    and lhs.ndim == 4
     and lhs.dtype == rhs.dtype == np.float32
     and feature_group_count == batch_group_count == 1
     and all(d == 1 for d in (lhs_dilation or (1, 1)))

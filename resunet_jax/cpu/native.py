@@ -4,7 +4,7 @@
 into `$RESUNET_JAX_CACHE` (default ~/.cache/resunet_jax), named by a hash of the source and
 whatever else the caller says the build depends on, so a changed source or dependency builds
 anew and an unchanged one is reused. Used for the oneDNN convolutions
-(`resunet_jax.kernels.onednn`) and the kept host blocks (`resunet_jax.hostmem`). Imports
+(`resunet_jax.cpu.onednn`) and the kept host blocks (`resunet_jax.cpu.hostmem`). Imports
 nothing heavy: `hostmem` builds its library before a command relaunches itself.
 """
 

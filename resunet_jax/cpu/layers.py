@@ -1,4 +1,12 @@
-"""x2 resampling of NHWC tensors: max-pooling, nearest upsampling, and a convolution of an upsampled input.
+"""The CPU layer set: `models.Layers` whose convolutions are oneDNN's, with gradients written for XLA's CPU backend.
+
+Each layer has the parameters (names, shapes, initialisers) and values of its stock
+counterpart in `models.layers` (to float32 rounding), so variables and checkpoints move freely
+between the two sets; benchmarks/README.md has what each one buys. Reverse mode only: the
+custom gradients and the oneDNN calls have no forward-mode derivative, and jvp, jacfwd,
+linearize or a Hessian-vector product through them raises `ForwardModeError` (or, under `jit`
+and `linearize`, JAX's own "can't apply forward-mode autodiff (jvp) to a custom_vjp function");
+the stock set (`runtime.backend='stock'`) has every transformation.
 
 `max_pool_2x2` and `upsample_nearest_2x` are the note's pooling and upsampling with gradients
 written for XLA's CPU backend. `upsample_concat_conv` is the decoder's first convolution,
@@ -10,17 +18,21 @@ resize-convolution; Shi et al., CVPR 2016; Odena, Dumoulin & Olah, Distill 2016)
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resunet_jax.kernels import onednn
+from resunet_jax.cpu import onednn
+from resunet_jax.models import layers as stock
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 @jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
+def _max_pool(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2 of `[B, H, W, C]` (H and W even) as a reshape and a max.
 
   The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`; on XLA's CPU backend its
@@ -51,7 +63,7 @@ def _sum_windows(blocks: jax.Array) -> jax.Array:
 
 
 def _max_pool_fwd(x):
-  y = max_pool_2x2(x)
+  y = _max_pool(x)
   return y, (x, y)
 
 
@@ -63,11 +75,12 @@ def _max_pool_bwd(residuals, g):
   return (jnp.where(at_max, share, jnp.zeros((), g.dtype)).reshape(x.shape),)
 
 
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+max_pool_2x2 = onednn.reverse_only(_max_pool)
 
 
 @jax.custom_vjp
-def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+def _upsample(x: jax.Array) -> jax.Array:
   """x2 nearest-neighbour upsampling of `[B, H, W, C]`: each pixel becomes a 2x2 block.
 
   `jnp.repeat` along H and W, with a gradient that adds each 2x2 block of the incoming
@@ -83,20 +96,20 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
 
 
 def _upsample_fwd(x):
-  return upsample_nearest_2x(x), None
+  return _upsample(x), None
 
 
 def _upsample_bwd(_, g):
   return (_sum_windows(_windows(g)),)
 
 
-upsample_nearest_2x.defvjp(_upsample_fwd, _upsample_bwd)
+_upsample.defvjp(_upsample_fwd, _upsample_bwd)
+upsample_nearest_2x = onednn.reverse_only(_upsample)
 
 
 def upsample_concat(low: jax.Array, skip: jax.Array | None) -> jax.Array:
   """A decoder block's input: `concat([upsample_nearest_2x(low), skip])`, or the upsampled `low` alone."""
-  up = upsample_nearest_2x(low)
-  return up if skip is None else jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
+  return stock.concat_skip(upsample_nearest_2x(low), skip)
 
 
 def _parity_taps() -> np.ndarray:
@@ -174,3 +187,125 @@ def upsample_concat_conv(
     y = z + bias
     return jax.nn.relu(y) if relu else y
   return onednn.conv_bias_add(skip, kernel[:, :, channels:], bias, z, relu=relu)
+
+
+class ConvTranspose2x2(nn.ConvTranspose):
+  """x2 learned upsampling, `nn.ConvTranspose(features, (2, 2), strides=(2, 2))`, as one matmul.
+
+  Same parameters (`kernel` `[2, 2, C_in, features]`, `bias`), initialisers and outputs as
+  flax's module. A stride-2 2x2 transposed convolution writes each input pixel to its own 2x2
+  output block, so it is `einsum('bhwc,ijco->bhiwjo')` with the kernel flipped in both spatial
+  axes (flax's `transpose_kernel=False` convention), then a reshape. XLA's CPU backend lowers
+  flax's form to a dilated convolution whose backward pass is 5-8x slower than this matmul
+  (benchmarks/README.md). Other kernel sizes and strides run flax's module.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if (
+      tuple(self.kernel_size) != (2, 2)
+      or _pair(self.strides) != (2, 2)
+      or self.padding != 'SAME'
+      or self.transpose_kernel
+      or not self.use_bias
+      or inputs.ndim != 4
+    ):
+      return nn.ConvTranspose.__call__(self, inputs)
+    batch, height, width, channels = inputs.shape
+    kernel = self.param('kernel', self.kernel_init, (2, 2, channels, self.features), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = jnp.einsum('bhwc,ijco->bhiwjo', x, kernel[::-1, ::-1])
+    return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
+
+
+def _fusable(module: nn.Conv, x: jax.Array, stride: int = 1) -> bool:
+  """Whether a oneDNN primitive computes `module` (an `nn.Conv`) on `x`: float32, NHWC, plain 'SAME'."""
+  size = tuple(module.kernel_size)
+  return (
+    x.ndim == 4
+    and jnp.dtype(x.dtype) == jnp.float32
+    and jnp.dtype(module.dtype or jnp.float32) == jnp.float32
+    and jnp.dtype(module.param_dtype) == jnp.float32
+    and module.padding == 'SAME'
+    and module.use_bias
+    and module.feature_group_count == 1
+    and _pair(module.kernel_dilation) == (1, 1)
+    and _pair(module.input_dilation) == (1, 1)
+    and len(size) == 2
+    and size[0] == size[1]
+    and _pair(module.strides) == (stride, stride)
+  )
+
+
+def _conv_params(module: nn.Conv, channels: int) -> tuple[jax.Array, jax.Array]:
+  """`nn.Conv`'s parameters, `kernel` `[k, k, channels, features]` and `bias`, with its initialisers."""
+  shape = (*module.kernel_size, channels, module.features)
+  kernel = module.param('kernel', module.kernel_init, shape, module.param_dtype)
+  bias = module.param('bias', module.bias_init, (module.features,), module.param_dtype)
+  return kernel, bias
+
+
+def _pair(value) -> tuple[int, ...]:
+  """`nn.Conv`'s strides or dilation (None, an int or a sequence) as a tuple per spatial axis."""
+  if value is None:
+    return (1, 1)
+  return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _stride(module: nn.Conv) -> int:
+  return _pair(module.strides)[0]
+
+
+class ConvReLU(stock.ConvReLU):
+  """`stock.ConvReLU` (`relu(nn.Conv(x))`) as one oneDNN primitive where it can be (`onednn.conv_bias_relu`).
+
+  It keeps one activation per convolution for the backward pass instead of two
+  (benchmarks/README.md, "Memory"). Other dtypes and configurations run the stock layer.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    stride = _stride(self)
+    if not _fusable(self, inputs, stride):
+      return nn.relu(nn.Conv.__call__(self, inputs))
+    kernel, bias = _conv_params(self, inputs.shape[-1])
+    return onednn.conv_bias_relu(inputs, kernel, bias, (stride, stride), 'SAME')
+
+
+class UpsampleConcatConv(stock.UpsampleConcatConv):
+  """`stock.UpsampleConcatConv` computed by `upsample_concat_conv` (no upsampled tensor, no concatenation).
+
+  Where `nearest` and float32; otherwise the stock layer, with this set's upsampling.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:  # type: ignore[override]
+    channels = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+    size = self.kernel_size[0]
+    if not (self.nearest and size in (1, 3) and _fusable(self, x)):
+      y = nn.Conv.__call__(self, stock.concat_skip(upsample_nearest_2x(x) if self.nearest else x, skip))
+      return nn.relu(y) if self.relu else y
+    kernel, bias = _conv_params(self, channels)
+    skip = None if skip is None else skip.astype(jnp.float32)
+    return upsample_concat_conv(x, skip, kernel, bias, relu=self.relu)
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=onednn.conv_general_dilated)
+
+
+def layers() -> stock.Layers:
+  """The CPU layer set; builds and loads the oneDNN handlers first (raises `onednn.OneDNNUnavailable`)."""
+  onednn.load()
+  return LAYERS
+
+
+LAYERS = stock.Layers(
+  conv=Conv,
+  conv_relu=ConvReLU,
+  upsample_conv=UpsampleConcatConv,
+  conv_transpose=ConvTranspose2x2,
+  max_pool=max_pool_2x2,
+  upsample=upsample_nearest_2x,
+  name='cpu',
+)

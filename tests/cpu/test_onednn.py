@@ -1,4 +1,4 @@
-"""oneDNN convolutions (kernels.onednn) against XLA's, the model's `conv` setting, and the host allocator."""
+"""The CPU backend's kernels (`cpu.onednn`, `cpu.layers`) against XLA's and Flax's: values, every gradient, the HLO."""
 
 import re
 
@@ -10,12 +10,13 @@ import optax
 import pytest
 from jax import lax
 
-from resunet_jax import configs, models
-from resunet_jax.kernels import onednn
-from resunet_jax.models import blocks, resample
+from resunet_jax import models, runtime
+from resunet_jax.cpu import layers as cpu_layers
+from resunet_jax.cpu import onednn
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
-needs_onednn = pytest.mark.skipif(not onednn.available(), reason='oneDNN is not installed here')
+# JAX on the CPU (the custom calls are registered for it alone) and the `cpu` extra's wheels.
+needs_onednn = pytest.mark.skipif(not runtime.cpu_backend_available(), reason='no CPU backend here')
 
 
 def _conv_and_grads(conv, x, w, strides, padding):
@@ -23,7 +24,13 @@ def _conv_and_grads(conv, x, w, strides, padding):
     return conv(x, w, strides, padding, dimension_numbers=NHWC)
 
   probe = jax.random.normal(jax.random.key(9), jax.eval_shape(f, x, w).shape)
-  return jax.jit(lambda x, w: (f(x, w), jax.grad(lambda x, w: jnp.sum(f(x, w) * probe), (0, 1))(x, w)))(x, w)
+
+  def grads(x, w):
+    return jax.grad(lambda x, w: jnp.sum(f(x, w) * probe), (0, 1))(x, w)
+
+  # Both in one program, and the gradients alone (a kernel gradient that ran without its forward
+  # convolution came out wrong once, where the two together were right).
+  return jax.jit(lambda x, w: (f(x, w), grads(x, w)))(x, w), jax.jit(grads)(x, w)
 
 
 @needs_onednn
@@ -43,6 +50,9 @@ def test_forward_and_both_gradients_match_xla(x_shape, w_shape, strides, padding
   xla = _conv_and_grads(lax.conv_general_dilated, x, w, strides, padding)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  text = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)).lower(x, w)
+  # A strided 1x1 convolution stays XLA's: oneDNN 3.2's kernel gradient of it is wrong.
+  assert ('resunet_onednn' in text.as_text()) == (w_shape[:2] != (1, 1) or strides == (1, 1))
 
 
 @needs_onednn
@@ -124,7 +134,7 @@ def test_fused_bias_and_sum_matches_xla_and_writes_over_the_summand(relu):
 
 
 def _upsample_concat_conv_directly(low, skip, kernel, bias, relu):
-  x = resample.upsample_nearest_2x(low)
+  x = models.layers.upsample_nearest_2x(low)
   x = x if skip is None else jnp.concatenate([x, skip], axis=-1)
   y = lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC) + bias
   return jax.nn.relu(y) if relu else y
@@ -150,7 +160,7 @@ def test_upsampled_concatenated_conv_matches_the_direct_form(low_shape, skip_cha
   probe = jax.random.normal(keys[4], (batch, 2 * height, 2 * width, 5))
 
   def ours(low, skip, kernel, bias):
-    return resample.upsample_concat_conv(low, skip, kernel, bias, relu=relu)
+    return cpu_layers.upsample_concat_conv(low, skip, kernel, bias, relu=relu)
 
   def direct(low, skip, kernel, bias):
     return _upsample_concat_conv_directly(low, skip, kernel, bias, relu)
@@ -162,13 +172,7 @@ def test_upsampled_concatenated_conv_matches_the_direct_form(low_shape, skip_cha
   text = jax.jit(ours).lower(low, skip, kernel, bias).compile().as_text()
   assert f'resunet_onednn_{target}"' in text
   with pytest.raises(ValueError, match=rf'needs a \[1\|3, 1\|3, \d+, F\] kernel; got \({size}, {size}, 2, 5\)'):
-    resample.upsample_concat_conv(low, skip, kernel[:, :, :2], bias, relu=relu)
-
-
-def test_a_skip_without_upsampling_is_refused():
-  x = jnp.ones((1, 4, 4, 2))
-  with pytest.raises(ValueError, match='ConvBlock got a skip tensor but upsample=False'):
-    models.ConvBlock(features=3).init(jax.random.key(0), x, False, None, x)
+    cpu_layers.upsample_concat_conv(low, skip, kernel[:, :, :2], bias, relu=relu)
 
 
 @needs_onednn
@@ -178,7 +182,7 @@ def test_a_donated_optimizer_step_copies_no_kernel():
   Without that order XLA copies every kernel at the start of the step (copy insertion: the
   update and the input gradient's read of the old kernel would be unordered).
   """
-  model = models.UNet(models.preset('unet', base_width=4, depth=2, conv='onednn'))
+  model = models.UNet(models.preset('unet', base_width=4, depth=2), layers=cpu_layers.LAYERS)
   x = jnp.ones((2, 16, 16, 3))
   params = model.init(jax.random.key(0), x, train=False)['params']
   optimizer = optax.adam(1e-3)
@@ -216,62 +220,26 @@ def test_unsupported_cases_are_xla_convolutions():
   assert 'custom_call' not in dilated.lower(x, w).as_text()
 
 
-def test_resolve():
-  assert onednn.resolve('xla') is None
-  expected = onednn.conv_general_dilated if onednn.available() and jax.device_count() == 1 else None
-  assert onednn.resolve('auto') is expected
-  with pytest.raises(ValueError, match="conv='mkl' is not a convolution backend; valid: auto, xla, onednn"):
-    onednn.resolve('mkl')
-
-
 def test_onednn_without_its_wheel_says_what_to_install(monkeypatch):
   def missing(distribution):
     raise onednn.importlib.metadata.PackageNotFoundError(distribution)
 
   monkeypatch.setattr(onednn.importlib.metadata, 'files', missing)
-  with pytest.raises(onednn.OneDNNUnavailable, match='need the onednn-cpu-gomp package: pip install onednn-cpu-gomp'):
+  with pytest.raises(onednn.OneDNNUnavailable, match=r"need the onednn-cpu-gomp package: pip install -e '\.\[cpu\]'"):
     onednn.build()
 
 
+@needs_onednn
 def test_a_missing_compiler_is_one_line(monkeypatch, tmp_path):
-  if not onednn.available():
-    pytest.skip('oneDNN is not installed here')
   monkeypatch.setenv('RESUNET_JAX_CACHE', str(tmp_path))  # nothing built yet
   monkeypatch.setenv('CXX', 'no-such-compiler')
   with pytest.raises(onednn.OneDNNUnavailable, match="no C\\+\\+ compiler 'no-such-compiler' is on PATH"):
     onednn.build()
 
 
-def test_model_conv_setting_is_validated_and_not_part_of_the_run_identity():
-  with pytest.raises(ValueError, match="ModelConfig.conv='onednnn' \\(did you mean 'onednn'\\?\\)"):
-    models.ModelConfig(conv='onednnn')
-  resolved = {'model': {'base_width': 4, 'conv': 'xla'}, 'seed': 0}
-  assert configs.config_hash(resolved) == configs.config_hash({**resolved, 'model': {'base_width': 4, 'conv': 'auto'}})
-
-
-@needs_onednn
-@pytest.mark.parametrize('preset', ['unet', 'resunet', 'resunet_zhang'])
-def test_model_with_onednn_trains_like_xla(preset):
-  """Same parameters, logits and gradients (to float32 rounding) for both backends."""
-  x = jax.random.normal(jax.random.key(0), (2, 20, 24, 3))
-  results = []
-  for conv in ('xla', 'onednn'):
-    model = models.UNet(models.preset(preset, base_width=4, depth=2, conv=conv))
-    variables = model.init(jax.random.key(1), x, train=False)
-
-    def loss(params, model=model, variables=variables):
-      return jnp.mean(model.apply({**variables, 'params': params}, x, train=False) ** 2)
-
-    results.append((variables['params'], *jax.jit(jax.value_and_grad(loss))(variables['params'])))
-  (params_a, loss_a, grads_a), (params_b, loss_b, grads_b) = results
-  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_a, grads_b)
-
-
 def test_transposed_conv_equals_flax():
   x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
-  flax_up, ours = nn.ConvTranspose(4, (2, 2), strides=(2, 2)), blocks.ConvTranspose2x2(4)
+  flax_up, ours = nn.ConvTranspose(4, (2, 2), strides=(2, 2)), cpu_layers.ConvTranspose2x2(4, (2, 2), strides=(2, 2))
   variables = flax_up.init(jax.random.key(1), x)
   jax.tree.map(np.testing.assert_array_equal, variables, ours.init(jax.random.key(1), x))
   variables = {'params': {**variables['params'], 'bias': jnp.arange(4.0)}}
@@ -281,33 +249,32 @@ def test_transposed_conv_equals_flax():
 def test_max_pool_equals_flax_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 6, 8, 3))  # no ties
   flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
-  np.testing.assert_array_equal(resample.max_pool_2x2(x), flax_pool(x))
+  np.testing.assert_array_equal(cpu_layers.max_pool_2x2(x), flax_pool(x))
   probe = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
   grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * probe))(x)  # noqa: E731
-  np.testing.assert_array_equal(grad(resample.max_pool_2x2), grad(flax_pool))
+  np.testing.assert_array_equal(grad(cpu_layers.max_pool_2x2), grad(flax_pool))
 
 
 def test_nearest_upsampling_equals_repeat_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
   repeat = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # noqa: E731
-  np.testing.assert_array_equal(resample.upsample_nearest_2x(x), repeat(x))
+  np.testing.assert_array_equal(cpu_layers.upsample_nearest_2x(x), repeat(x))
   probe = jax.random.normal(jax.random.key(1), (2, 6, 8, 5))
   grad = lambda up: jax.grad(lambda x: jnp.sum(up(x) * probe))(x)  # noqa: E731
-  np.testing.assert_allclose(grad(resample.upsample_nearest_2x), grad(repeat), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grad(cpu_layers.upsample_nearest_2x), grad(repeat), rtol=1e-6, atol=1e-6)
 
 
 def test_max_pool_shares_the_gradient_between_tied_maxima():
   x = jnp.stack([jnp.array([[1.0, 3.0], [3.0, 2.0]]), jnp.array([[0.0, 0.0], [0.0, 0.0]])], axis=-1)[None]
-  g = jax.grad(lambda x: jnp.sum(resample.max_pool_2x2(x) * jnp.array([2.0, 4.0])))(x)
+  g = jax.grad(lambda x: jnp.sum(cpu_layers.max_pool_2x2(x) * jnp.array([2.0, 4.0])))(x)
   np.testing.assert_array_equal(g[0, :, :, 0], [[0.0, 1.0], [1.0, 0.0]])  # two tied 3s share 2
   np.testing.assert_array_equal(g[0, :, :, 1], [[1.0, 1.0], [1.0, 1.0]])  # four tied 0s share 4
   reference = jax.grad(lambda x: jnp.sum(x.reshape(1, 1, 2, 1, 2, 2).max(axis=(2, 4)) * jnp.array([2.0, 4.0])))(x)
   np.testing.assert_array_equal(g, reference)  # as jnp.max's own gradient
 
 
+@needs_onednn
 def test_a_failed_build_is_one_line(monkeypatch, tmp_path):
-  if not onednn.available():
-    pytest.skip('oneDNN is not installed here')
   monkeypatch.setenv('RESUNET_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # a "compiler" that fails without a word
   with pytest.raises(onednn.OneDNNUnavailable, match=r'^compiling onednn_conv.cc failed \(false\): \(no output\)$'):
@@ -319,16 +286,16 @@ def test_a_failed_build_is_one_line(monkeypatch, tmp_path):
   'error, level',
   [(onednn.OneDNNNotInstalled('no wheel'), 'INFO'), (onednn.OneDNNUnavailable('compiling failed'), 'WARNING')],
 )
-def test_auto_says_why_it_falls_back_to_xla(monkeypatch, caplog, error, level):
+def test_auto_says_why_it_falls_back_to_the_stock_layers(monkeypatch, caplog, error, level):
   def fail():
     raise error
 
-  monkeypatch.setattr(onednn, 'load', fail)
-  onednn.available.cache_clear()
+  monkeypatch.setattr(cpu_layers, 'layers', fail)
+  runtime._cpu_layers.cache_clear()
   try:
     with caplog.at_level('INFO'):
-      assert not onednn.available()
+      assert runtime._cpu_layers() is None
   finally:
-    onednn.available.cache_clear()
-  (record,) = [r for r in caplog.records if 'Using XLA convolutions' in r.getMessage()]
+    runtime._cpu_layers.cache_clear()
+  (record,) = [r for r in caplog.records if 'Using the stock layers' in r.getMessage()]
   assert record.levelname == level and str(error) in record.getMessage()

@@ -1,4 +1,4 @@
-"""Returning freed host memory after setup (`hostmem.release_free_memory`)."""
+"""The CPU process settings (`cpu.hostmem`): returned setup memory, the kept block, the relaunch and when it happens."""
 
 import os
 import platform
@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from resunet_jax import hostmem
+from resunet_jax.cpu import hostmem
 
 # Frees 200 MB of 100 KB blocks that small live blocks pin between them, so glibc cannot give
 # them back by shrinking its heap; prints the resident MB before and after releasing them.
 FRAGMENTED = """
-from resunet_jax import hostmem
+from resunet_jax.cpu import hostmem
 
 def resident_mb():
   with open('/proc/self/statm') as f:
@@ -114,15 +114,15 @@ def test_until_switched_on_every_large_block_is_new():
 
 
 STATE = """
-from resunet_jax import hostmem
-hostmem.relaunch_with_huge_pages()
+from resunet_jax.cpu import hostmem
+hostmem.relaunch_for_cpu()
 from jax._src import xla_bridge
 print(hostmem.enabled(), hostmem.keeping_blocks(), xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
 """
 
 
 def _relaunched(tmp_path, **env):
-  return _run_script(tmp_path, STATE, **env)
+  return _run_script(tmp_path, STATE, **env)[0]
 
 
 def test_a_relaunched_command_keeps_blocks_and_dispatches_synchronously(tmp_path):
@@ -173,38 +173,74 @@ def test_a_child_forked_during_a_large_allocation_does_not_hang():
   assert result.stdout.split() == ['ok']
 
 
-# The environment a relaunch sets, and the switches it reads: each test starts without them.
-_RELAUNCH_ENV = ('GLIBC_TUNABLES', 'RESUNET_HUGE_PAGES', 'RESUNET_KEEP_BLOCKS', 'LD_PRELOAD')
+# The environment a relaunch sets, and the switches it reads: each test starts without them,
+# on the CPU platform (which a GPU host with JAX's CUDA plugin would not pick by itself).
+_RELAUNCH_ENV = ('GLIBC_TUNABLES', 'RESUNET_HUGE_PAGES', 'RESUNET_KEEP_BLOCKS', 'LD_PRELOAD', 'JAX_PLATFORMS')
 
 
-def _run_script(tmp_path, code, **env):
+def _run_script(tmp_path, code, *interpreter_args, **env):
+  """Runs `code` as a script (or, with `-m`, as the module `script`): its printed words and its process id."""
   script = tmp_path / 'script.py'
   script.write_text(code)
-  environment = {k: v for k, v in os.environ.items() if k not in _RELAUNCH_ENV} | env
-  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment, check=True)
-  return result.stdout.split()
+  environment = {k: v for k, v in os.environ.items() if k not in _RELAUNCH_ENV} | {'JAX_PLATFORMS': 'cpu'} | env
+  environment['PYTHONPATH'] = os.pathsep.join([str(tmp_path), *sys.path])
+  target = ['-m', 'script'] if '-m' in interpreter_args else [str(script)]
+  args = [a for a in interpreter_args if a != '-m']
+  process = subprocess.Popen(
+    [sys.executable, *args, *target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+  )
+  out, err = process.communicate()
+  assert process.returncode == 0, err
+  return out.split(), process.pid
 
 
 RELAUNCH = """import os, sys
 print('started')
-from resunet_jax import hostmem
-hostmem.relaunch_with_huge_pages()
+from resunet_jax.cpu import hostmem
+hostmem.relaunch_for_cpu()
 print(hostmem.enabled(), os.getpid())
 """
 
 
-def test_a_command_relaunches_itself_once_with_huge_pages(tmp_path):
+def _glibc_or_skip():
   if platform.libc_ver()[0] != 'glibc':
     pytest.skip('glibc only')
-  lines = _run_script(tmp_path, RELAUNCH)
-  assert lines[:3] == ['started', 'started', 'True']  # ran twice, the second time with the tunable
+
+
+@pytest.mark.parametrize('interpreter_args', [(), ('-m',), ('-W', 'ignore'), ('-W', 'ignore', '-m')])
+def test_a_command_relaunches_itself_once_in_place_however_it_was_started(tmp_path, interpreter_args):
+  _glibc_or_skip()
+  lines, pid = _run_script(tmp_path, RELAUNCH, *interpreter_args)
+  # Ran twice, the second time with the tunable, as the same process (exec, not a child).
+  assert lines == ['started', 'started', 'True', str(pid)]
 
 
 def test_huge_pages_can_be_switched_off(tmp_path):
-  assert _run_script(tmp_path, RELAUNCH, RESUNET_HUGE_PAGES='0')[:2] == ['started', 'False']
+  lines, pid = _run_script(tmp_path, RELAUNCH, RESUNET_HUGE_PAGES='0')
+  assert lines == ['started', 'False', str(pid)]
+
+
+@pytest.mark.parametrize('platforms', ['cuda', 'tpu,cpu'])
+def test_a_run_on_an_accelerator_is_not_relaunched(tmp_path, platforms):
+  _glibc_or_skip()
+  assert _run_script(tmp_path, RELAUNCH, JAX_PLATFORMS=platforms)[0][:2] == ['started', 'False']
 
 
 def test_a_script_run_from_another_is_not_relaunched(tmp_path):
   (tmp_path / 'inner.py').write_text(RELAUNCH)
   outer = f"import runpy; runpy.run_path({str(tmp_path / 'inner.py')!r}, run_name='__main__')"
-  assert _run_script(tmp_path, outer)[:2] == ['started', 'False']
+  assert _run_script(tmp_path, outer)[0][:2] == ['started', 'False']
+
+
+def test_the_platform_is_judged_from_the_environment_and_the_installed_plugins(monkeypatch):
+  monkeypatch.delenv('JAX_PLATFORM_NAME', raising=False)
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert hostmem.platform_is_cpu()
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
+  assert not hostmem.platform_is_cpu()
+  monkeypatch.delenv('JAX_PLATFORMS')
+  monkeypatch.setattr(hostmem.importlib.metadata, 'entry_points', lambda group: ['jax_cuda12_plugin'])
+  assert not hostmem.platform_is_cpu()
+  monkeypatch.setattr(hostmem.importlib.metadata, 'entry_points', lambda group: [])
+  monkeypatch.setattr(hostmem.importlib.util, 'find_spec', lambda name: None)
+  assert hostmem.platform_is_cpu()

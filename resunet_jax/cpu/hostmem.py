@@ -1,4 +1,12 @@
-"""Host-memory settings: huge pages for XLA's large CPU buffers, and returning setup memory.
+"""Process settings of a run on CPU: huge pages for XLA's large host buffers, a kept block, setup memory returned.
+
+This docstring is the one place that describes them. They apply to a command-line run whose
+JAX platform is the CPU (`relaunch_for_cpu`, called by `cli.run` before any work): every way
+of starting a tool (`python X.py`, `python -m X`, with interpreter flags) relaunches the same
+command once. A run that will use an accelerator (`JAX_PLATFORMS` naming another platform
+first, or, with none named, a JAX plugin for a GPU or TPU installed) starts unchanged, and so
+does any process that is not a tool (importing the package changes nothing).
+`RESUNET_HUGE_PAGES=0` switches all of it off, `RESUNET_KEEP_BLOCKS=0` the kept block alone.
 
 XLA's CPU runtime allocates each step's temporary buffers anew and frees them at its end. glibc
 serves blocks that large with a fresh `mmap`, so every step touches its ~100 MB of temporaries
@@ -9,10 +17,9 @@ which takes the faults to ~0 for 3-8% more peak memory. Keeping the freed memory
 (mallopt: one arena, no mmap, no trimming) removes the faults too but fragments the heap: up to
 1.7x the peak memory, measured and not kept.
 
-glibc reads its tunables once, at process start, so `relaunch_with_huge_pages()` re-executes the
-command with `GLIBC_TUNABLES` set (same process id, before any work). The command-line tools
-call it (`cli.run`); importing the package changes nothing. `RESUNET_HUGE_PAGES=0` keeps glibc's
-defaults; other C libraries, and glibc before 2.35 (which ignores the tunable), run unchanged.
+glibc reads its tunables once, at process start, so `relaunch_for_cpu()` re-executes the
+command with `GLIBC_TUNABLES` set (same process id, before any work). Other C libraries, and
+glibc before 2.35 (which ignores the tunable), run unchanged.
 
 Huge pages make the faults few, but each step's temporaries are still new pages that the
 kernel zeroes (4.3% of U-Net base 64's time). The relaunch therefore also preloads
@@ -36,13 +43,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import pathlib
 import platform
 import sys
 
-from resunet_jax import native
+from resunet_jax.cpu import native
 
 TUNABLE = 'glibc.malloc.hugetlb'
 KEEP_SOURCE = pathlib.Path(__file__).with_name('keep_blocks.c')
@@ -74,14 +83,43 @@ def _keep_switch():
   return getattr(ctypes.CDLL(None), 'resunet_keep_blocks', None)
 
 
-def relaunch_with_huge_pages() -> None:
-  """Re-executes this Python command with `glibc.malloc.hugetlb=1`, unless it has it or is not glibc's.
+def platform_is_cpu() -> bool:
+  """Whether JAX will run this process on the CPU, judged before JAX is imported.
 
-  The relaunched command also preloads keep_blocks.c (unless `RESUNET_KEEP_BLOCKS=0` or it
-  cannot be built) and, back here in it, runs JAX's CPU computations synchronously.
+  `JAX_PLATFORMS` (or `JAX_PLATFORM_NAME`) decides when set; otherwise JAX takes an accelerator
+  whenever a plugin for one is installed (a `jax_plugins` entry point, or libtpu).
+  """
+  forced = os.environ.get('JAX_PLATFORMS') or os.environ.get('JAX_PLATFORM_NAME')
+  if forced:
+    return forced.split(',')[0].strip().lower() == 'cpu'
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return False
+  return importlib.util.find_spec('libtpu') is None
 
-  Only a command started as `python SCRIPT ...` (or `-m`) whose `__main__` is that script is
-  relaunched: a script run from another one (`runpy`) is left alone.
+
+def _started_as_main() -> bool:
+  """Whether `__main__` is what the interpreter was started with: `python [options] SCRIPT` or `-m MODULE`.
+
+  A script run from another one (`runpy`) is not: relaunching would run the outer command again.
+  """
+  main = sys.modules.get('__main__')
+  argv = sys.orig_argv[1:]
+  for i, arg in enumerate(argv):
+    if arg == '-m' or (arg.startswith('-m') and not arg.startswith('--')):
+      module = arg[2:] or (argv[i + 1] if i + 1 < len(argv) else '')
+      spec = getattr(main, '__spec__', None)
+      return spec is not None and spec.name == module
+  path = getattr(main, '__file__', None)
+  return path is not None and any(os.path.abspath(arg) == os.path.abspath(path) for arg in argv if arg[:1] != '-')
+
+
+def relaunch_for_cpu() -> None:
+  """Re-executes this command once with the CPU settings, when it is a tool started as such that runs on CPU.
+
+  The relaunched command has `glibc.malloc.hugetlb=1`, preloads keep_blocks.c (unless
+  `RESUNET_KEEP_BLOCKS=0` or it cannot be built) and, back here in it, runs JAX's CPU
+  computations synchronously. Nothing happens with `RESUNET_HUGE_PAGES=0`, a C library other
+  than glibc, an accelerator platform, or a `__main__` the interpreter was not started with.
   """
   if enabled():
     if keeping_blocks():  # one step's temporaries freed before the next allocates its own
@@ -91,9 +129,7 @@ def relaunch_with_huge_pages() -> None:
     return
   if os.environ.get('RESUNET_HUGE_PAGES', '1') == '0' or platform.libc_ver()[0] != 'glibc':
     return
-  main = getattr(sys.modules.get('__main__'), '__file__', None)
-  started = [arg for arg in sys.orig_argv[1:] if not arg.startswith('-')][:1]
-  if main is None or not started or os.path.abspath(started[0]) != os.path.abspath(main):
+  if not platform_is_cpu() or not _started_as_main():
     return
   tunables = os.environ.get('GLIBC_TUNABLES')
   os.environ['GLIBC_TUNABLES'] = f'{tunables}:{TUNABLE}=1' if tunables else f'{TUNABLE}=1'

@@ -1,0 +1,160 @@
+"""Every JAX transformation through the stock `UNet`, for every preset and switch.
+
+Each transformation is checked against an independent computation of the same quantity (a
+finite difference, the gradient, the untransformed call), so a layer that breaks it (a custom
+derivative without forward mode, a native call without export support) fails here.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from resunet_jax import models
+
+TINY = {'base_width': 4, 'depth': 2}
+# The three presets, and every other switch value at least once beside them (a pairwise cover).
+CONFIGS = {
+  'unet': models.preset('unet', **TINY),  # nearest, no norm, postact, max-pool, all skips
+  'resunet': models.preset('resunet', upsample='bilinear', norm='layer', skips='10', **TINY),
+  'resunet_zhang': models.preset('resunet_zhang', **TINY),  # batch norm, preact, stride
+  'transpose_group_remat': models.preset(
+    'resunet', upsample='transpose', norm='group', norm_groups=2, remat=True, skips='none', **TINY
+  ),
+}
+X = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+
+
+@functools.cache
+def _setup(name):
+  """The model, its variables, a probe on the logits and a parameter direction `v`."""
+  config = CONFIGS[name]
+  model = models.UNet(config)
+  variables = model.init(jax.random.key(0), X, train=False)
+  probe = jax.random.normal(jax.random.key(2), (*X.shape[:3], config.num_classes))
+  leaves, tree = jax.tree.flatten(variables['params'])
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  direction = jax.tree.unflatten(tree, [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)])
+  return model, variables, probe, direction
+
+
+def _loss(name, params, x=X):
+  """A scalar of the parameters: the logits against a fixed probe."""
+  model, variables, probe, _ = _setup(name)
+  return jnp.sum(model.apply({**variables, 'params': params}, x, train=False) * probe)
+
+
+def _dot(a, b):
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@functools.cache
+def _grad(name):
+  return jax.jit(jax.grad(functools.partial(_loss, name)))(_setup(name)[1]['params'])
+
+
+def _close(actual, expected, rtol=1e-3):
+  """Equal to float32 rounding, against each array's largest entry (a broken transformation is off by O(1))."""
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))) + 1e-7)
+
+
+def check_grad_and_jvp(name):
+  """Reverse and forward mode agree: the jvp along `v` is the gradient's dot product with `v`."""
+  _, variables, _, v = _setup(name)
+  _, tangent = jax.jit(lambda p, v: jax.jvp(functools.partial(_loss, name), (p,), (v,)))(variables['params'], v)
+  assert float(jnp.abs(tangent)) > 0
+  _close(tangent, _dot(_grad(name), v))
+
+
+def check_linearize(name):
+  _, variables, _, v = _setup(name)
+  _, linear = jax.linearize(functools.partial(_loss, name), variables['params'])
+  _close(jax.jit(linear)(v), _dot(_grad(name), v))
+
+
+def check_jacfwd_jacrev(name):
+  """The input Jacobian of one image's logits, both ways; its rows are input gradients."""
+  model, variables, probe, _ = _setup(name)
+
+  def logits(x):
+    return model.apply(variables, x[None], train=False)[0, :4, :4].ravel()  # 16 outputs
+
+  forward, reverse = jax.jit(jax.jacfwd(logits))(X[0]), jax.jit(jax.jacrev(logits))(X[0])
+  assert forward.shape == (16, 8, 8, 3)
+  _close(forward, reverse)
+  _close(reverse[5], jax.grad(lambda x: logits(x)[5])(X[0]))
+
+
+def check_hvp(name):
+  """Forward-over-reverse Hessian-vector product equals reverse-over-reverse."""
+  _, variables, _, v = _setup(name)
+  params = variables['params']
+  # The logits are piecewise linear in the inputs but not in the parameters (products of layers).
+  loss = functools.partial(_loss, name)
+  fwd_rev = jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])(params, v)
+  rev_rev = jax.jit(jax.grad(lambda p: _dot(jax.grad(loss)(p), v)))(params)
+  _close(fwd_rev, rev_rev)
+
+
+def check_vmap_inputs(name):
+  model, variables, _, _ = _setup(name)
+  per_image = jax.jit(jax.vmap(lambda x: model.apply(variables, x[None], train=False)[0]))(X)
+  _close(per_image, model.apply(variables, X, train=False))
+
+
+def check_vmap_params(name):
+  """Two parameter sets stacked on a leading axis, applied in one vmapped call."""
+  model, variables, _, v = _setup(name)
+  other = jax.tree.map(lambda p, d: p + 0.1 * d, variables['params'], v)
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), variables['params'], other)
+  both = jax.jit(jax.vmap(lambda p: model.apply({**variables, 'params': p}, X, train=False)))(stacked)
+  _close(both[0], model.apply(variables, X, train=False))
+  _close(both[1], model.apply({**variables, 'params': other}, X, train=False))
+
+
+def check_remat(name):
+  _, variables, _, _ = _setup(name)
+  remat = jax.jit(jax.grad(jax.checkpoint(functools.partial(_loss, name))))(variables['params'])
+  _close(remat, _grad(name))
+
+
+def check_export(name):
+  """Exported with a symbolic batch, serialised, deserialised and run at two batch sizes."""
+  model, variables, _, _ = _setup(name)
+  (batch,) = export.symbolic_shape('b')
+  exported = export.export(jax.jit(lambda v, x: model.apply(v, x, train=False)))(
+    variables, jax.ShapeDtypeStruct((batch, *X.shape[1:]), X.dtype)
+  )
+  restored = export.deserialize(exported.serialize())
+  for size in (1, 2):
+    _close(restored.call(variables, X[:size]), model.apply(variables, X[:size], train=False))
+
+
+CHECKS = {name[6:]: check for name, check in globals().items() if name.startswith('check_')}
+
+
+@pytest.mark.parametrize('transformation', sorted(CHECKS))
+@pytest.mark.parametrize('config', sorted(CONFIGS))
+def test_transformation_goes_through_the_stock_model(config, transformation):
+  CHECKS[transformation](config)
+
+
+def test_the_configs_cover_every_preset_and_switch_value():
+  covered = {
+    field: {getattr(c, field) for c in CONFIGS.values()}
+    for field in ('norm', 'upsample', 'block', 'downsample', 'residual', 'remat')
+  }
+  assert covered == {
+    'norm': set(models.config.NORMS),
+    'upsample': set(models.config.UPSAMPLES),
+    'block': set(models.config.BLOCKS),
+    'downsample': set(models.config.DOWNSAMPLES),
+    'residual': {False, True},
+    'remat': {False, True},
+  }
+  assert {'unet', 'resunet', 'resunet_zhang'} <= set(CONFIGS)
+  assert {c.skips for c in CONFIGS.values()} >= {'all', 'none', '10'}
