@@ -17,7 +17,11 @@ import time
 
 from absl import flags
 
-from resunet_jax import ablation, cli
+from resunet_jax import cli
+
+cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
+
+from resunet_jax import ablation  # noqa: E402
 
 _CONFIG = cli.define_config_file('config', 'experiments/configs/ablate.py', 'Ablation config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder; default runs/<config file name>.')

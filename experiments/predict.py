@@ -13,13 +13,18 @@ training. `--input=split:SPLIT` reads a split of the run's own dataset.
 import functools
 import pathlib
 
-import numpy as np
 from absl import flags
-from PIL import Image
-from tqdm import tqdm
 
-from resunet_jax import cli, data, inference, runtime
-from resunet_jax.training import reporting, restore
+from resunet_jax import cli
+
+cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from resunet_jax import data, inference, runtime  # noqa: E402
+from resunet_jax.training import reporting, restore  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
 _INPUT = flags.DEFINE_string('input', None, 'An image, a folder of images, or split:SPLIT.', required=True)

@@ -7,7 +7,6 @@ in `tests/training/`. docs/reliability.md lists them all.
 """
 
 import pathlib
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -178,7 +177,7 @@ CLI = {
 
 
 @pytest.mark.parametrize('case', list(CLI))
-def test_command_line_mistakes(case, trained_run, tmp_path):
+def test_command_line_mistakes(case, trained_run, tmp_path, commands):
   script, args, devices, expected = CLI[case]
   workdir, env = trained_run
   bare = tmp_path / 'bare'
@@ -189,18 +188,14 @@ def test_command_line_mistakes(case, trained_run, tmp_path):
     args = [a.replace(placeholder, path) for a in args]
     expected = expected.replace(placeholder, path)
   env = {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  result = subprocess.run(
-    [sys.executable, f'experiments/{script}.py', *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
-  )
+  result = commands.run([sys.executable, f'experiments/{script}.py', *args], env=env, timeout=300)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith(expected), lines
 
 
-def test_verbose_adds_the_traceback():
-  result = subprocess.run(
-    [sys.executable, 'experiments/train.py', '--model=resnet', '-v', '1'], cwd=ROOT, capture_output=True, text=True
-  )
+def test_verbose_adds_the_traceback(commands):
+  result = commands.run([sys.executable, 'experiments/train.py', '--model=resnet', '-v', '1'])
   assert result.returncode == 2 and 'Traceback (most recent call last)' in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model preset 'resnet'")
 

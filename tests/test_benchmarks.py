@@ -4,7 +4,6 @@ import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -21,17 +20,21 @@ import train_step  # noqa: E402 (the benchmark script, imported for its helpers)
 TINY = ['--base-width=2', '--batch=2', '--size=32']  # the smallest network and images that compile fast
 
 
-def _run(script: str, *args: str, env=None) -> list[dict]:
+@pytest.fixture
+def bench(commands):
   """Runs `benchmarks/<script>` with `args`; returns its JSON lines."""
-  command = [sys.executable, f'benchmarks/{script}', *args]
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-  assert result.returncode == 0, result.stderr[-2000:]
-  return [json.loads(line) for line in result.stdout.strip().splitlines()]
+
+  def run(script: str, *args: str, env=None) -> list[dict]:
+    result = commands.run([sys.executable, f'benchmarks/{script}', *args], env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+
+  return run
 
 
-def test_input_pipeline_benchmark_prints_its_figures(tfds_dir):
+def test_input_pipeline_benchmark_prints_its_figures(tfds_dir, bench):
   args = ['--data=synthetic_roads/small', '--batch=4', '--batches=3', '--step', '--base_width=2', '--steps=1']
-  (figures,) = _run('input_pipeline.py', *args, env={**os.environ, 'TFDS_DATA_DIR': tfds_dir})
+  (figures,) = bench('input_pipeline.py', *args, env={**os.environ, 'TFDS_DATA_DIR': tfds_dir})
   assert figures['images_per_sec'] > 0 and figures['step_images_per_sec'] > 0
   ratio = figures['images_per_sec'] / figures['step_images_per_sec']
   assert figures['pipeline_over_step'] == pytest.approx(ratio, rel=0.05, abs=0.1)
@@ -56,8 +59,8 @@ def _conv_flops_by_hand(params, side=32, batch=2):
 @pytest.mark.parametrize(
   'extra', [[], ['--infer'], ['--devices=2'], ['--dtype=bfloat16']], ids=['train', 'infer', 'two devices', 'bfloat16']
 )
-def test_train_step_benchmark_prints_its_figures(extra):
-  (figures,) = _run('train_step.py', '--model=resunet', *TINY, '--steps=2', '--warmup=1', *extra)
+def test_train_step_benchmark_prints_its_figures(extra, bench):
+  (figures,) = bench('train_step.py', '--model=resunet', *TINY, '--steps=2', '--warmup=1', *extra)
   assert figures['benchmark'] == ('infer' if extra == ['--infer'] else 'train_step')
   assert figures['dtype'] == ('bfloat16' if extra == ['--dtype=bfloat16'] else 'float32')
   assert figures['model_flops_per_step'] > 0
@@ -122,8 +125,8 @@ def test_datasheet_peaks_and_the_compared_memory():
   assert train_step.memory_field(gpu, {'peak_rss_mb': 2.0}) == 'peak_rss_mb'
 
 
-def test_conv_layers_benchmark_lists_every_convolution_of_the_model():
-  (figures,) = _run('conv_layers.py', '--model=resunet_zhang', *TINY, '--repeats=1')
+def test_conv_layers_benchmark_lists_every_convolution_of_the_model(bench):
+  (figures,) = bench('conv_layers.py', '--model=resunet_zhang', *TINY, '--repeats=1')
   config = models.preset('resunet_zhang', base_width=2)
   shapes = jax.eval_shape(lambda: models.UNet(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   kernels = [leaf.shape for leaf in jax.tree.leaves(shapes['params']) if leaf.ndim == 4]
@@ -139,11 +142,11 @@ def test_conv_layers_benchmark_lists_every_convolution_of_the_model():
 
 
 @pytest.mark.parametrize('script', ['train_step.py', 'conv_layers.py'])
-def test_side_by_side_with_pytorch(script):
+def test_side_by_side_with_pytorch(script, bench):
   """`--compare` (needs the `bench` extra; skipped without PyTorch) prints PyTorch's figures and the ratios."""
   pytest.importorskip('torch')
   timing = ['--steps=2', '--warmup=1'] if script == 'train_step.py' else ['--repeats=1']
-  lines = _run(script, '--model=resunet', *TINY, *timing, '--compare')
+  lines = bench(script, '--model=resunet', *TINY, *timing, '--compare')
   if script == 'train_step.py':
     ours, stock, nchw, nhwc, ratio = lines
     assert (nchw['framework'], nhwc['framework']) == ('torch', 'torch_channels_last')
@@ -160,9 +163,9 @@ def test_side_by_side_with_pytorch(script):
     assert figures['ours_over_torch_channels_last']['all'] == pytest.approx(expected, rel=0.01, abs=6e-4)
 
 
-def test_compare_rounds_interleave_and_give_median_ratios():
+def test_compare_rounds_interleave_and_give_median_ratios(bench):
   pytest.importorskip('torch')
-  lines = _run('train_step.py', '--model=unet', *TINY, '--steps=2', '--warmup=1', '--compare', '--repeats', '2')
+  lines = bench('train_step.py', '--model=unet', *TINY, '--steps=2', '--warmup=1', '--compare', '--repeats', '2')
   frameworks = [line.get('framework') for line in lines[:-1]]
   assert frameworks == ['jax', 'jax', 'torch', 'torch_channels_last'] * 2  # ours, ours on stock layers, PyTorch
   ratio = lines[-1]
@@ -173,10 +176,10 @@ def test_compare_rounds_interleave_and_give_median_ratios():
   assert ratio['ours_over_torch_channels_last'] == pytest.approx(sum(rounds) / 2, rel=0.01, abs=6e-4)  # median of 2
 
 
-def test_train_loop_benchmark_compares_the_loop_with_its_bare_step(tfds_dir):
+def test_train_loop_benchmark_compares_the_loop_with_its_bare_step(tfds_dir, bench):
   env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir}
   args = ['--config=experiments/configs/quick.py', '--model=unet', '--steps=8', '--bare_steps=2']
-  (figures,) = _run('train_loop.py', *args, env=env)
+  (figures,) = bench('train_loop.py', *args, env=env)
   assert figures['benchmark'] == 'train_loop' and figures['batch'] == 4
   assert len(figures['loop_intervals_images_per_sec']) == 5  # logged at steps 2, 4, 6, 8 and checkpoint 3
   assert figures['loop_images_per_sec'] > 0 and figures['bare_images_per_sec'] > 0
@@ -184,10 +187,9 @@ def test_train_loop_benchmark_compares_the_loop_with_its_bare_step(tfds_dir):
   assert figures['loop_over_bare'] == pytest.approx(ratio, rel=0.01, abs=0.002)
 
 
-def test_train_loop_benchmark_needs_three_logged_intervals(tfds_dir):
+def test_train_loop_benchmark_needs_three_logged_intervals(tfds_dir, commands):
   command = [sys.executable, 'benchmarks/train_loop.py', '--config=experiments/configs/quick.py', '--steps=2']
-  env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir}
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  result = commands.run(command, env={**os.environ, 'TFDS_DATA_DIR': tfds_dir}, timeout=300)
   assert result.returncode != 0
   assert (
     result.stderr.strip()
@@ -196,8 +198,7 @@ def test_train_loop_benchmark_needs_three_logged_intervals(tfds_dir):
   )
 
 
-def test_compare_needs_at_least_one_round():
-  command = [sys.executable, 'benchmarks/train_step.py', '--compare', '--repeats=0']
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+def test_compare_needs_at_least_one_round(commands):
+  result = commands.run([sys.executable, 'benchmarks/train_step.py', '--compare', '--repeats=0'], timeout=60)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].endswith('error: --repeats=0 must be at least 1')

@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -12,15 +11,14 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(script, *args, env):
-  return subprocess.run(
-    [sys.executable, f'experiments/{script}.py', *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
-  )
-
-
 @pytest.fixture
-def trained(trained_run):
-  return trained_run
+def trained(trained_run, commands):
+  workdir, env = trained_run
+
+  def run(script, *args):
+    return commands.run([sys.executable, f'experiments/{script}.py', *args], env=env)
+
+  return workdir, run
 
 
 def _best_validation_step(workdir):
@@ -33,8 +31,8 @@ def _best_validation_step(workdir):
 
 @pytest.mark.parametrize('checkpoint', ['best', 'latest', '3'])
 def test_evaluate_writes_json_and_markdown(trained, checkpoint):
-  workdir, env = trained
-  result = _run('evaluate', f'--workdir={workdir}', '--split=test', f'--checkpoint={checkpoint}', env=env)
+  workdir, run = trained
+  result = run('evaluate', f'--workdir={workdir}', '--split=test', f'--checkpoint={checkpoint}')
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((workdir / 'eval_test.json').read_text())
   assert record['images'] == 16 and record['split'] == 'test' and record['boundary_tolerance_px'] == 2.0
@@ -47,7 +45,7 @@ def test_evaluate_writes_json_and_markdown(trained, checkpoint):
 
 
 def test_predict_on_files_of_any_size_and_channel_count(trained, tmp_path):
-  workdir, env = trained
+  workdir, run = trained
   inputs = tmp_path / 'in'
   inputs.mkdir()
   rng = np.random.default_rng(0)
@@ -55,9 +53,7 @@ def test_predict_on_files_of_any_size_and_channel_count(trained, tmp_path):
   Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).save(inputs / 'grey.png')
   Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)).save(inputs / 'rgba.png')
   out = tmp_path / 'out'
-  result = _run(
-    'predict', f'--workdir={workdir}', f'--input={inputs}', f'--output={out}', '--probabilities', '--tta', env=env
-  )
+  result = run('predict', f'--workdir={workdir}', f'--input={inputs}', f'--output={out}', '--probabilities', '--tta')
   assert result.returncode == 0, result.stderr[-3000:]
   for stem, shape in (('big', (150, 97)), ('grey', (20, 30)), ('rgba', (40, 40))):
     mask = np.asarray(Image.open(out / f'{stem}_mask.png'))
@@ -69,7 +65,48 @@ def test_predict_on_files_of_any_size_and_channel_count(trained, tmp_path):
 
 
 def test_predict_on_a_split_of_the_runs_dataset(trained, tmp_path):
-  workdir, env = trained
-  result = _run('predict', f'--workdir={workdir}', '--input=split:test[:2]', f'--output={tmp_path}', env=env)
+  workdir, run = trained
+  result = run('predict', f'--workdir={workdir}', '--input=split:test[:2]', f'--output={tmp_path}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert len(list(tmp_path.glob('test_*_overlay.png'))) == 2
+
+
+@pytest.fixture
+def three_classes(three_class_run, commands):
+  workdir, env = three_class_run
+
+  def run(script, *args):
+    return commands.run([sys.executable, f'experiments/{script}.py', *args], env=env)
+
+  return workdir, run
+
+
+def test_evaluate_a_three_class_run_reports_every_class(three_classes):
+  workdir, run = three_classes
+  result = run('evaluate', f'--workdir={workdir}', '--split=test', '--checkpoint=latest')
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((workdir / 'eval_test.json').read_text())
+  assert len(record['class_dice']) == 3 and all(0 <= d <= 1 for d in record['class_dice'])
+  # Dice is per image, classes averaged within it, so its mean is the mean of the per-class means.
+  assert record['metrics']['dice']['mean'] == pytest.approx(np.mean(record['class_dice']), abs=1e-6)
+  for name in ('boundary_f1', 'hd95'):  # boundaries of every class, averaged
+    assert np.isfinite(record['metrics'][name]['mean'])
+  table = (workdir / 'eval_test.md').read_text()
+  assert '| class | Dice |' in table
+  for index, value in enumerate(record['class_dice']):
+    assert f'| {index} | {value:.4f} |' in table
+
+
+def test_predict_with_three_classes_writes_class_ids_and_per_class_probabilities(three_classes, tmp_path):
+  workdir, run = three_classes
+  result = run('predict', f'--workdir={workdir}', '--input=split:test[:2]', f'--output={tmp_path}', '--probabilities')
+  assert result.returncode == 0, result.stderr[-3000:]
+  stems = sorted(p.name.removesuffix('_mask.png') for p in tmp_path.glob('*_mask.png'))
+  assert len(stems) == 2
+  for stem in stems:
+    mask = np.asarray(Image.open(tmp_path / f'{stem}_mask.png'))
+    probabilities = np.load(tmp_path / f'{stem}_probabilities.npy')
+    assert probabilities.shape == (*mask.shape, 3)  # [H, W, K]: one map per class
+    np.testing.assert_allclose(probabilities.sum(-1), 1, rtol=1e-5)  # a softmax over the classes
+    assert set(np.unique(mask)) <= {0, 1, 2}  # class ids, not 0/255
+    np.testing.assert_array_equal(mask, probabilities.argmax(-1))

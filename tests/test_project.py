@@ -3,7 +3,6 @@
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
@@ -35,36 +34,32 @@ def test_quickstart_is_two_commands_and_ci_runs_both():
     assert command in ci, command
 
 
-@pytest.fixture(scope='module')
-def tfds_env(tmp_path_factory):
-  """An empty TFDS data directory: the first command builds the embedded dataset into it."""
-  return {**os.environ, 'TFDS_DATA_DIR': str(tmp_path_factory.mktemp('tfds_full'))}
+@pytest.fixture
+def train(commands):
+  def run(*args, env):
+    return commands.run([sys.executable, 'experiments/train.py', *args], env=env, timeout=300)
+
+  return run
 
 
-def _train(*args, env=None):
-  return subprocess.run(
-    [sys.executable, 'experiments/train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
-  )
-
-
-def test_summary_builds_the_data_and_reports_the_real_network(tfds_env):
-  result = _train('--model=resunet', '--config.model.base_width=64', '--summary', env=tfds_env)
+def test_summary_builds_the_data_and_reports_the_real_network_and_overrides_win(train, tmp_path):
+  env = {**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')}  # empty: the first command builds the dataset
+  result = train('--model=resunet', '--config.model.base_width=64', '--summary', env=env)
   assert result.returncode == 0, result.stderr
   assert (
     "data: synthetic_roads, 2 classes, images (128, 128, 3), splits {'train': 2000, 'validation': 200" in result.stdout
   )
   assert 'total         33,122,881' in result.stdout
   assert 'logits (1, 128, 128, 1) float32' in result.stdout
-
-
-def test_config_overrides_win_over_the_preset(tfds_env):
-  args = ('--model=resunet', '--config.model.residual=False', '--config.model.base_width=64', '--summary')
-  result = _train(*args, env=tfds_env)
+  # A config override wins over the preset.
+  result = train(
+    '--model=resunet', '--config.model.residual=False', '--config.model.base_width=64', '--summary', env=env
+  )
   assert result.returncode == 0, result.stderr
   assert 'residual=False' in result.stdout and 'total         31,378,945' in result.stdout
 
 
-def test_a_config_files_preset_is_trained_unless_model_is_given(tmp_path, tfds_dir):
+def test_a_config_files_preset_is_trained_unless_model_is_given(train, tmp_path, tfds_dir):
   config = tmp_path / 'unet_config.py'
   config.write_text(
     'import runpy\n'
@@ -75,9 +70,9 @@ def test_a_config_files_preset_is_trained_unless_model_is_given(tmp_path, tfds_d
     '  return config\n'
   )
   env = {**os.environ, 'TFDS_DATA_DIR': tfds_dir}
-  from_file = _train(f'--config={config}', '--summary', env=env)
+  from_file = train(f'--config={config}', '--summary', env=env)
   assert from_file.returncode == 0, from_file.stderr
   assert 'model: unet ModelConfig(' in from_file.stdout and 'residual=False' in from_file.stdout
-  given = _train(f'--config={config}', '--model=resunet_zhang', '--summary', env=env)
+  given = train(f'--config={config}', '--model=resunet_zhang', '--summary', env=env)
   assert given.returncode == 0, given.stderr
   assert 'model: resunet_zhang ModelConfig(' in given.stdout and "norm='batch'" in given.stdout

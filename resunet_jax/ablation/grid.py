@@ -27,7 +27,7 @@ def section() -> ml_collections.ConfigDict:
   c.seeds = 3  # seeds 0 .. seeds-1 for every arm; 95% t-intervals over them
   c.target_dice = 0.5  # validation Dice whose first crossing measures convergence (claim 1)
   c.test_split = 'test'  # final metrics and knock-outs; validation drives the curves
-  c.compilation_cache = True  # reuse compiled steps across seeds (JAX persistent cache in the sweep dir)
+  c.compilation_cache = True  # reuse compiled steps across seeds ($JAX_COMPILATION_CACHE_DIR, else in the sweep dir)
   c.studies = ml_collections.ConfigDict()
   return c
 

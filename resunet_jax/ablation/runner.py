@@ -186,7 +186,9 @@ def run(config, root: str | pathlib.Path, *, test_split: str = 'test') -> Result
 def _use_compilation_cache(directory: pathlib.Path) -> None:
   # Seeds of one arm compile the same programs: JAX's persistent cache turns the second and
   # later compilations into a disk read (about 5 s -> 1 s per step function on a 2-core CPU).
-  jax.config.update('jax_compilation_cache_dir', str(directory))
+  # A cache the user configured already (JAX_COMPILATION_CACHE_DIR) is kept; else one in the sweep.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', str(directory))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 

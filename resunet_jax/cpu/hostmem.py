@@ -1,7 +1,8 @@
 """Process settings of a run on CPU: huge pages for XLA's large host buffers, a kept block, setup memory returned.
 
 This docstring is the one place that describes them. They apply to a command-line run whose
-JAX platform is the CPU (`relaunch_for_cpu`, called by `cli.run` before any work): every way
+JAX platform is the CPU (`relaunch_for_cpu`, which each tool calls first, before its heavy
+imports, through `cli.relaunch_for_cpu`; `cli.run` calls it too): every way
 of starting a tool (`python X.py`, `python -m X`, with interpreter flags) relaunches the same
 command once. A run that will use an accelerator (`JAX_PLATFORMS` naming another platform
 first, or, with none named, a JAX plugin for a GPU or TPU installed) starts unchanged, and so

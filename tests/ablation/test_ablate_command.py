@@ -1,11 +1,13 @@
 """experiments/ablate.py end to end on the quick grid: its files, a finished sweep runs nothing,
-and a sweep killed in the middle of a run resumes to the same numbers."""
+and a sweep killed in the middle of a run resumes to the same numbers.
+
+The tests share one sweep (built once per session) and the session's compilation cache.
+"""
 
 import csv
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import time
 
@@ -16,8 +18,8 @@ QUICK = '--config=experiments/configs/ablate_quick.py'
 COMPARED = ('run_id', 'dice', 'iou', 'accuracy', 'boundary_f1', 'hd95', 'steps_to_target', 'auc', 'grad_share')
 
 
-def _command(workdir):
-  return [sys.executable, 'experiments/ablate.py', QUICK, f'--workdir={workdir}']
+def _command(workdir, *args):
+  return [sys.executable, 'experiments/ablate.py', QUICK, f'--workdir={workdir}', *args]
 
 
 @pytest.fixture(scope='module')
@@ -26,11 +28,16 @@ def env(tfds_dir):
 
 
 @pytest.fixture(scope='module')
-def sweep(tmp_path_factory, env):
-  workdir = tmp_path_factory.mktemp('sweep')
-  result = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result.stdout
+def sweep(shared, env, commands):
+  """The quick sweep (built once per session) and what it printed: this worker's copy."""
+
+  def build(workdir):
+    result = commands.run(_command(workdir), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (workdir / 'stdout.txt').write_text(result.stdout)
+
+  workdir = shared.copy(shared.build('ablation_sweep', build))
+  return workdir, (workdir / 'stdout.txt').read_text()
 
 
 def _rows(workdir):
@@ -62,19 +69,21 @@ def test_quick_sweep_writes_every_file(sweep):
   assert len(list((workdir / 'runs').glob('*/result.json'))) == 4
 
 
-def test_a_finished_sweep_runs_nothing(sweep, env):
+def test_a_finished_sweep_runs_nothing(sweep, env, commands):
   workdir, _ = sweep
   before = {p: p.stat().st_mtime_ns for p in (workdir / 'runs').glob('*/**/*') if p.is_file()}
-  result = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  result = commands.run(_command(workdir), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '4 already done, 0 to run' in result.stdout
   after = {p: p.stat().st_mtime_ns for p in (workdir / 'runs').glob('*/**/*') if p.is_file()}
   assert after == before  # no run folder was touched
 
 
-def test_an_interrupted_sweep_resumes_to_the_same_numbers(sweep, env, tmp_path):
+def test_an_interrupted_sweep_resumes_to_the_same_numbers(sweep, env, tmp_path, commands):
+  """One seed (2 runs): killed in the second run, resumed; its rows are the 2-seed sweep's seed-0 rows."""
   workdir = tmp_path / 'interrupted'
-  process = subprocess.Popen(_command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  one_seed = '--config.ablation.seeds=1'
+  process = commands.start(_command(workdir, one_seed), env=env)
   deadline = time.monotonic() + 300
   try:
     while True:  # Kill once a run is done and the next one is between checkpoints.
@@ -89,8 +98,9 @@ def test_an_interrupted_sweep_resumes_to_the_same_numbers(sweep, env, tmp_path):
   finally:
     process.wait()
   first = {p: p.stat().st_mtime_ns for p in finished}
-  result = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  result = commands.run(_command(workdir, one_seed), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'{len(finished)} already done' in result.stdout
+  assert f'{len(finished)} already done, 1 to run' in result.stdout
   assert {p: p.stat().st_mtime_ns for p in finished} == first  # finished runs were read back
-  assert _rows(workdir) == _rows(sweep[0])  # bit-identical to the uninterrupted sweep
+  uninterrupted = [row for row in _rows(sweep[0]) if row['seed'] == '0']
+  assert len(uninterrupted) == 2 and _rows(workdir) == uninterrupted  # bit-identical to the uninterrupted sweep

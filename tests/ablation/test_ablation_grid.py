@@ -103,15 +103,16 @@ def test_masks():
   assert rows[0].all() and not rows[-1].any()
 
 
-@pytest.mark.parametrize('residual', [False, True])
-def test_knockout_step_equals_one_call_per_mask(residual):
-  config = models.ModelConfig(base_width=2, depth=2, residual=residual)
+@pytest.mark.parametrize(('residual', 'num_classes'), [(False, 1), (True, 1), (True, 3)])
+def test_knockout_step_equals_one_call_per_mask(residual, num_classes):
+  """Per image and mask: the Dice of the foreground (binary) or the mean over the K classes."""
+  config = models.ModelConfig(base_width=2, depth=2, residual=residual, num_classes=num_classes)
   model = models.UNet(config)
   state = state_lib.create_train_state(
     model, state_lib.make_optimizer(configs.train_section()), (1, 16, 16, 3), seed=0, ema_decay=0.0
   )
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
-  masks = (jax.random.uniform(jax.random.key(2), (3, 16, 16)) > 0.5).astype(jnp.int32)
+  masks = jax.random.randint(jax.random.key(2), (3, 16, 16), 0, max(num_classes, 2))
   scales = {'skip_scale': jnp.asarray(ablation.skip_masks(2))}
   if residual:
     scales['residual_scale'] = jnp.asarray(np.tile([[1, 0, 1, 1, 0]], (4, 1)), jnp.float32)
@@ -120,8 +121,12 @@ def test_knockout_step_equals_one_call_per_mask(residual):
   for row in range(4):
     kwargs = {name: value[row] for name, value in scales.items()}
     logits = model.apply(state.variables(state.params), images, train=False, **kwargs)
-    predictions = (logits[..., 0] > 0).astype(jnp.int32)
-    tp = jnp.sum((predictions == 1) & (masks == 1), (1, 2))
-    total = jnp.sum(predictions == 1, (1, 2)) + jnp.sum(masks == 1, (1, 2))
-    dice = jnp.where(total == 0, 1.0, 2 * tp / jnp.maximum(total, 1))
+    predictions = (logits[..., 0] > 0).astype(jnp.int32) if num_classes == 1 else jnp.argmax(logits, -1)
+    per_class = []
+    for c in [1] if num_classes == 1 else range(num_classes):
+      tp = jnp.sum((predictions == c) & (masks == c), (1, 2))
+      total = jnp.sum(predictions == c, (1, 2)) + jnp.sum(masks == c, (1, 2))
+      per_class.append(jnp.where(total == 0, 1.0, 2 * tp / jnp.maximum(total, 1)))
+    dice = jnp.mean(jnp.stack(per_class), 0)
+    assert num_classes == 1 or len(set(np.asarray(predictions).ravel())) > 1  # classes really differ
     np.testing.assert_allclose(vmapped[:, row], dice, rtol=1e-6)

@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import subprocess
 import sys
 
 import portpicker
@@ -10,17 +9,9 @@ import portpicker
 WORKER = pathlib.Path(__file__).with_name('two_process_worker.py')
 
 
-def test_two_processes_get_disjoint_covering_shards(tfds_dir):
+def test_two_processes_get_disjoint_covering_shards(tfds_dir, commands):
   port = portpicker.pick_unused_port()
-  workers = [
-    subprocess.Popen(
-      [sys.executable, str(WORKER), str(port), str(i), tfds_dir],
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  workers = [commands.start([sys.executable, str(WORKER), str(port), str(i), tfds_dir]) for i in range(2)]
   results = []
   for worker in workers:
     out, err = worker.communicate(timeout=180)

@@ -226,16 +226,18 @@ def test_odd_input_size_is_padded_centred_and_cropped():
   np.testing.assert_allclose(logits, _apply(config, variables, padded)[:, 7:104, 6:137], rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_compute_keeps_float32_logits():
+@pytest.mark.parametrize(('dtype', 'tolerance'), [('bfloat16', 0.05), ('float16', 0.01)])
+def test_low_precision_compute_keeps_float32_logits(dtype, tolerance):
+  """bfloat16 keeps 8 bits of mantissa, float16 11: both within their rounding of float32."""
   config = models.ModelConfig(residual=True, norm='group', **TINY)
   variables = _init(config, X_TINY)
-  low = jax.jit(lambda v: _apply(config.replace(dtype='bfloat16'), v, X_TINY))(variables)
+  low = jax.jit(lambda v: _apply(config.replace(dtype=dtype), v, X_TINY))(variables)
   full = jax.jit(lambda v: _apply(config, v, X_TINY))(variables)
   assert low.dtype == jnp.float32
-  assert not np.array_equal(low, full)  # the convolutions really ran in bfloat16
-  np.testing.assert_allclose(low, full, atol=0.05 * float(jnp.abs(full).max()))
-  bf16_params = jax.eval_shape(functools.partial(_init, config.replace(param_dtype='bfloat16')), X_TINY)['params']
-  assert {leaf.dtype for leaf in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
+  assert not np.array_equal(low, full)  # the convolutions really ran in the low precision
+  np.testing.assert_allclose(low, full, atol=tolerance * float(jnp.abs(full).max()))
+  low_params = jax.eval_shape(functools.partial(_init, config.replace(param_dtype=dtype)), X_TINY)['params']
+  assert {leaf.dtype for leaf in jax.tree.leaves(low_params)} == {jnp.dtype(dtype)}
 
 
 def test_remat_gives_the_same_output_and_gradients():

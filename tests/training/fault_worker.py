@@ -2,6 +2,7 @@
 
 KIND:
   step       SIGKILL while the computation of step STEP is in flight (just dispatched)
+  term       SIGTERM at the same point (a preemption notice: the run checkpoints STEP and exits 0)
   save       SIGKILL just after the checkpoint of STEP started its asynchronous write
   eval       SIGKILL halfway through the validation pass at STEP
   disk_full  from the checkpoint of STEP on, every file write of the process fails with EFBIG,
@@ -26,12 +27,12 @@ from resunet_jax import evaluation  # noqa: E402
 from resunet_jax.training import checkpoint, parallel  # noqa: E402
 
 
-def die():
+def die(sig=signal.SIGKILL):
   sys.stdout.flush()
-  os.kill(os.getpid(), signal.SIGKILL)
+  os.kill(os.getpid(), sig)
 
 
-def wrap_train_step():
+def wrap_train_step(sig=signal.SIGKILL):
   compile_steps = parallel.compile_steps
 
   def compile_with_fault(*args, **kwargs):
@@ -41,7 +42,7 @@ def wrap_train_step():
       step = int(state.step) + 1
       out = train(state, batch)  # dispatched asynchronously: the step is now running
       if step == AT:
-        die()
+        die(sig)
       return out
 
     return train_with_fault, evaluate
@@ -103,6 +104,7 @@ def make_workdir_read_only():
 
 FAULTS = {
   'step': wrap_train_step,
+  'term': lambda: wrap_train_step(signal.SIGTERM),
   'save': lambda: wrap_save(after=die),
   'eval': wrap_evaluation,
   'disk_full': lambda: wrap_save(before=fill_disk),

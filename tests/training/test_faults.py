@@ -1,4 +1,4 @@
-"""Injected faults: kills at 10 points of a run, a full or read-only disk at checkpoint time.
+"""Injected faults: kills at 10 points of a run, SIGTERM, a full or read-only disk at checkpoint time, a dead peer.
 
 Every interrupted run is restarted with the same command and must end bit-identical to the
 uninterrupted one; no fault may leave a workdir that cannot be resumed.
@@ -7,7 +7,6 @@ uninterrupted one; no fault may leave a workdir that cannot be resumed.
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import time
 
@@ -16,7 +15,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKER = pathlib.Path(__file__).with_name('fault_worker.py')
 # 12 steps, a checkpoint and a validation every 4: kill points before, during and after each.
 ARGS = [
@@ -31,24 +29,19 @@ KILLS = ['step:2', 'step:6', 'step:11', 'save:4', 'save:8', 'save:12', 'eval:4',
 
 
 @pytest.fixture(scope='module')
-def env(tfds_dir, tmp_path_factory):
-  # Every process compiles the same programs: share them through JAX's persistent cache.
-  cache = str(tmp_path_factory.mktemp('compilation_cache'))
-  return {
-    **os.environ,
-    'TFDS_DATA_DIR': tfds_dir,
-    'XLA_FLAGS': '',
-    'JAX_COMPILATION_CACHE_DIR': cache,
-    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-  }
+def env(tfds_dir):
+  # Every process compiles the same programs: they share them through the session's JAX cache (conftest).
+  return {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'XLA_FLAGS': ''}
 
 
-def _run(workdir, env, fault=None):
-  command = [sys.executable, 'experiments/train.py'] if fault is None else [sys.executable, str(WORKER)]
-  run_env = env if fault is None else {**env, 'FAULT': fault}
-  return subprocess.run(
-    [*command, *ARGS, f'--workdir={workdir}'], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600
-  )
+@pytest.fixture(scope='module')
+def run(commands):
+  def run(workdir, env, fault=None):
+    command = [sys.executable, 'experiments/train.py'] if fault is None else [sys.executable, str(WORKER)]
+    run_env = env if fault is None else {**env, 'FAULT': fault}
+    return commands.run([*command, *ARGS, f'--workdir={workdir}'], env=run_env)
+
+  return run
 
 
 def _final_state(workdir):
@@ -71,18 +64,30 @@ def _assert_same_run(workdir, reference):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, env):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  result = _run(workdir, env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return _final_state(workdir)
+def reference(shared, env, run):
+  def build(workdir):
+    result = run(workdir, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  return _final_state(shared.build('uninterrupted_run', build))
 
 
 @pytest.mark.parametrize('fault', KILLS)
-def test_a_run_killed_anywhere_resumes_bit_identical(fault, tmp_path, env, reference):
-  killed = _run(tmp_path, env, fault)
+def test_a_run_killed_anywhere_resumes_bit_identical(fault, tmp_path, env, reference, run):
+  killed = run(tmp_path, env, fault)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  resumed = _run(tmp_path, env)
+  resumed = run(tmp_path, env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'finished at step 12' in resumed.stdout
+  _assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_checkpoints_the_current_step_exits_0_and_the_run_resumes_bit_identical(tmp_path, env, reference, run):
+  stopped = run(tmp_path, env, 'term:6')  # between the checkpoints of steps 4 and 8
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert 'stopped by SIGTERM at step 6' in stopped.stdout
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())[-1] == 6
+  resumed = run(tmp_path, env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'finished at step 12' in resumed.stdout
   _assert_same_run(tmp_path, reference)
@@ -92,20 +97,20 @@ def test_a_run_killed_anywhere_resumes_bit_identical(fault, tmp_path, env, refer
   ('fault', 'reason'), [('disk_full:8', 'File too large'), ('read_only:8', 'Read-only file system')]
 )
 def test_an_unwritable_disk_is_a_clear_error_and_the_previous_checkpoint_survives(
-  fault, reason, tmp_path, env, reference
+  fault, reason, tmp_path, env, reference, run
 ):
-  failed = _run(tmp_path, env, fault)
+  failed = run(tmp_path, env, fault)
   assert failed.returncode == 2, failed.stderr[-3000:]
   message = failed.stderr.strip().splitlines()[-1]
   assert message.startswith('error: cannot write ') and reason in message, message
   assert 'the last complete checkpoint is step 4' in message
-  resumed = _run(tmp_path, env)  # space freed: the same command resumes from step 4
+  resumed = run(tmp_path, env)  # space freed: the same command resumes from step 4
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   _assert_same_run(tmp_path, reference)
 
 
 @pytest.mark.parametrize('victim', [1, 0], ids=['peer dies', 'coordinator dies'])
-def test_the_survivor_of_a_dead_peer_exits_with_a_clear_error_in_bounded_time(victim, tmp_path, env):
+def test_the_survivor_of_a_dead_peer_exits_with_a_clear_error_in_bounded_time(victim, tmp_path, env, commands):
   """Bound: the next collective (our one-line error) or JAX's heartbeat timeout, set to 10 s here
   (`parallel.heartbeat_timeout_s`, default 100 s); when the coordinator dies JAX stops at once."""
   import portpicker
@@ -121,21 +126,14 @@ def test_the_survivor_of_a_dead_peer_exits_with_a_clear_error_in_bounded_time(vi
     '--config.parallel.heartbeat_timeout_s=10',
     f'--workdir={tmp_path}',
   ]
-  logs = [tmp_path / f'stderr_{i}.txt' for i in range(2)]  # files: a full pipe would stall a process
   processes = [
-    subprocess.Popen(
-      [sys.executable, 'experiments/train.py', *args, f'--config.parallel.process_id={i}'],
-      cwd=ROOT,
-      env=two,
-      stdout=subprocess.DEVNULL,
-      stderr=log.open('w'),
-    )
-    for i, log in enumerate(logs)
+    commands.start([sys.executable, 'experiments/train.py', *args, f'--config.parallel.process_id={i}'], env=two)
+    for i in range(2)
   ]
   try:
     deadline = time.monotonic() + 600  # two processes compiling on a 2-core machine under a loaded suite
     while not (tmp_path / 'checkpoints' / '3').is_dir():  # both are training
-      assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+      assert all(p.poll() is None for p in processes), processes[0].output()[1][-3000:]
       assert time.monotonic() < deadline, 'the run did not get going'
       time.sleep(0.05)
     processes[victim].kill()
@@ -146,7 +144,7 @@ def test_the_survivor_of_a_dead_peer_exits_with_a_clear_error_in_bounded_time(vi
     for process in processes:
       process.kill()
       process.wait()
-  err = logs[1 - victim].read_text()
+  err = processes[1 - victim].output()[1]
   assert processes[1 - victim].returncode != 0
   assert took < 10 + 30, took  # the heartbeat timeout plus the time to notice and exit
   ours = 'error: a collective of the 2-process run failed after step '

@@ -1,12 +1,12 @@
-"""The training command end to end: artefacts, exact resume after SIGKILL and SIGTERM, failures."""
+"""The training command end to end: artefacts, a run moved across processes, devices and backends, failures.
+
+Kills, SIGTERM and disk faults, each resumed bit-identical, are in test_faults.py.
+"""
 
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -16,15 +16,6 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICK = ['--config=experiments/configs/quick.py']
-# Long enough to be interrupted: 64x64 inputs, 30 steps, a checkpoint every 10.
-RESUMABLE = [
-  *QUICK,
-  '--config.data.image_size=64',
-  '--config.model.base_width=8',
-  '--config.train.num_steps=30',
-  '--config.train.checkpoint_every=10',
-  '--config.train.eval_every=10',
-]
 
 
 def _command(workdir, *args, model='resunet'):
@@ -36,12 +27,16 @@ def env(tfds_dir):
   return {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'XLA_FLAGS': ''}
 
 
-def _train(workdir, env, *args, model='resunet'):
-  result = subprocess.run(
-    _command(workdir, *args, model=model), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
+@pytest.fixture
+def train(commands):
+  """Runs the training command; asserts it succeeded."""
+
+  def train(workdir, env, *args, model='resunet'):
+    result = commands.run(_command(workdir, *args, model=model), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+  return train
 
 
 def _final_state(workdir):
@@ -50,20 +45,13 @@ def _final_state(workdir):
   return step, ocp.StandardCheckpointer().restore((checkpoints / str(step) / 'state').absolute())
 
 
-def _assert_identical(a, b):
-  leaves_a, leaves_b = _flatten(a), _flatten(b)
-  assert leaves_a.keys() == leaves_b.keys()
-  for key in leaves_a:
-    np.testing.assert_array_equal(leaves_a[key], leaves_b[key], err_msg=key)
-
-
 def _flatten(tree):
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_quick_config_writes_every_artefact(tmp_path, env):
+def test_quick_config_writes_every_artefact(tmp_path, env, train):
   workdir = tmp_path / 'run'
-  result = _train(workdir, env, *QUICK)
+  result = train(workdir, env, *QUICK)
   for name in ('config.json', 'metrics.jsonl', 'predictions.png', 'learning_curves.png', 'checkpoints', 'tensorboard'):
     assert str(workdir / name) in result.stdout, name
   config = json.loads((workdir / 'config.json').read_text())
@@ -81,9 +69,9 @@ def test_quick_config_writes_every_artefact(tmp_path, env):
   assert 'validation: dice' in result.stdout
 
 
-def test_residual_switch_trains_a_plain_unet(tmp_path, env):
+def test_residual_switch_trains_a_plain_unet(tmp_path, env, train):
   workdir = tmp_path / 'plain'
-  _train(workdir, env, *QUICK, '--config.model.residual=False', '--config.train.num_steps=1')
+  train(workdir, env, *QUICK, '--config.model.residual=False', '--config.train.num_steps=1')
   assert json.loads((workdir / 'config.json').read_text())['model']['residual'] is False
   _, state = _final_state(workdir)
   names = set(_flatten(state['params']))
@@ -91,50 +79,10 @@ def test_residual_switch_trains_a_plain_unet(tmp_path, env):
   assert "['enc_0']['conv1']['kernel']" in names
 
 
-def _wait_for_checkpoint(workdir, step, process, timeout=300):
-  target = pathlib.Path(workdir) / 'checkpoints' / str(step)
-  deadline = time.time() + timeout
-  while not target.is_dir():
-    assert process.poll() is None, process.communicate()[1][-3000:]
-    assert time.time() < deadline, 'no checkpoint appeared'
-    time.sleep(0.02)
-
-
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory, tfds_dir):
-  """The uninterrupted reference run."""
-  workdir = tmp_path_factory.mktemp('straight')
-  _train(workdir, {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'XLA_FLAGS': ''}, *RESUMABLE)
-  return _final_state(workdir)
-
-
-@pytest.mark.parametrize('kill', [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_bit_identical(tmp_path, env, straight, kill):
-  workdir = tmp_path / 'interrupted'
-  process = subprocess.Popen(
-    _command(workdir, *RESUMABLE), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  _wait_for_checkpoint(workdir, 10, process)
-  process.send_signal(kill)
-  out, err = process.communicate(timeout=120)
-  if kill == signal.SIGKILL:
-    assert process.returncode == -signal.SIGKILL
-  else:  # SIGTERM: a checkpoint after the current step, exit 0.
-    assert process.returncode == 0, err[-3000:]
-    assert 'stopped by SIGTERM at step' in out
-    stopped_at = int(out.split('stopped by SIGTERM at step ')[1].split()[0])
-    assert 10 <= stopped_at < 30 and (workdir / 'checkpoints' / str(stopped_at)).is_dir()
-  result = _train(workdir, env, *RESUMABLE)
-  assert 'finished at step 30' in result.stdout
-  step, state = _final_state(workdir)
-  assert step == straight[0] == 30
-  _assert_identical(state, straight[1])
-
-
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, env):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, env, commands):
   workdir = tmp_path / 'nan'
   args = [*QUICK, '--config.train.learning_rate=1e38', '--config.train.grad_clip=0', '--config.train.num_steps=40']
-  result = subprocess.run(_command(workdir, *args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  result = commands.run(_command(workdir, *args), env=env)
   assert result.returncode == 2
   message = result.stderr.strip().splitlines()[-1]
   assert message.startswith('error: loss became ') and 'at step' in message and 'last good checkpoint' in message
@@ -144,10 +92,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(leaf).all() for leaf in _flatten(state['params']).values())
 
 
-def test_workdir_of_another_model_is_refused(tmp_path, env):
+def test_workdir_of_another_model_is_refused(tmp_path, env, train, commands):
   workdir = tmp_path / 'taken'
-  _train(workdir, env, *QUICK, '--config.train.num_steps=3')
-  result = subprocess.run(_command(workdir, *QUICK, model='unet'), cwd=ROOT, capture_output=True, text=True, env=env)
+  train(workdir, env, *QUICK, '--config.train.num_steps=3')
+  result = commands.run(_command(workdir, *QUICK, model='unet'), env=env)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
     f'error: workdir {workdir} holds checkpoints of a different model (residual True -> False); '
@@ -155,10 +103,8 @@ def test_workdir_of_another_model_is_refused(tmp_path, env):
   )
 
 
-def test_three_classes_with_the_per_device_strategy(tmp_path, env):
-  workdir = tmp_path / 'cells'
-  args = [*QUICK, '--config.data.name=synthetic_cells/three_class_small', '--config.parallel.strategy=pmap']
-  _train(workdir, {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}, *args, '--config.model.norm=batch')
+def test_three_classes_with_the_per_device_strategy(three_class_run):
+  workdir, _ = three_class_run  # trained with pmap on 2 devices (conftest)
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model']['num_classes'] == 3 and config['parallel']['strategy'] == 'pmap'
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -171,7 +117,7 @@ def _train_records(workdir):
   return [r['step'] for r in records if r['split'] == 'train']
 
 
-def test_one_run_moves_across_processes_devices_and_backends(tmp_path, env):
+def test_one_run_moves_across_processes_devices_and_backends(tmp_path, env, train, commands):
   """2 processes x 2 devices (stock layers) -> 1 device (CPU layers) -> 4 devices (stock): each stage
   restores the previous stage's checkpoint and trains on; none starts over."""
   import portpicker
@@ -182,7 +128,7 @@ def test_one_run_moves_across_processes_devices_and_backends(tmp_path, env):
   port = portpicker.pick_unused_port()
   two = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   processes = [
-    subprocess.Popen(
+    commands.start(
       _command(
         workdir,
         *QUICK,
@@ -191,11 +137,7 @@ def test_one_run_moves_across_processes_devices_and_backends(tmp_path, env):
         '--config.parallel.num_processes=2',
         f'--config.parallel.process_id={i}',
       ),
-      cwd=ROOT,
       env=two,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
     )
     for i in range(2)
   ]
@@ -206,14 +148,14 @@ def test_one_run_moves_across_processes_devices_and_backends(tmp_path, env):
   assert _train_records(workdir) == [2, 3]
 
   backend = 'cpu' if runtime.cpu_backend_available() else 'stock'
-  one = _train(workdir, env, *QUICK, '--config.train.num_steps=6', f'--config.runtime.backend={backend}')
+  one = train(workdir, env, *QUICK, '--config.train.num_steps=6', f'--config.runtime.backend={backend}')
   assert 'finished at step 6' in one.stdout
   # Restored, not started over: the two processes' data position cannot be, and says so.
   assert 'holds the data position of 2 processes, this run has 1: the state resumes' in one.stderr
   assert _train_records(workdir) == [2, 3, 4, 6]
 
   four = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  more = _train(workdir, four, *QUICK, '--config.train.num_steps=9', '--config.runtime.backend=stock')
+  more = train(workdir, four, *QUICK, '--config.train.num_steps=9', '--config.runtime.backend=stock')
   assert 'finished at step 9' in more.stdout and 'data position' not in more.stderr
   assert _train_records(workdir) == [2, 3, 4, 6, 8, 9]  # a fresh start would log 2, 3, ... again
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())[-1] == 9

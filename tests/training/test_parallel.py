@@ -9,7 +9,6 @@ would differ by up to lr per step between device counts while everything else ag
 """
 
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -19,11 +18,11 @@ import pytest
 WORKER = pathlib.Path(__file__).with_name('step_worker.py')
 
 
-def _run(out, strategy, devices, port=None, process_id=None, processes=None):
+def _run(commands, out, strategy, devices, port=None, process_id=None, processes=None):
   args = [sys.executable, str(WORKER), str(out), strategy, str(devices)]
   if port:
     args += [str(port), str(process_id), str(processes)]
-  return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return commands.start(args)
 
 
 def _finish(*workers):
@@ -33,10 +32,12 @@ def _finish(*workers):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  out = tmp_path_factory.mktemp('ref') / 'jit1.npz'
-  _finish(_run(out, 'jit', 1))
-  return dict(np.load(out))
+def reference(shared, commands):
+  def build(folder):
+    folder.mkdir()
+    _finish(_run(commands, folder / 'jit1.npz', 'jit', 1))
+
+  return dict(np.load(shared.build('one_device_steps', build) / 'jit1.npz'))
 
 
 def _assert_close(result, reference):
@@ -47,14 +48,14 @@ def _assert_close(result, reference):
 
 
 @pytest.mark.parametrize('strategy', ['jit', 'pmap'])
-def test_four_devices_match_one(tmp_path, reference, strategy):
+def test_four_devices_match_one(tmp_path, reference, strategy, commands):
   out = tmp_path / f'{strategy}4.npz'
-  _finish(_run(out, strategy, 4))
+  _finish(_run(commands, out, strategy, 4))
   _assert_close(dict(np.load(out)), reference)
 
 
-def test_two_processes_match_one(tmp_path, reference):
+def test_two_processes_match_one(tmp_path, reference, commands):
   out = tmp_path / 'two_processes.npz'
   port = portpicker.pick_unused_port()
-  _finish(*[_run(out, 'jit', 2, port, i, 2) for i in range(2)])
+  _finish(*[_run(commands, out, 'jit', 2, port, i, 2) for i in range(2)])
   _assert_close(dict(np.load(out)), reference)
