@@ -11,14 +11,19 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def trained(trained_run, commands):
-  workdir, env = trained_run
+def _with_tools(run, commands):
+  """A (workdir, env) run fixture as (workdir, run(script, *args)) for the `experiments/` tools."""
+  workdir, env = run
 
-  def run(script, *args):
+  def tool(script, *args):
     return commands.run([sys.executable, f'experiments/{script}.py', *args], env=env)
 
-  return workdir, run
+  return workdir, tool
+
+
+@pytest.fixture
+def trained(trained_run, commands):
+  return _with_tools(trained_run, commands)
 
 
 def _best_validation_step(workdir):
@@ -73,12 +78,7 @@ def test_predict_on_a_split_of_the_runs_dataset(trained, tmp_path):
 
 @pytest.fixture
 def three_classes(three_class_run, commands):
-  workdir, env = three_class_run
-
-  def run(script, *args):
-    return commands.run([sys.executable, f'experiments/{script}.py', *args], env=env)
-
-  return workdir, run
+  return _with_tools(three_class_run, commands)
 
 
 def test_evaluate_a_three_class_run_reports_every_class(three_classes):
