@@ -57,7 +57,8 @@ def bare_rate(config, model_config, info) -> tuple[float, float]:
   one at a time, waiting for each.
   """
   mesh = parallel.make_mesh()
-  state, train_fn, _ = loop.initial_state_and_steps(config, model_config, info, mesh)
+  single = loop.build_population(config, model_config, info, mesh)  # a population of one: its member's step
+  state, train_fn = single.states[0], single.train_fn
   pipeline = data.make_pipeline(config.data, 'train', batch_size=config.train.batch_size, seed=config.seed, train=True)
   batch = data.to_global(next(iter(pipeline)), parallel.batch_sharding(mesh))
   for _ in range(3):

@@ -1,13 +1,13 @@
 r"""Evaluates a trained run on a split.
 
-  python experiments/evaluate.py --workdir=W [--split=test] [--checkpoint=best|latest|STEP]
+  python experiments/evaluate.py --workdir=W [--split=test] [--checkpoint=best|latest|STEP] [--member=M]
 
 Writes W/eval_<split>.json (per metric mean, median, 5th/95th percentile, per-class Dice) and
-W/eval_<split>.md (the same as a table), and prints the table.
+W/eval_<split>.md (the same as a table), and prints the table. For member M of a population
+(`--member=M`) they go to W/members/M/.
 """
 
 import json
-import pathlib
 
 from absl import flags
 
@@ -21,6 +21,7 @@ from resunet_jax.training import parallel, restore  # noqa: E402
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
 _SPLIT = flags.DEFINE_string('split', 'test', "Split: 'train', 'validation', 'test' or a raw split string.")
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
+_MEMBER = flags.DEFINE_integer('member', 0, 'Population member (0 for an ordinary run).')
 _BACKEND = flags.DEFINE_enum(
   'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
 )
@@ -29,13 +30,13 @@ _BACKEND = flags.DEFINE_enum(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --split=test')
-  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value)
+  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value)
   _, eval_fn = parallel.compile_steps('jit', run.mesh, losses.LossWeights())
   per_image, _ = evaluation.evaluate_split(eval_fn, run.state, run.config, run.mesh, role=_SPLIT.value)
   record = evaluation.report(per_image, tolerance=run.config.train.boundary_tolerance)
   record.update(split=_SPLIT.value, checkpoint_step=run.step, workdir=str(_WORKDIR.value))
   name = _SPLIT.value.replace('/', '_').replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pct')
-  out = pathlib.Path(_WORKDIR.value) / f'eval_{name}'
+  out = run.directory / f'eval_{name}'
   out.with_suffix('.json').write_text(json.dumps(record, indent=2))
   table = evaluation.markdown(
     record, f'{run.config.preset} on {run.config.data.name} [{_SPLIT.value}], step {run.step}'

@@ -1,7 +1,7 @@
 r"""Predicts masks for images of any size with a trained run (sliding-window inference).
 
   python experiments/predict.py --workdir=W --input=PATH_OR_FOLDER --output=DIR \
-    [--checkpoint=best] [--tile=128] [--overlap=0.5] [--tta] [--probabilities]
+    [--checkpoint=best] [--member=M] [--tile=128] [--overlap=0.5] [--tta] [--probabilities]
   python experiments/predict.py --workdir=W --input=split:test[:4] --output=DIR
 
 For every image writes DIR/<stem>_mask.png (class ids; 0/255 for a binary model),
@@ -10,7 +10,6 @@ float32). Grey and palette images are repeated to RGB and RGBA loses its alpha, 
 training. `--input=split:SPLIT` reads a split of the run's own dataset.
 """
 
-import functools
 import pathlib
 
 from absl import flags
@@ -30,6 +29,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', re
 _INPUT = flags.DEFINE_string('input', None, 'An image, a folder of images, or split:SPLIT.', required=True)
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the predictions.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
+_MEMBER = flags.DEFINE_integer('member', 0, 'Population member (0 for an ordinary run).')
 _BACKEND = flags.DEFINE_enum(
   'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
 )
@@ -65,20 +65,19 @@ def _images(spec: str, config):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --input=PATH')
-  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value)
+  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value)
   output = pathlib.Path(_OUTPUT.value)
   try:
     output.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise cli.UserError(f'cannot create --output={output}: {e.strerror}') from None
   mean, std = np.asarray(run.config.data.mean, np.float32), np.asarray(run.config.data.std, np.float32)
-  apply_fn = functools.partial(run.model.apply, train=False)
   tile = _TILE.value or run.config.data.image_size
   count = 0
   for stem, image in tqdm(list(_images(_INPUT.value, run.config)), unit='image'):
     normalised = (image.astype(np.float32) / 255.0 - mean) / std
     logits = inference.sliding_window(
-      apply_fn,
+      run.apply,
       run.variables,
       normalised,
       tile=tile,

@@ -2,8 +2,9 @@
 
 Experiment files in `experiments/configs/` start from `base_config()` and override what they
 change. Sections: `seed`, `preset`, `model` (ModelConfig fields; None = the preset's value),
-`data` (`resunet_jax.data.default_config`), `train`, `parallel`, `runtime` (the layer set,
-`resunet_jax.runtime`).
+`data` (`resunet_jax.data.default_config`), `train`, `parallel`, `population` (members trained
+as one, `resunet_jax.training.population`), `runtime` (the layer set and how members are
+mapped, `resunet_jax.runtime`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ml_collections import config_dict
 
 from resunet_jax import data, models, runtime
 from resunet_jax.errors import UserError
+from resunet_jax.training import population
 
 
 def model_section() -> ml_collections.ConfigDict:
@@ -65,6 +67,7 @@ def parallel_section() -> ml_collections.ConfigDict:
   c.process_id = 0
   # A process silent this long counts as dead and the others stop (jax.distributed's default).
   c.heartbeat_timeout_s = 100
+  c.member_shards = 1  # devices along the mesh's `members` axis (a vmapped population's members split over them)
   return c
 
 
@@ -77,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = data.default_config()
   config.train = train_section()
   config.parallel = parallel_section()
+  config.population = population.section()
   config.runtime = runtime.section()
   return config
 
@@ -109,7 +113,14 @@ PLACEMENT_KEYS = {
   'runtime': None,
   'model': ('conv',),  # where configs written before runtime.backend kept the backend
   'data': ('data_dir', 'read_threads', 'prefetch', 'num_workers'),
-  'parallel': ('distributed', 'coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout_s'),
+  'parallel': (
+    'distributed',
+    'coordinator_address',
+    'num_processes',
+    'process_id',
+    'heartbeat_timeout_s',
+    'member_shards',
+  ),
 }
 
 

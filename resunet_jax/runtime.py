@@ -28,12 +28,14 @@ from resunet_jax import models
 from resunet_jax.errors import UserError
 
 BACKENDS = ('auto', 'stock', 'cpu')
+MEMBER_MAPS = ('auto', 'vmap', 'loop')
 
 
 def section() -> ml_collections.ConfigDict:
   """The `config.runtime` section with its defaults."""
   c = ml_collections.ConfigDict()
   c.backend = 'auto'  # auto | stock | cpu (see resunet_jax.runtime)
+  c.members = 'auto'  # auto | vmap | loop: how a population's step maps over members (member_map)
   return c
 
 
@@ -88,3 +90,28 @@ def layers(backend: str) -> models.Layers:
   if backend == 'auto':
     return _cpu_layers() if auto_backend() == 'cpu' else models.STOCK
   raise UserError(f"runtime.backend='{backend}' is not a backend; valid: {', '.join(BACKENDS)}")
+
+
+def member_map(name: str, members: int) -> str:
+  """How a population's training step maps over its `members` (a `runtime.members` value).
+
+  - 'vmap': one program over every member (`jax.vmap` over the leading member axis); what
+    accelerators are for, and the only way to split members over devices.
+  - 'loop': one compiled single-member program, called once per member each step. On XLA's CPU
+    backend a vmapped convolution with per-member kernels becomes a grouped convolution, and
+    there the vmapped step of 8 ablation-sized ResUNets ran at 0.21x the speed of 8 single steps,
+    `lax.map` over members at 0.07x, one program unrolled over them at 1.04x but compiled 8x
+    longer (45 s), the loop at 1.0x with one compile (benchmarks/README.md, "Populations").
+  - 'auto': 'loop' on the CPU or for a single member, else 'vmap'.
+
+  Both give every member the results of its run alone, to float32 rounding (bit-identical with
+  'loop'); the choice is not part of a run's identity, so a run resumes with either.
+
+  Raises:
+    UserError: an unknown name.
+  """
+  if name not in MEMBER_MAPS:
+    raise UserError(f"runtime.members='{name}' is not one of {', '.join(MEMBER_MAPS)}")
+  if name == 'auto':
+    return 'loop' if members == 1 or jax.default_backend() == 'cpu' else 'vmap'
+  return name

@@ -17,6 +17,7 @@ import ml_collections
 
 from resunet_jax import configs
 from resunet_jax.errors import UserError
+from resunet_jax.training import population
 
 SKIP_KEYWORDS = ('all', 'none', 'drop_each')
 
@@ -28,6 +29,7 @@ def section() -> ml_collections.ConfigDict:
   c.target_dice = 0.5  # validation Dice whose first crossing measures convergence (claim 1)
   c.test_split = 'test'  # final metrics and knock-outs; validation drives the curves
   c.compilation_cache = True  # reuse compiled steps across seeds ($JAX_COMPILATION_CACHE_DIR, else in the sweep dir)
+  c.populations = True  # train the seeds (and plain/residual pairs) of an arm as one population where exact
   c.studies = ml_collections.ConfigDict()
   return c
 
@@ -155,3 +157,60 @@ def run_specs(config: ml_collections.ConfigDict) -> list[RunSpec]:
               run_config.seed = seed
               specs.append(RunSpec(name, arm, seed, bool(residual), skips, depth, run_config))
   return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationSpec:
+  """Runs of a sweep trained as one population (`training.population`).
+
+  Attributes:
+    config: the population's experiment config (`population` section set).
+    runs: the `RunSpec` each member stands for, in member order.
+  """
+
+  config: ml_collections.ConfigDict
+  runs: tuple[RunSpec, ...]
+
+
+def populations(specs: Sequence[RunSpec], *, group: bool = True) -> list[PopulationSpec]:
+  """The runs of a sweep grouped into populations wherever a member trains exactly that run.
+
+  The runs of one study, depth and skip variant form one population: their seeds are members,
+  and where both the plain and the residual arm are asked for, the plain runs are members of the
+  residual model with every shortcut scaled by 0 (`population.stand_in_reason` says why that is
+  exact and why a zeroed skip is not, so other skip variants stay separate programs). Each
+  member's result is the same as its run's alone, to float32 rounding.
+
+  Args:
+    specs: `run_specs` of an ablation config.
+    group: False gives every run its own population of one (`ablation.populations=False`).
+  """
+  if not group:
+    return [PopulationSpec(spec.config, (spec,)) for spec in specs]
+  keyed: dict[tuple, list[RunSpec]] = {}
+  for spec in specs:
+    keyed.setdefault((spec.study, spec.depth, spec.skips), []).append(spec)
+  grouped = []
+  for runs in keyed.values():
+    both = {spec.residual for spec in runs} == {False, True}
+    seeds = sorted({spec.seed for spec in runs})
+    base = next(spec for spec in runs if spec.residual or not both).config.copy_and_resolve_references()
+    base.seed = seeds[0]
+    base.population.seeds = len(seeds)
+    if both:
+      base.population.residual_scales = (1.0, 0.0)
+    order = {(spec.seed, 1.0 if spec.residual else 0.0) if both else (spec.seed,): spec for spec in runs}
+    keys = [(seed, scale) for seed in seeds for scale in (1.0, 0.0)] if both else [(seed,) for seed in seeds]
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))) or sorted(order) != sorted(keys):
+      grouped.extend(PopulationSpec(spec.config, (spec,)) for spec in runs)  # not a full cross: separately
+      continue
+    members = tuple(order[key] for key in keys)
+    population_model = configs.resolve_model(base.preset, base.model)
+    if any(
+      population.stand_in_reason(population_model, configs.resolve_model(r.config.preset, r.config.model))
+      for r in members
+    ):
+      grouped.extend(PopulationSpec(spec.config, (spec,)) for spec in runs)
+      continue
+    grouped.append(PopulationSpec(base, members))
+  return grouped

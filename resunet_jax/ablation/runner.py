@@ -3,11 +3,14 @@
 `run` trains `config` (the training loop, resuming whatever is in its folder), evaluates the
 final weights on the test split, and evaluates apply-time knock-outs of the trained model: all
 2**depth skip masks in one vmapped call (2**k for an arm with k skips), and each block's
-residual shortcut zeroed. Its only
-side effect is its own folder, `root/runs/<hash of the resolved config>/`, which ends with
-`result.json`; a run whose `result.json` exists is read back, not trained again, so an
-interrupted sweep resumes where it stopped (a run cut off mid-training resumes from its last
-checkpoint). Given the config and its seed a run is deterministic (bit-identical on CPU).
+residual shortcut zeroed. `run_population` does the same for every member of a population
+(`grid.populations`: an arm's seeds, and plain/residual pairs, trained as one), each member
+giving the `Result` of the run it stands for. The only side effects are folders:
+`root/runs/<hash of the run's resolved config>/` ends with the run's `result.json` (and holds its
+training when it trained alone); a population trains in `root/populations/<hash>/`. A run whose
+`result.json` exists is read back, not trained again, so an interrupted sweep resumes where it
+stopped (a run cut off mid-training resumes from its last checkpoint). Given the config and its
+seed a run is deterministic (bit-identical on CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import os
 import pathlib
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +113,8 @@ def knockout_dice(loaded: restore.LoadedRun, role: str, scales: dict[str, np.nda
   return per_image['dice'].mean(0)
 
 
-def _knockouts(loaded: restore.LoadedRun, role: str) -> dict[str, dict[str, list]]:
-  model_config = loaded.model.config
+def _knockouts(loaded: restore.LoadedRun, role: str, model_config: models.ModelConfig) -> dict[str, dict[str, list]]:
+  """The knock-outs of `model_config`'s paths (the arm's: a plain stand-in has no residual ones)."""
   out: dict[str, dict[str, list]] = {}
   present = np.asarray(model_config.skip_levels)
   if present.any():
@@ -134,6 +136,11 @@ def run_dir(config, root: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(root) / 'runs' / configs.config_hash(resolved)
 
 
+def _population_dir(config, root: pathlib.Path) -> pathlib.Path:
+  _, _, resolved = loop.resolve(config)
+  return pathlib.Path(root) / 'populations' / configs.config_hash(resolved)
+
+
 def run(config, root: str | pathlib.Path, *, test_split: str = 'test') -> Result:
   """Trains and measures one experiment config, or reads back its finished result.
 
@@ -145,42 +152,81 @@ def run(config, root: str | pathlib.Path, *, test_split: str = 'test') -> Result
   Returns:
     The run's `Result` (also in `result.json` of its folder).
   """
-  workdir = run_dir(config, root)
-  path = workdir / 'result.json'
-  if path.exists():
-    try:
-      return Result.load(path)
-    except (ValueError, KeyError, TypeError) as e:
-      logging.warning('%s is unreadable (%s); measuring the run again', path, e)
+  return run_population(config, [config], root, test_split=test_split)[0]
+
+
+def _read(path: pathlib.Path) -> Result | None:
+  if not path.exists():
+    return None
+  try:
+    return Result.load(path)
+  except (ValueError, KeyError, TypeError) as e:
+    logging.warning('%s is unreadable (%s); measuring the run again', path, e)
+    return None
+
+
+def run_population(config, runs: list, root: str | pathlib.Path, *, test_split: str = 'test') -> list[Result]:
+  """Trains `config`'s population and measures each member as the run it stands for.
+
+  Args:
+    config: an experiment config whose population has `len(runs)` members (one: an ordinary
+      config, trained in its own run folder).
+    runs: member i's run config (a `RunSpec.config`): its folder receives the `result.json`, its
+      model is what the member is measured as (a plain arm's knock-outs and parameter counts).
+    root: the sweep folder.
+    test_split: the split of the final metrics and the knock-outs.
+
+  Returns:
+    One `Result` per member (read back where every member's `result.json` exists).
+  """
+  root = pathlib.Path(root)
+  paths = [run_dir(run_config, root) / 'result.json' for run_config in runs]
+  finished = [_read(path) for path in paths]
+  if all(finished):
+    return finished
+  workdir = paths[0].parent if len(runs) == 1 else _population_dir(config, root)
   start = time.perf_counter()
-  loop.train_and_evaluate(config, workdir, verbose=False)
-  loaded = restore.load_run(
-    workdir, 'latest', config.runtime.backend
-  )  # the final weights: the same budget for every arm
-  eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
-  per_image, _ = evaluation.evaluate_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=test_split)
-  records = reporting.read_metrics(workdir / 'metrics.jsonl')
-  model_config = loaded.model.config
-  result = Result(
-    run_id=workdir.name,
-    data=config.data.name,
-    residual=model_config.residual,
-    skips=''.join('1' if s else '0' for s in model_config.skip_levels),
-    depth=model_config.depth,
-    seed=int(config.seed),
-    num_steps=int(config.train.num_steps),
-    test={name: float(np.mean(per_image[name])) for name in evaluation.METRICS},
-    curve=[(r['step'], r['dice']) for r in records if r['split'] == 'validation'],
-    gradients=[
-      {k: v for k, v in r.items() if k == 'step' or k.startswith('grad_norm')} for r in records if r['split'] == 'train'
-    ],
-    param_counts={name: models.count_params(p) for name, p in loaded.state.params.items()},
-    knockouts=_knockouts(loaded, test_split),
-    wall_s=time.perf_counter() - start,
-  )
-  if jax.process_index() == 0:
-    result.save(path)
-  return result
+  trained = loop.train_and_evaluate(config, workdir, verbose=False)
+  if len(trained.members) != len(runs):
+    raise ValueError(f'the population has {len(trained.members)} members for {len(runs)} runs')
+  results = []
+  for member, run_config, path in zip(trained.members, runs, paths, strict=True):
+    member_start = time.perf_counter()
+    # the final weights: the same budget for every arm
+    loaded = restore.load_run(workdir, 'latest', config.runtime.backend, member=member.index)
+    eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
+    per_image, _ = evaluation.evaluate_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=test_split)
+    records = reporting.read_metrics(loaded.directory / 'metrics.jsonl')
+    arm_model, _, _ = loop.resolve(run_config)
+    params = {name: p for name, p in loaded.state.params.items()}
+    counts = {
+      name: models.count_params(p if arm_model.residual else {k: v for k, v in p.items() if k != 'conv_proj'})
+      for name, p in params.items()
+    }
+    result = Result(
+      run_id=path.parent.name,
+      data=run_config.data.name,
+      residual=arm_model.residual,
+      skips=''.join('1' if s else '0' for s in arm_model.skip_levels),
+      depth=arm_model.depth,
+      seed=int(run_config.seed),
+      num_steps=int(run_config.train.num_steps),
+      test={name: float(np.mean(per_image[name])) for name in evaluation.METRICS},
+      curve=[(r['step'], r['dice']) for r in records if r['split'] == 'validation'],
+      gradients=[
+        {k: v for k, v in r.items() if k == 'step' or k.startswith('grad_norm')}
+        for r in records
+        if r['split'] == 'train'
+      ],
+      param_counts=counts,
+      knockouts=_knockouts(loaded, test_split, arm_model),
+      wall_s=(member_start - start) / len(runs) + time.perf_counter() - member_start,  # its share of the training
+    )
+    if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      result.save(path)
+    results.append(result)
+  return results
 
 
 def _use_compilation_cache(directory: pathlib.Path) -> None:
@@ -196,16 +242,20 @@ def _use_compilation_cache(directory: pathlib.Path) -> None:
 def sweep(config, root: str | pathlib.Path, *, progress: bool = True) -> list[tuple[grid.RunSpec, Result]]:
   """Runs (or reads back) every run of an ablation config, with a progress display.
 
+  Runs are trained in populations where that is exact (`grid.populations`, unless
+  `ablation.populations` is False).
+
   Args:
     config: an ablation config (`grid.section()` in `config.ablation`).
     root: the sweep folder.
-    progress: show runs done, the current run and the ETA.
+    progress: show runs done, the current population and the ETA.
 
   Returns:
     `(spec, result)` for every run, in `grid.run_specs` order.
   """
   root = pathlib.Path(root)
   specs = grid.run_specs(config)
+  groups = grid.populations(specs, group=config.ablation.populations)
   root.mkdir(parents=True, exist_ok=True)
   if config.ablation.compilation_cache:
     _use_compilation_cache(root / 'compilation_cache')
@@ -213,16 +263,25 @@ def sweep(config, root: str | pathlib.Path, *, progress: bool = True) -> list[tu
   show = progress and jax.process_index() == 0
   finished = sum(done.values())
   if show:
-    print(f'sweep of {len(specs)} runs in {root}: {finished} already done, {len(specs) - finished} to run')
+    print(
+      f'sweep of {len(specs)} runs in {len(groups)} populations in {root}: '
+      f'{finished} already done, {len(specs) - finished} to run'
+    )
   bar, live = reporting.progress_bar(show=show, total=len(specs), initial=finished, unit='run')
-  results: list[tuple[grid.RunSpec, Any]] = []
+  measured: dict[grid.RunSpec, Result] = {}
   with bar:
-    for count, spec in enumerate(specs, start=1):
-      if not done[spec]:
-        bar.set_postfix_str(f'{spec.study} {spec.arm} seed {spec.seed}')
-      results.append((spec, run(spec.config, root, test_split=config.ablation.test_split)))
-      if not done[spec]:
-        bar.update(1)
+    for count, group in enumerate(groups, start=1):
+      todo = [spec for spec in group.runs if not done[spec]]
+      first = group.runs[0]
+      what = f'{first.study} {first.arm}' + ('' if len(group.runs) == 1 else f' and {len(group.runs) - 1} more')
+      if todo:
+        bar.set_postfix_str(f'{what}, seeds {sorted({s.seed for s in group.runs})}')
+      results = run_population(
+        group.config, [spec.config for spec in group.runs], root, test_split=config.ablation.test_split
+      )
+      measured.update(zip(group.runs, results, strict=True))
+      if todo:
+        bar.update(len(todo))
         if show and not live:
-          reporting.progress_line(f'run {count}/{len(specs)} done: {spec.study} {spec.arm} seed {spec.seed}')
-  return results
+          reporting.progress_line(f'population {count}/{len(groups)} done: {what} ({len(group.runs)} runs)')
+  return [(spec, measured[spec]) for spec in specs]

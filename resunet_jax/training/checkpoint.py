@@ -1,7 +1,10 @@
-"""Orbax checkpoints of (train state, Grain iterator position, resolved config).
+"""Orbax checkpoints of (train state, Grain iterator positions, resolved config).
 
-Saves are asynchronous. Retention keeps the latest `keep` checkpoints and the `keep_best`
-best by validation Dice, and never deletes the latest (Orbax's `max_to_keep` with `best_fn`
+The state is a population's stacked state (`training.population`; leading axis = members),
+and every iterator of the run is saved: `data_iter` and `data_iter_1`, `data_iter_2`, ... for a
+population whose members have more than one seed. Saves are asynchronous. Retention keeps the
+latest `keep` checkpoints and, for each ranking metric (one per member), the `keep_best` best,
+and never deletes the latest (Orbax's `max_to_keep` with `best_fn`
 would: see the preservation policy below). A checkpoint that fails to restore is skipped with
 a warning naming it, and the previous one is used.
 """
@@ -12,6 +15,7 @@ import contextlib
 import os
 import pathlib
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -41,22 +45,28 @@ class Checkpoints:
   Args:
     directory: where the numbered checkpoint folders live.
     keep: latest checkpoints kept.
-    keep_best: best checkpoints (highest `best_metric`) kept besides.
-    best_metric: key of the metrics passed to `save` that ranks checkpoints.
+    keep_best: best checkpoints kept besides, for each of `best_metrics`.
+    best_metrics: keys of the metrics passed to `save` that rank checkpoints (a population's
+      `Member.best_metric` of each member: each keeps its own best).
   """
 
-  def __init__(self, directory: pathlib.Path, *, keep: int = 3, keep_best: int = 1, best_metric: str = 'dice'):
+  def __init__(
+    self, directory: pathlib.Path, *, keep: int = 3, keep_best: int = 1, best_metrics: Sequence[str] = ('dice_0',)
+  ):
     policies = ocp.checkpoint_managers
 
-    def score(metrics):  # Saves between evaluations carry {} and rank last.
-      return metrics.get(best_metric, float('-inf'))
+    def ranking(name):
+      def score(metrics):  # Saves between evaluations carry {} and rank last.
+        return metrics.get(name, float('-inf'))
 
-    policy = policies.AnyPreservationPolicy(
-      [
-        policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=score, reverse=False, n=keep_best, keep_checkpoints_without_metrics=False),
-      ]
-    )
+      return score
+
+    best = [
+      policies.BestN(get_metric_fn=ranking(name), reverse=False, n=keep_best, keep_checkpoints_without_metrics=False)
+      for name in best_metrics
+    ]
+    policy = policies.AnyPreservationPolicy([policies.LatestN(n=keep), *best])
+    score = ranking(best_metrics[0])
     # best_fn also makes Orbax write the metrics to disk, so "best" survives a restart.
     options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=score, best_mode='max', enable_async_checkpointing=True, create=True
@@ -70,18 +80,15 @@ class Checkpoints:
       ) from e
     self._pending: int | None = None  # the step of the asynchronous save in flight
 
-  def save(self, step: int, state, data_iterator, config: dict, metrics: dict | None = None) -> None:
-    """Starts an asynchronous save of `state`, the iterator position and `config` at `step`.
+  def save(self, step: int, state, data_iterators: Sequence, config: dict, metrics: dict | None = None) -> None:
+    """Starts an asynchronous save of `state`, the iterators' positions and `config` at `step`.
 
     Raises:
       CheckpointWriteError: this save, or the previous one still in flight, failed to write.
     """
     self.wait()  # One save at a time; a failure of the previous one is reported with its step.
-    args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data_iter=grain.checkpoint.CheckpointSave(data_iterator),
-      config=ocp.args.JsonSave(config),
-    )
+    iterators = {_iterator_name(i): grain.checkpoint.CheckpointSave(it) for i, it in enumerate(data_iterators)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config), **iterators)
     try:
       self._check_writable()
       self.manager.save(step, args=args, metrics=metrics or {}, force=True)
@@ -120,16 +127,16 @@ class Checkpoints:
     names = [p.name for p in (self.directory / str(step) / 'data_iter').glob('process_*-of-*.json')]
     return int(names[0].rsplit('-of-', 1)[1].split('.')[0]) if names else None
 
-  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+  def restore(self, abstract_state, data_iterators: Sequence = (), step: int | None = None):
     """Restores the newest restorable checkpoint (or `step`) into `abstract_state`'s shardings.
 
-    The data iterator's position is restored too, unless the checkpoint was written by a
+    The data iterators' positions are restored too, unless the checkpoint was written by a
     different number of processes: the shards differ then, so the input order restarts (a
     warning says so) while the state resumes.
 
     Args:
       abstract_state: the state's structure as `jax.ShapeDtypeStruct`s with shardings.
-      data_iterator: a Grain iterator to move to the saved position (restored in place).
+      data_iterators: Grain iterators to move to the saved positions (restored in place).
       step: a specific step; default the latest that restores.
 
     Returns:
@@ -142,10 +149,11 @@ class Checkpoints:
     failures = []
     for candidate in candidates:
       args = {'state': ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
+      if data_iterators:
         saved = self._saved_processes(candidate)
         if saved == jax.process_count():
-          args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iterator)
+          for index, iterator in enumerate(data_iterators):
+            args[_iterator_name(index)] = grain.checkpoint.CheckpointRestore(iterator)
         else:
           logging.warning(
             'checkpoint %s holds the data position of %s processes, this run has %d: the state resumes, '
@@ -171,7 +179,7 @@ class Checkpoints:
       )
     return None, None
 
-  def best_step(self, metric: str = 'dice') -> int | None:
+  def best_step(self, metric: str = 'dice_0') -> int | None:
     """The kept step with the highest `metric` among those saved with metrics, or None."""
     scored = [(self.manager.metrics(step) or {}).get(metric) for step in self.steps()]  # read from disk
     candidates = [(value, step) for value, step in zip(scored, self.steps(), strict=True) if value is not None]
@@ -203,6 +211,10 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _iterator_name(index: int) -> str:
+  return 'data_iter' if index == 0 else f'data_iter_{index}'
 
 
 def abstract_like(state, sharding) -> Any:

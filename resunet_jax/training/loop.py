@@ -4,7 +4,8 @@ Restarting with the same workdir resumes from the newest checkpoint: step, optim
 (and with it the learning-rate schedule), BatchNorm statistics, EMA and the data iterator's
 position all continue, so an interrupted run ends bit-identical to an uninterrupted one on CPU.
 SIGTERM saves a checkpoint after the current step and returns normally. A non-finite loss
-stops the run with the step number; the last good checkpoint stays.
+stops its member (`steps.guarded_train_step`); with no member left the run stops with the
+step number, and the last good checkpoint stays.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resunet_jax import configs, data, evaluation, losses, models, runtime
+from resunet_jax import configs, data, evaluation, models, runtime
 from resunet_jax.cpu import hostmem
 from resunet_jax.errors import PeerLostError, UserError
-from resunet_jax.training import checkpoint, parallel, reporting
+from resunet_jax.training import checkpoint, parallel, population, reporting
 from resunet_jax.training import state as state_lib
 
 
@@ -38,14 +39,16 @@ class RunResult:
 
   Attributes:
     step: the last step trained.
-    validation: the final validation metrics (empty if none were computed).
+    validation: each member's final validation metrics (empty if none were computed).
     files: artefact name -> path.
+    members: the population's members (one for an ordinary run).
     stopped: True when SIGTERM ended the run early.
   """
 
   step: int
-  validation: dict
+  validation: list[dict]
   files: dict
+  members: list[population.Member]
   stopped: bool = False
 
 
@@ -103,26 +106,17 @@ def _check_same_model(saved: dict | None, resolved: dict, workdir: pathlib.Path)
     )
 
 
-def initial_state_and_steps(config, model_config: models.ModelConfig, info: data.DatasetInfo, mesh):
-  """A freshly initialised train state, replicated on `mesh`, and the jitted `(train_step, eval_step)`.
+def build_population(config, model_config: models.ModelConfig, info: data.DatasetInfo, mesh) -> population.Population:
+  """The run's freshly initialised `Population` on `mesh`, with its compiled steps.
 
-  What `train_and_evaluate` trains with (before resuming); `benchmarks/train_loop.py` times the
-  same step bare.
+  What `train_and_evaluate` trains (before resuming); `benchmarks/train_loop.py` and
+  `benchmarks/population.py` time the same steps bare.
   """
   layers = runtime.layers(config.runtime.backend)
   model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy), layers=layers)
-  optimizer = state_lib.make_optimizer(config.train)
-  input_shape = (1, *info.image_shape)
-
-  def init():
-    return state_lib.create_train_state(
-      model, optimizer, input_shape, seed=config.seed, ema_decay=config.train.ema_decay
-    )
-
-  train_state = parallel.create_sharded(init, mesh)
+  built = population.Population(config, model, (1, *info.image_shape), population.members(config, model_config), mesh)
   jax.clear_caches()  # the initialiser's executable (50 MB at base 64) is never run again
-  weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
-  return train_state, *parallel.compile_steps(config.parallel.strategy, mesh, weights)
+  return built
 
 
 class _Preemption:
@@ -152,11 +146,15 @@ class _Preemption:
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, verbose: bool = True) -> RunResult:
-  """Trains, evaluates and checkpoints `config` in `workdir` (resuming what is there).
+  """Trains, evaluates and checkpoints `config`'s population in `workdir` (resuming what is there).
 
-  To keep peak host memory down it empties JAX's compilation caches once, after initialising
-  (`jax.clear_caches()`; the initialiser's executable is 50 MB at base 64): functions the
-  calling process compiled before are compiled again on their next call, with the same results.
+  A population (`config.population`, `training.population`) of K members trains as one; K = 1
+  is an ordinary run. Each member gets its own metrics, TensorBoard events, figures and best
+  checkpoint (`population.member_dir`); a member whose loss turns non-finite stops alone (a line
+  says which) and the run stops when none is left. To keep peak host memory down it empties
+  JAX's compilation caches once, after initialising (`jax.clear_caches()`; the initialiser's
+  executable is 50 MB at base 64): functions the calling process compiled before are compiled
+  again on their next call, with the same results.
 
   Args:
     config: the experiment config (see `resunet_jax.configs.base_config`).
@@ -169,6 +167,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   """
   parallel.initialize_distributed(config.parallel)
   model_config, info, resolved = resolve(config)
+  members = population.members(config, model_config)
+  count = len(members)
   lead = jax.process_index() == 0
   if workdir:
     workdir = pathlib.Path(workdir)
@@ -176,12 +176,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     workdir = default_workdir(resolved)
     if lead:
       _link_latest(workdir)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(member_shards=config.parallel.member_shards)
   parallel.check_batch_size(config.train.batch_size, mesh)
   if config.train.num_steps < 1:
     raise UserError(f'train.num_steps={config.train.num_steps} must be at least 1')
 
-  ckpt = checkpoint.Checkpoints(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpoints(
+    workdir / 'checkpoints', keep=config.train.keep_checkpoints, best_metrics=[m.best_metric for m in members]
+  )
   _check_same_model(ckpt.read_config(), resolved, workdir)
   files = {'config': workdir / 'config.json', 'checkpoints': workdir / 'checkpoints'}
   if lead:
@@ -190,41 +192,55 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     except OSError as e:
       raise ckpt.write_error(files['config'].name, e) from e
 
-  train_state, train_fn, eval_fn = initial_state_and_steps(config, model_config, info, mesh)
-  schedule = state_lib.make_schedule(config.train)
+  members_run = build_population(config, model_config, info, mesh)
+  schedules = [state_lib.make_schedule(population.member_config(config, m).train) for m in members]
   per_process = config.train.batch_size // jax.process_count()
-  pipeline = data.make_pipeline(config.data, 'train', batch_size=per_process, seed=config.seed, train=True)
-  train_iter = iter(pipeline)
-  restored, restored_step = ckpt.restore(checkpoint.abstract_like(train_state, parallel.replicated(mesh)), train_iter)
+  seeds = sorted({m.seed for m in members})  # one input pipeline per seed; members of a seed share its batches
+  iterators = [
+    iter(data.make_pipeline(config.data, 'train', batch_size=per_process, seed=seed, train=True)) for seed in seeds
+  ]
+  feeds = [seeds.index(m.seed) for m in members]
+  restored, restored_step = ckpt.restore(members_run.abstract(), iterators)
   if restored is not None:
-    train_state = restored
+    members_run.restore(restored)
     logging.info('resumed from step %d in %s', restored_step, workdir)
 
-  writer = reporting.MetricWriter(workdir, enabled=lead)
+  directories = [population.member_dir(workdir, m, count) for m in members]
+  writers = []
+  for directory in directories:
+    if lead:
+      directory.mkdir(parents=True, exist_ok=True)
+    writers.append(reporting.MetricWriter(directory, enabled=lead))
+  if lead and count > 1:
+    for member, directory in zip(members, directories, strict=True):
+      (directory / 'member.json').write_text(json.dumps({**dataclasses.asdict(member), 'label': member.label}))
 
-  def log(step: int, split: str, values: dict) -> None:
+  def log(index: int, step: int, split: str, values: dict) -> None:
     try:
-      writer.write(step, split, values)
+      writers[index].write(step, split, values)
     except OSError as e:
-      raise ckpt.write_error(writer.jsonl.name, e) from e
+      raise ckpt.write_error(writers[index].jsonl.name, e) from e
 
-  files.update(metrics=writer.jsonl, tensorboard=writer.tensorboard_dir)
+  files.update(metrics=writers[0].jsonl, tensorboard=writers[0].tensorboard_dir)
+  if count > 1:
+    files = {**files, 'members': workdir / 'members'}
+    del files['metrics'], files['tensorboard']
   preemption = _Preemption()
-  sharding = parallel.batch_sharding(mesh)
-  step = start_step = int(train_state.step)
-  validation: dict = {}
-  samples = None
+  step = start_step = members_run.step
+  validation: list[dict] = [{} for _ in members]
+  samples: list | None = None
   keep = config.train.num_sample_images
   last_time, last_step = time.perf_counter(), step
   lost_peer = False
+  reported = set(members_run.stopped)  # stopped members already reported (by an earlier process too)
   try:
     bar, live = reporting.progress_bar(
       show=lead, total=config.train.num_steps, initial=step, leave=verbose, unit='step', dynamic_ncols=True
     )
     with bar:
       while step < config.train.num_steps:
-        batch = data.to_global(next(train_iter), sharding)
-        train_state, step_metrics = train_fn(train_state, batch)
+        host = [next(iterator) for iterator in iterators]
+        members_run.train([host[feed] for feed in feeds], config.train.batch_size)
         if step == start_step and jax.default_backend() == 'cpu':  # compiled: return what it freed
           hostmem.release_free_memory()
         step += 1
@@ -233,46 +249,53 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
         stop = preemption.should_stop(step, config.train.log_every)
         save = final or stop or step % config.train.checkpoint_every == 0
         if save or step % config.train.log_every == 0:
-          values = jax.device_get(step_metrics)
-          if not (np.isfinite(values['loss']) and np.isfinite(values['grad_norm'])):
-            ckpt.wait()
-            kept = ckpt.steps()
-            raise NonFiniteLossError(
-              f'loss became {values["loss"]} at step {step}; the last good checkpoint is step '
-              f'{kept[-1] if kept else "none"} in {ckpt.directory}; lower train.learning_rate or check the data'
-            )
+          _check_stopped(members_run, members, reported, ckpt, lead)
+          values = members_run.last_metrics()
           now = time.perf_counter()
-          values['learning_rate'] = schedule(step - 1)  # the rate this step's update used
-          values['images_per_sec'] = (step - last_step) * config.train.batch_size / max(now - last_time, 1e-9)
+          rate = (step - last_step) * config.train.batch_size / max(now - last_time, 1e-9)
           last_time, last_step = now, step
-          log(step, 'train', values)
-          postfix = {'loss': f'{values["loss"]:.4f}', 'dice': f'{values["dice"]:.3f}'}
-          postfix['img_s'] = f'{values["images_per_sec"]:.1f}'
+          running = [m.index for m in members if m.index not in reported]
+          for index in running:
+            record = {name: value[index] for name, value in values.items()}
+            record['learning_rate'] = schedules[index](step - 1)  # the rate this step's update used
+            record['images_per_sec'] = rate
+            log(index, step, 'train', record)
+          postfix = {
+            'loss': f'{np.mean(values["loss"][running]):.4f}',
+            'dice': f'{np.mean(values["dice"][running]):.3f}',
+            'img_s': f'{rate * len(running):.1f}',
+          }
+          if count > 1:
+            postfix['members'] = f'{len(running)}/{count}'
           bar.set_postfix(postfix)
           if lead and verbose and not live:
             shown = ', '.join(f'{k} {v}' for k, v in postfix.items())
             reporting.progress_line(f'step {step}/{config.train.num_steps}: {shown}')
         evaluated = None
         if final or step % config.train.eval_every == 0:
-          per_image, samples = evaluation.evaluate_split(eval_fn, train_state, config, mesh, keep=keep if final else 0)
-          validation = evaluation.summarize(per_image)
-          evaluated = validation
-          log(step, 'validation', validation)
-          if verbose:
-            bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in validation.items()))
+          validation, samples = _evaluate(members_run, config, mesh, keep if final else 0)
+          evaluated = {}
+          for member, values in zip(members, validation, strict=True):
+            log(member.index, step, 'validation', values)
+            evaluated[member.best_metric] = values['dice']
+            if verbose:
+              who = '' if count == 1 else f' member {member.index} ({member.label})'
+              bar.write(f'step {step}:{who} validation ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
           last_time = time.perf_counter()  # Evaluation time is not training throughput.
         if save:
-          ckpt.save(step, train_state, train_iter, resolved, metrics=evaluated)
+          ckpt.save(step, members_run.stacked(), iterators, resolved, metrics=evaluated)
         if stop and not final:
           ckpt.wait()
-          return RunResult(step, validation, files, stopped=True)
+          return RunResult(step, validation, files, members, stopped=True)
     ckpt.wait()
     if samples is None:  # Resumed a finished run: evaluate it once more for the report.
-      per_image, samples = evaluation.evaluate_split(eval_fn, train_state, config, mesh, keep=keep)
-      validation = evaluation.summarize(per_image)
+      validation, samples = _evaluate(members_run, config, mesh, keep)
     if lead:
-      files.update(_write_figures(samples, workdir, writer))
-    return RunResult(step, validation, files)
+      for member, directory, writer in zip(members, directories, writers, strict=True):
+        figures = _write_figures(samples[member.index], directory, writer)
+        if count == 1:
+          files.update(figures)
+    return RunResult(step, validation, files, members)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
@@ -286,9 +309,45 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     ) from None
   finally:
     preemption.restore()
-    writer.close()
+    for writer in writers:
+      writer.close()
     if not lost_peer:  # closing waits on the other processes
       ckpt.close()
+
+
+def _evaluate(members_run: population.Population, config, mesh, keep: int) -> tuple[list[dict], list[dict]]:
+  """Each member's validation summary and up to `keep` sample predictions."""
+  summaries, samples = [], []
+  for member_state in members_run.member_states():
+    per_image, member_samples = evaluation.evaluate_split(members_run.eval_fn, member_state, config, mesh, keep=keep)
+    summaries.append(evaluation.summarize(per_image))
+    samples.append(member_samples)
+  return summaries, samples
+
+
+def _check_stopped(members_run, members, reported: set, ckpt, lead: bool) -> None:
+  """Reports members that stopped since the last check; raises when none is left."""
+  stopped_at = members_run.stopped_at()
+  members_run.stopped = {i for i, at in enumerate(stopped_at) if at}
+  if len(members_run.stopped) == len(members):
+    ckpt.wait()
+    kept = ckpt.steps()
+    last = f'step {kept[-1]} in {ckpt.directory}' if kept else f'none in {ckpt.directory}'
+    which = (
+      f'at step {stopped_at[0]}'
+      if len(members) == 1
+      else 'in every member (' + ', '.join(f'member {i} at step {at}' for i, at in enumerate(stopped_at)) + ')'
+    )
+    raise NonFiniteLossError(
+      f'loss became non-finite {which}; the last good checkpoint is {last}; lower train.learning_rate or check the data'
+    )
+  for index in sorted(members_run.stopped - reported):
+    reported.add(index)
+    if lead:
+      reporting.progress_line(
+        f'member {index} ({members[index].label}) stopped at step {stopped_at[index]}: its loss became non-finite; '
+        f'its last finite state is kept and {len(members) - len(reported)} other members train on'
+      )
 
 
 def _write_figures(samples: dict, workdir: pathlib.Path, writer) -> dict:
@@ -304,6 +363,8 @@ def describe(result: RunResult) -> str:
   """The end-of-run summary: where each artefact went and the final validation metrics."""
   lines = [f'{"stopped by SIGTERM at" if result.stopped else "finished at"} step {result.step}']
   lines += [f'  {name:<16} {path}' for name, path in result.files.items()]
-  if result.validation:
-    lines.append('validation: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.validation.items()))
+  for member, values in zip(result.members, result.validation, strict=True):
+    if values:
+      who = '' if len(result.members) == 1 else f'member {member.index} ({member.label}) '
+      lines.append(f'{who}validation: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
   return '\n'.join(lines)

@@ -9,6 +9,10 @@
   pmap because pmap is now implemented on top of jit and shard_map anyway, and shard_map keeps
   the state a replicated global `jax.Array` on the same mesh, so checkpoints, restore and
   evaluation are shared with 'jit' unchanged.
+
+The mesh has a second axis, `('members', 'data')`: a population's member axis
+(`training.population`) may be split over devices when its members are vmapped; it has size 1
+otherwise, and every sharding above leaves it replicated.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from resunet_jax.errors import UserError
 from resunet_jax.training import steps
 
 AXIS = 'data'
+MEMBERS = 'members'
 STRATEGIES = ('jit', 'pmap')
 
 
@@ -48,10 +53,23 @@ def initialize_distributed(config: Any) -> None:
     raise UserError(f"parallel.distributed='{config.distributed}' is not one of none, auto")
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D `('data',)` mesh over all devices, with Auto axis types (plain slicing works)."""
+def make_mesh(devices=None, *, member_shards: int = 1) -> jax.sharding.Mesh:
+  """A `('members', 'data')` mesh over all devices, with Auto axis types (plain slicing works).
+
+  Args:
+    devices: default all.
+    member_shards: size of the `members` axis (`parallel.member_shards`); the rest is `data`.
+
+  Raises:
+    UserError: the devices do not split into `member_shards` equal groups.
+  """
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  if member_shards < 1 or len(devices) % member_shards:
+    raise UserError(
+      f'parallel.member_shards={member_shards} must be a positive divisor of the device count ({len(devices)})'
+    )
+  shape = (member_shards, len(devices) // member_shards)
+  return jax.make_mesh(shape, (MEMBERS, AXIS), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def replicated(mesh) -> NamedSharding:
@@ -63,14 +81,24 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXIS))
 
 
-def create_sharded(init_fn, mesh):
-  """Runs `init_fn()` under jit straight into replicated buffers on `mesh`."""
-  return jax.jit(init_fn, out_shardings=replicated(mesh))()
+def member_sharding(mesh) -> NamedSharding:
+  """A population's stacked state or metrics: the leading (member) axis split over `members`."""
+  return NamedSharding(mesh, P(MEMBERS))
+
+
+def member_batch_sharding(mesh) -> NamedSharding:
+  """A population's stacked batch `[K, B, ...]`: members over `members`, the batch over `data`."""
+  return NamedSharding(mesh, P(MEMBERS, AXIS))
+
+
+def create_sharded(init_fn, mesh, sharding=None, *args):
+  """Runs `init_fn(*args)` under jit straight into buffers placed with `sharding` (default replicated)."""
+  return jax.jit(init_fn, out_shardings=replicated(mesh) if sharding is None else sharding)(*args)
 
 
 def check_batch_size(global_batch: int, mesh) -> None:
-  """The global batch must split evenly over devices and processes."""
-  devices, processes = mesh.devices.size, jax.process_count()
+  """The global batch must split evenly over the data devices and the processes."""
+  devices, processes = mesh.shape[AXIS], jax.process_count()
   if global_batch < 1 or global_batch % devices or global_batch % processes:
     raise UserError(
       f'train.batch_size={global_batch} must be a positive multiple of the device count ({devices}) '
@@ -78,26 +106,35 @@ def check_batch_size(global_batch: int, mesh) -> None:
     )
 
 
-def compile_steps(strategy: str, mesh, loss_weights: losses.LossWeights):
+def compile_steps(strategy: str, mesh, loss_weights: losses.LossWeights, *, stacked: bool = False):
   """The compiled `(train_step, eval_step)` for `strategy` on `mesh`.
 
-  Both take `(state, batch)` with a replicated state and a `batch_sharding` batch; the train
-  step donates the state.
+  The train step is `steps.guarded_train_step` and donates the state. It takes `(state, batch)`
+  with a replicated member state and a `batch_sharding` batch; with `stacked`, a population's
+  stacked state (`member_sharding`) and batch `[K, B, ...]` (`member_batch_sharding`), every
+  member in one vmapped program, returning metrics `[K]`. The eval step always takes one
+  member's (replicated) state.
   """
-  state_sharding, data_sharding = replicated(mesh), batch_sharding(mesh)
+  step = functools.partial(steps.guarded_train_step, loss_weights=loss_weights)
+  if stacked:
+    state_spec, data_spec, out_spec = P(MEMBERS), P(MEMBERS, AXIS), P(MEMBERS)
+  else:
+    state_spec, data_spec, out_spec = P(), P(AXIS), P()
   if strategy == 'jit':
+    sharded = functools.partial(NamedSharding, mesh)
     train = jax.jit(
-      functools.partial(steps.train_step, loss_weights=loss_weights),
-      in_shardings=(state_sharding, data_sharding),
-      out_shardings=(state_sharding, state_sharding),
+      jax.vmap(step) if stacked else step,
+      in_shardings=(sharded(state_spec), sharded(data_spec)),
+      out_shardings=(sharded(out_spec), sharded(out_spec)),
       donate_argnums=0,
     )
   elif strategy == 'pmap':
+    per_device = functools.partial(step, axis_name=AXIS)
     per_device = jax.shard_map(
-      functools.partial(steps.train_step, loss_weights=loss_weights, axis_name=AXIS),
+      jax.vmap(per_device) if stacked else per_device,
       mesh=mesh,
-      in_specs=(P(), P(AXIS)),
-      out_specs=(P(), P()),
+      in_specs=(state_spec, data_spec),
+      out_specs=(out_spec, out_spec),
     )
     train = jax.jit(per_device, donate_argnums=0)
   else:

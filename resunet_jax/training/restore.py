@@ -11,8 +11,8 @@ import ml_collections
 
 from resunet_jax import models, runtime
 from resunet_jax.errors import UserError
-from resunet_jax.training import checkpoint, parallel
-from resunet_jax.training import state as state_lib
+from resunet_jax.training import checkpoint, parallel, population
+from resunet_jax.training import state as state_lib  # noqa: F401 (LoadedRun.state's type)
 
 
 @dataclasses.dataclass
@@ -20,11 +20,13 @@ class LoadedRun:
   """A trained model ready for evaluation or prediction.
 
   Attributes:
-    config: the run's resolved config (from config.json).
+    config: the member's config: its run alone (`population.member_config` of config.json).
     model: the `UNet` (no cross-device BatchNorm axis: inference only).
-    state: the restored train state, replicated on `mesh`.
+    state: the member's restored train state, replicated on `mesh`.
     step: the checkpoint's step.
     mesh: the device mesh.
+    member: the population member (member 0 of an ordinary run).
+    directory: the member's folder (`population.member_dir`: the workdir of an ordinary run).
   """
 
   config: ml_collections.ConfigDict
@@ -32,23 +34,30 @@ class LoadedRun:
   state: state_lib.TrainState
   step: int
   mesh: jax.sharding.Mesh
+  member: population.Member
+  directory: pathlib.Path
 
   @property
   def variables(self) -> dict:
     """The variables to predict with (EMA parameters when the run kept them)."""
     return self.state.variables(self.state.eval_params)
 
+  def apply(self, variables: dict, images: jax.Array) -> jax.Array:
+    """Logits of `images` `[N, H, W, C]` in inference mode, with the member's train-time scales."""
+    return self.model.apply(variables, images, train=False, **self.state.scales)
 
-def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'auto') -> LoadedRun:
-  """Restores `which` checkpoint of the run in `workdir`.
+
+def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'auto', member: int = 0) -> LoadedRun:
+  """Restores one member of `which` checkpoint of the run in `workdir`.
 
   Args:
     workdir: a folder written by `experiments/train.py`.
-    which: 'best' (highest validation Dice), 'latest', or a step number.
+    which: 'best' (the member's highest validation Dice), 'latest', or a step number.
     backend: the layer set to predict with (`runtime.layers`); any restores any run.
+    member: the population member (0 for an ordinary run).
 
   Raises:
-    UserError: no such workdir, no config.json, no checkpoints, or no such step.
+    UserError: no such workdir, no config.json, no checkpoints, no such step or member.
   """
   workdir = pathlib.Path(workdir)
   config_path = workdir / 'config.json'
@@ -59,18 +68,29 @@ def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'a
   try:
     resolved = json.loads(config_path.read_text())
     resolved['model'].pop('conv', None)  # runs before runtime.backend kept the backend here
+    if 'population' not in resolved:
+      raise UserError(
+        f'{workdir} was trained before populations (2026-12-02): its checkpoints hold an older optimizer state; '
+        'train it again with the same command'
+      )
     model_config = models.ModelConfig.from_dict(resolved['model'])
-  except (ValueError, KeyError, TypeError) as e:
+    config = ml_collections.ConfigDict(resolved)
+    members = population.members(config, model_config)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise UserError(f'{config_path} cannot be read as a run config ({e}); was it edited by hand?') from None
-  config = ml_collections.ConfigDict(resolved)
-  ckpt = checkpoint.Checkpoints(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
+  if not 0 <= member < len(members):
+    raise UserError(f'--member={member} is not a member of {workdir}: it has {len(members)} (0 to {len(members) - 1})')
+  chosen = members[member]
+  ckpt = checkpoint.Checkpoints(
+    workdir / 'checkpoints', keep=config.train.keep_checkpoints, best_metrics=[m.best_metric for m in members]
+  )
   steps = ckpt.steps()
   if not steps:
     raise UserError(f'{workdir / "checkpoints"} holds no checkpoint; train first, or wait for the first save')
   if which == 'latest':
     step = None
   elif which == 'best':
-    step = ckpt.best_step('dice')
+    step = ckpt.best_step(chosen.best_metric)
     if step is None:
       raise UserError(f'no checkpoint in {workdir} was saved with validation metrics; use --checkpoint=latest')
   elif which.isdigit() and int(which) in steps:
@@ -80,13 +100,11 @@ def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'a
 
   mesh = parallel.make_mesh()
   model = models.UNet(model_config, layers=runtime.layers(backend))
-  optimizer = state_lib.make_optimizer(config.train)
   shape = (1, config.data.image_size, config.data.image_size, 3)
-
-  def init():
-    return state_lib.create_train_state(model, optimizer, shape, seed=0, ema_decay=config.train.ema_decay)
-
-  abstract = checkpoint.abstract_like(jax.eval_shape(init), parallel.replicated(mesh))
-  state, restored_step = ckpt.restore(abstract, step=step)
+  init, args = population.init_fn(config, model, shape, members)
+  abstract = checkpoint.abstract_like(jax.eval_shape(init, *args), parallel.replicated(mesh))
+  stacked, restored_step = ckpt.restore(abstract, step=step)
   ckpt.close()
-  return LoadedRun(config, model, state, restored_step, mesh)
+  state = jax.jit(population.member_state, static_argnums=1)(stacked, member)
+  directory = population.member_dir(workdir, chosen, len(members))
+  return LoadedRun(population.member_config(config, chosen), model, state, restored_step, mesh, chosen, directory)

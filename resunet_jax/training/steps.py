@@ -8,6 +8,7 @@ that axis; without it, they see the global batch (jit over a mesh does the rest)
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from resunet_jax import losses, metrics
@@ -38,9 +39,9 @@ def train_step(
   def loss_fn(params):
     variables = state.variables(params)
     if has_batch_stats:
-      logits, updates = state.apply_fn(variables, batch['image'], train=True, mutable=['batch_stats'])
+      logits, updates = state.apply_fn(variables, batch['image'], train=True, mutable=['batch_stats'], **state.scales)
     else:
-      logits, updates = state.apply_fn(variables, batch['image'], train=True), {}
+      logits, updates = state.apply_fn(variables, batch['image'], train=True, **state.scales), {}
     loss = losses.segmentation_loss(logits, batch['mask'], batch['valid'], loss_weights)
     return loss, (logits, updates)
 
@@ -60,13 +61,31 @@ def train_step(
   return state, step_metrics
 
 
+def guarded_train_step(
+  state: TrainState, batch: dict, *, loss_weights: losses.LossWeights, axis_name: str | None = None
+) -> tuple[TrainState, dict]:
+  """`train_step`, except that a member whose loss or gradient is not finite stops.
+
+  Its parameters, optimizer state, statistics and EMA stay as they were before that step, and
+  `stopped_at` records the step (1-based), from then on; only `step` still counts. So one
+  diverging member of a population stops alone, and its last finite state is kept.
+  Arguments and returns as for `train_step`.
+  """
+  new, step_metrics = train_step(state, batch, loss_weights=loss_weights, axis_name=axis_name)
+  running = state.stopped_at == 0
+  ok = running & jnp.isfinite(step_metrics['loss']) & jnp.isfinite(step_metrics['grad_norm'])
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+  stopped_at = jnp.where(running & ~ok, new.step, state.stopped_at).astype(state.stopped_at.dtype)
+  return kept.replace(step=new.step, stopped_at=stopped_at), step_metrics
+
+
 def eval_step(state: TrainState, batch: dict) -> dict:
   """Predictions and per-image confusion counts of the evaluation parameters.
 
   Returns:
     `predictions` `[B, H, W]` int32 and the `metrics.confusion` counts, per image.
   """
-  logits = state.apply_fn(state.variables(state.eval_params), batch['image'], train=False)
+  logits = state.apply_fn(state.variables(state.eval_params), batch['image'], train=False, **state.scales)
   predictions = metrics.predict(logits)
   return {'predictions': predictions, **metrics.confusion(predictions, batch['mask'], logits.shape[-1])}
 
@@ -81,7 +100,8 @@ def knockout_step(state: TrainState, batch: dict, scales: dict) -> dict:
     state: the train state.
     batch: `image` `[B, H, W, C]`, `mask` `[B, H, W]`.
     scales: `skip_scale` `[M, depth]` and/or `residual_scale` `[M, 2 * depth + 1]` (the
-      `UNet` arguments of those names, one row per knock-out).
+      `UNet` arguments of those names, one row per knock-out); they replace the state's own
+      train-time `scales` of the same name.
 
   Returns:
     `dice`: `[B, M]` float32, classes averaged (the foreground for binary models).
@@ -89,7 +109,7 @@ def knockout_step(state: TrainState, batch: dict, scales: dict) -> dict:
   variables = state.variables(state.eval_params)
 
   def one(row):
-    logits = state.apply_fn(variables, batch['image'], train=False, **row)
+    logits = state.apply_fn(variables, batch['image'], train=False, **{**state.scales, **row})
     counts = metrics.confusion(metrics.predict(logits), batch['mask'], logits.shape[-1])
     return metrics.class_scores(counts)['dice'].mean(-1)
 

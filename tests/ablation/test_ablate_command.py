@@ -1,5 +1,6 @@
 """experiments/ablate.py end to end on the quick grid: its files, a finished sweep runs nothing,
-and a sweep killed in the middle of a run resumes to the same numbers.
+a sweep killed in the middle of a population resumes to the same numbers, and its populations
+give the numbers of the runs trained one by one.
 
 The tests share one sweep (built once per session) and the session's compilation cache.
 """
@@ -47,7 +48,7 @@ def _rows(workdir):
 
 def test_quick_sweep_writes_every_file(sweep):
   workdir, stdout = sweep
-  assert 'sweep of 4 runs' in stdout and '0 already done' in stdout
+  assert 'sweep of 4 runs in 1 populations' in stdout and '0 already done' in stdout
   rows = _rows(workdir)
   assert [(r['arm'], r['seed']) for r in rows] == [
     ('plain-all', '0'),
@@ -71,36 +72,47 @@ def test_quick_sweep_writes_every_file(sweep):
 
 def test_a_finished_sweep_runs_nothing(sweep, env, commands):
   workdir, _ = sweep
-  before = {p: p.stat().st_mtime_ns for p in (workdir / 'runs').glob('*/**/*') if p.is_file()}
+
+  def files():
+    return {p: p.stat().st_mtime_ns for folder in ('runs', 'populations') for p in (workdir / folder).rglob('*')}
+
+  before = files()
   result = commands.run(_command(workdir), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '4 already done, 0 to run' in result.stdout
-  after = {p: p.stat().st_mtime_ns for p in (workdir / 'runs').glob('*/**/*') if p.is_file()}
-  assert after == before  # no run folder was touched
+  assert files() == before  # no run or population folder was touched
 
 
 def test_an_interrupted_sweep_resumes_to_the_same_numbers(sweep, env, tmp_path, commands):
-  """One seed (2 runs): killed in the second run, resumed; its rows are the 2-seed sweep's seed-0 rows."""
+  """One seed (a population of a plain and a residual member) killed between checkpoints and resumed;
+  its rows are the seed-0 rows of the 2-seed sweep (a population of 4)."""
   workdir = tmp_path / 'interrupted'
   one_seed = '--config.ablation.seeds=1'
   process = commands.start(_command(workdir, one_seed), env=env)
   deadline = time.monotonic() + 300
   try:
-    while True:  # Kill once a run is done and the next one is between checkpoints.
-      finished = list(workdir.glob('runs/*/result.json'))
-      midway = [p for p in workdir.glob('runs/*/checkpoints/3') if not (p.parents[1] / 'result.json').exists()]
-      if finished and midway:
-        break
+    while not list(workdir.glob('populations/*/checkpoints/3')):  # kill between checkpoints
       assert process.poll() is None, 'the sweep ended before it could be interrupted'
       assert time.monotonic() < deadline, 'the sweep did not get going'
       time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
   finally:
     process.wait()
-  first = {p: p.stat().st_mtime_ns for p in finished}
+  assert not list(workdir.glob('runs/*/result.json'))
   result = commands.run(_command(workdir, one_seed), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'{len(finished)} already done, 1 to run' in result.stdout
-  assert {p: p.stat().st_mtime_ns for p in finished} == first  # finished runs were read back
+  assert '0 already done, 2 to run' in result.stdout
   uninterrupted = [row for row in _rows(sweep[0]) if row['seed'] == '0']
   assert len(uninterrupted) == 2 and _rows(workdir) == uninterrupted  # bit-identical to the uninterrupted sweep
+
+
+def test_populations_give_the_numbers_of_the_runs_trained_one_by_one(sweep, env, tmp_path, commands):
+  workdir = tmp_path / 'separate'
+  """Seed 0 alone (2 runs); its rows are the seed-0 rows of the sweep's population of 4."""
+  result = commands.run(_command(workdir, '--config.ablation.populations=False', '--config.ablation.seeds=1'), env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'sweep of 2 runs in 2 populations' in result.stdout
+  grouped = [row for row in _rows(sweep[0]) if row['seed'] == '0']
+  assert len(grouped) == 2 and _rows(workdir) == grouped  # bit-identical, the plain run too (a member scaled by 0)
+  with (workdir / 'knockouts.csv').open() as separate, (sweep[0] / 'knockouts.csv').open() as swept:
+    assert list(csv.DictReader(separate)) == [row for row in csv.DictReader(swept) if row['seed'] == '0']
