@@ -221,10 +221,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
     except OSError as e:
       raise ckpt.write_error(writers[index].jsonl.name, e) from e
 
-  files.update(metrics=writers[0].jsonl, tensorboard=writers[0].tensorboard_dir)
-  if count > 1:
-    files = {**files, 'members': workdir / 'members'}
-    del files['metrics'], files['tensorboard']
+  if count == 1:
+    files.update(metrics=writers[0].jsonl, tensorboard=writers[0].tensorboard_dir)
+  else:
+    files['members'] = workdir / 'members'
   preemption = _Preemption()
   step = start_step = members_run.step
   validation: list[dict] = [{} for _ in members]

@@ -29,7 +29,7 @@ import numpy as np
 
 from resunet_jax import data, losses, models, runtime
 from resunet_jax.errors import UserError
-from resunet_jax.training import parallel
+from resunet_jax.training import checkpoint, parallel
 from resunet_jax.training import state as state_lib
 
 
@@ -235,9 +235,7 @@ class Population:
 
   def abstract(self) -> Any:
     """The stacked state as `ShapeDtypeStruct`s with this population's sharding (a restore target)."""
-    return jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.sharding), self._abstract
-    )
+    return checkpoint.abstract_like(self._abstract, self.sharding)
 
   def restore(self, stacked) -> None:
     """Replaces the state with a restored stacked one."""
@@ -294,4 +292,4 @@ class Population:
     """`[K]` int: 0 for a training member, else the step at which it stopped."""
     if self.mode == 'vmap':
       return np.asarray(jax.device_get(self.state.stopped_at))
-    return np.asarray([int(s.stopped_at) for s in self.states])
+    return np.asarray(jax.device_get([s.stopped_at for s in self.states]))  # one transfer
