@@ -124,15 +124,27 @@ PLACEMENT_KEYS = {
 }
 
 
+# Keys added after runs were recorded, with the value every earlier run had: a key at that value
+# is left out of the hash, so earlier runs keep their hashes (and finished sweeps their results).
+ADDED_KEYS = {
+  'model': {'shortcut': 'projection', 'init': 'lecun'},
+}
+
+
 def config_hash(resolved: dict) -> str:
   """A short stable hash of a resolved config: what makes two runs the same run.
 
   Args:
-    resolved: the resolved config dict (what config.json holds). `PLACEMENT_KEYS` are ignored.
+    resolved: the resolved config dict (what config.json holds). `PLACEMENT_KEYS` are ignored,
+      and so are `ADDED_KEYS` at their earlier value.
   """
   what = {}
   for section, values in resolved.items():
     left_out = PLACEMENT_KEYS.get(section, ())
-    if left_out is not None:
-      what[section] = {k: v for k, v in values.items() if k not in left_out} if left_out else values
+    if left_out is None:
+      continue
+    added = ADDED_KEYS.get(section, {})
+    if left_out or added:
+      values = {k: v for k, v in values.items() if k not in left_out and not (k in added and v == added[k])}
+    what[section] = values
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]

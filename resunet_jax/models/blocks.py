@@ -50,6 +50,14 @@ def make_norm(
   raise ValueError(f"unknown norm '{kind}'; valid: none, batch, group, layer")
 
 
+KERNEL_INITS = {
+  'lecun': nn.initializers.lecun_normal(),
+  'glorot': nn.initializers.glorot_uniform(),
+  'he': nn.initializers.he_normal(),
+}
+"""`ModelConfig.init` -> the kernel initialiser of the blocks' convolutions."""
+
+
 class ConvBlock(nn.Module):
   """Two 3x3 'same' convolutions with ReLU, optionally with a residual shortcut.
 
@@ -57,8 +65,10 @@ class ConvBlock(nn.Module):
   'preact' (He et al. 2016; Zhang et al. 2018): `h = conv2(relu(norm2(conv1(relu(norm1(u))))))`,
   where the first block of the network (`first=True`) applies `conv1` to the raw input.
   With `residual`, the output is `h + residual_scale * shortcut`, no activation after the
-  add, where `shortcut = u` when channels and resolution match and a 1x1 convolution with
-  bias, `conv_proj`, otherwise. Without `residual` the output is `h`.
+  add. `shortcut='projection'`: `shortcut = u` when channels and resolution match and a 1x1
+  convolution with bias, `conv_proj`, otherwise. `shortcut='identity'`: where they do not
+  match, a 1x1 convolution `conv_in` (with the block's stride) first maps `u` to `p`, the two
+  3x3 convolutions read `p`, and `shortcut = p`. Without `residual` the output is `h`.
 
   `u` is the block's input: `x` for an encoder block or the bottleneck; for a decoder block
   (`upsample` set) `concat([up(x), skip])`, `x` from the level below upsampled x2 ('nearest',
@@ -70,6 +80,8 @@ class ConvBlock(nn.Module):
   Attributes:
     features: output channels.
     residual: add the shortcut.
+    shortcut: 'projection' | 'identity' (see above; `ModelConfig.shortcut`).
+    initializer: kernel initialiser name, a key of `KERNEL_INITS` (`ModelConfig.init`).
     preact: 'preact' ordering instead of 'postact'.
     first: preact only: no normalisation/activation before `conv1`.
     stride: stride of `conv1` and `conv_proj` (2 downsamples).
@@ -84,6 +96,8 @@ class ConvBlock(nn.Module):
 
   features: int
   residual: bool = False
+  shortcut: str = 'projection'
+  initializer: str = 'lecun'
   preact: bool = False
   first: bool = False
   stride: int = 1
@@ -113,7 +127,8 @@ class ConvBlock(nn.Module):
     if skip is not None and self.upsample is None:
       raise ValueError('ConvBlock got a skip tensor but upsample=None; a skip joins an upsampled input')
     layers = self.layers
-    common = {'padding': 'SAME', 'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    kernel_init = KERNEL_INITS[self.initializer]
+    common = {'padding': 'SAME', 'dtype': self.dtype, 'param_dtype': self.param_dtype, 'kernel_init': kernel_init}
 
     def conv(h, kernel, stride, name, relu=False):
       module = layers.conv_relu if relu else layers.conv
@@ -134,13 +149,20 @@ class ConvBlock(nn.Module):
 
     if self.upsample == 'transpose':
       up = layers.conv_transpose(
-        self.features, (2, 2), strides=(2, 2), dtype=self.dtype, param_dtype=self.param_dtype, name='up'
+        self.features,
+        (2, 2),
+        strides=(2, 2),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=kernel_init,
+        name='up',
       )
       x = up(x)
     elif self.upsample == 'bilinear':
       x = jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), method='bilinear')
     nearest = self.upsample == 'nearest'
     in_channels = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+    reshapes = in_channels != self.features or self.stride != 1
 
     def block_input():  # u, built only where the block reads it whole (a preact norm, an identity shortcut)
       if self.upsample is None:
@@ -154,19 +176,32 @@ class ConvBlock(nn.Module):
         x, skip
       )
 
+    entry = None  # 'identity' shortcuts: `p`, the input mapped to the block's shape, which the body reads
+    if self.residual and self.shortcut == 'identity' and reshapes:
+      entry = conv(block_input(), 1, self.stride, 'conv_in') if self.preact else conv_of_input(1, 'conv_in', False)
+    stride = self.stride if entry is None else 1
+
+    def whole_input():
+      return block_input() if entry is None else entry
+
+    def first_conv(relu):
+      return conv_of_input(3, 'conv1', relu) if entry is None else conv(entry, 3, 1, 'conv1', relu)
+
     if self.preact:
-      u = block_input()
-      h = u if self.first else norm_act(u, 'norm1')
-      h = conv(h, 3, self.stride, 'conv1')
+      u = whole_input()
+      h = u if self.first and entry is None else norm_act(u, 'norm1')
+      h = conv(h, 3, stride, 'conv1')
       h = conv(norm_act(h, 'norm2'), 3, 1, 'conv2')
     elif self.norm == 'none':  # conv -> ReLU: one `conv_relu` each (a layer set may fuse them)
-      h = conv(conv_of_input(3, 'conv1', relu=True), 3, 1, 'conv2', relu=True)
+      h = conv(first_conv(relu=True), 3, 1, 'conv2', relu=True)
     else:
-      h = norm_act(conv_of_input(3, 'conv1', relu=False), 'norm1')
+      h = norm_act(first_conv(relu=False), 'norm1')
       h = norm_act(conv(h, 3, 1, 'conv2'), 'norm2')
     if not self.residual:
       return h
-    if in_channels != self.features or self.stride != 1:
+    if entry is not None:
+      shortcut = entry
+    elif reshapes:
       shortcut = conv(u, 1, self.stride, 'conv_proj') if self.preact else conv_of_input(1, 'conv_proj', relu=False)
     else:
       shortcut = u if self.preact else block_input()

@@ -21,6 +21,8 @@ UPSAMPLES = ('nearest', 'bilinear', 'transpose')
 BLOCKS = ('postact', 'preact')
 DOWNSAMPLES = ('maxpool', 'stride')
 DTYPES = ('float32', 'bfloat16', 'float16')
+INITS = ('lecun', 'glorot', 'he')
+SHORTCUTS = ('projection', 'identity')
 MAX_DEPTH = 8
 
 
@@ -61,8 +63,19 @@ class ModelConfig:
     base_width: channels at level 0; level `l` has `base_width * 2**l` channels and the
       bottleneck (bridge) `base_width * 2**depth`.
     depth: number of downsampling steps (encoder levels); the note uses 4, Zhang et al. 3.
-    residual: blocks add a shortcut (identity, or a 1x1 `conv_proj` when channels or
-      resolution change) to their conv branch.
+    residual: blocks add a shortcut to their conv branch (see `shortcut`).
+    shortcut: residual blocks only. 'projection' (the note's ResUNet made buildable): the
+      shortcut is a 1x1 convolution `conv_proj` of the block's input where channels or
+      resolution change (every block of a U-Net), else the identity. 'identity' (He et al.
+      2016, "Identity Mappings in Deep Residual Networks": projection shortcuts train worse
+      than identity ones): a 1x1 convolution `conv_in` first maps the input to the block's
+      width and resolution, and the shortcut around the two 3x3 convolutions is the identity
+      of that; so 'residual_scale' 0 leaves `conv_in` in the path (not the plain block).
+    init: kernel initialiser of every convolution in the blocks (biases start at 0): 'lecun'
+      (truncated normal, variance 1/fan_in; flax's default), 'glorot' (uniform, variance
+      2/(fan_in + fan_out): Keras's `Conv2D` default, which the note's code leaves in place) or
+      'he' (truncated normal, variance 2/fan_in: He et al. 2015, "Delving Deep into
+      Rectifiers", keeps the activation scale through ReLUs). The linear 1x1 head keeps LeCun.
     skips: which long encoder-to-decoder skip connections exist: 'all', 'none', a string
       of '0'/'1' per level ('1011': level 1 removed; level 0 is the finest), or a tuple of
       `depth` bools. A removed skip removes the concatenation, so the decoder block's input
@@ -86,6 +99,8 @@ class ModelConfig:
   base_width: int = 64
   depth: int = 4
   residual: bool = False
+  shortcut: str = 'projection'
+  init: str = 'lecun'
   skips: str | tuple[bool, ...] = 'all'
   norm: str = 'none'
   norm_groups: int = 8
@@ -118,6 +133,8 @@ class ModelConfig:
         raise ValueError(f'ModelConfig.{name}={getattr(self, name)!r} must be True or False')
     for name, valid in (
       ('norm', NORMS),
+      ('shortcut', SHORTCUTS),
+      ('init', INITS),
       ('upsample', UPSAMPLES),
       ('block', BLOCKS),
       ('downsample', DOWNSAMPLES),
@@ -127,6 +144,11 @@ class ModelConfig:
       value = getattr(self, name)
       if value not in valid:
         raise ValueError(f'ModelConfig.{name}={value!r}{_suggest(str(value), valid)}; valid: {", ".join(valid)}')
+    if self.shortcut != 'projection' and not self.residual:
+      raise ValueError(
+        f'ModelConfig.shortcut={self.shortcut!r} needs residual=True (a plain block has no shortcut); '
+        "leave shortcut='projection' for plain models"
+      )
     _parse_skips(self.skips, self.depth)
 
   @classmethod

@@ -17,7 +17,8 @@ Parameter counts (input channels 3, `num_classes=1`): the note's U-Net is
 (a 3x3 conv from i to o channels has 9*i*o + o parameters). The ResUNet adds a 1x1
 `conv_proj` (i*o + o) to each of its 9 blocks, since every block changes its channel count:
 3->64, 64->128, 128->256, 256->512, 512->1024, 1536->512, 768->256, 384->128, 192->64:
-1,743,936 more, 33,122,881 in all.
+1,743,936 more, 33,122,881 in all. With `shortcut='identity'` each block instead starts with a
+1x1 `conv_in` (i*o + o) and its `conv1` reads o channels (9*o*o + o): 33,158,017 in all.
 
 `resunet_zhang` (Zhang, Liu & Wang, IEEE GRSL 2018, Table I) has 8,220,993 parameters
 (at any input size; pinned at 224x224x3 in the tests); the paper reports 7.8M. The seven 1x1
@@ -133,6 +134,8 @@ class UNet(nn.Module):
       module = block_cls(
         features=features,
         residual=cfg.residual,
+        shortcut=cfg.shortcut,
+        initializer=cfg.init,
         preact=cfg.block == 'preact',
         first=index == 0,
         stride=stride,

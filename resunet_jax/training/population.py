@@ -135,14 +135,23 @@ def stand_in_reason(population_model: models.ModelConfig, arm_model: models.Mode
   """
   population_fields = population_model.to_dict()
   arm_fields = arm_model.to_dict()
-  differing = sorted(k for k in arm_fields if k != 'residual' and arm_fields[k] != population_fields[k])
+  if population_model.shortcut == 'identity' and not arm_model.residual:
+    return (
+      "identity shortcuts scaled by 0 keep each block's input projection conv_in, so the member is not "
+      'the plain network'
+    )
+  differing = sorted(
+    k for k in arm_fields if k not in ('residual', 'shortcut') and arm_fields[k] != population_fields[k]
+  )
+  if arm_model.residual and arm_model.shortcut != population_model.shortcut:
+    differing = sorted([*differing, 'shortcut'])
   if 'skips' in differing:
     return (
       f'skips {arm_fields["skips"]!r} differ from {population_fields["skips"]!r}: a zeroed skip keeps the '
       "decoder's larger fan-in at initialisation, so it is not the network built without it"
     )
   if differing:
-    return f'{", ".join(differing)} differ: the parameter trees differ in shape'
+    return f"{', '.join(differing)} differ: a member trains the population's network, not this one"
   if arm_model.residual and not population_model.residual:
     return 'a plain population has no shortcuts to train a residual arm with'
   return None

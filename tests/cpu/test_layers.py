@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import quick_init
 
 from resunet_jax import models, runtime
 from resunet_jax.cpu import layers as cpu_layers
@@ -26,13 +27,14 @@ CASES = {
   'transpose_group': models.preset('resunet', upsample='transpose', norm='group', norm_groups=2, **TINY),
   'skips_01_remat': models.preset('unet', skips='01', remat=True, **TINY),  # remat over the fused path
   'batch_postact': models.preset('resunet', norm='batch', **TINY),  # fused decoder conv without its ReLU
+  'identity_he': models.preset('resunet', shortcut='identity', init='he', **TINY),  # the fused 1x1 conv_in
 }
 X = jax.random.normal(jax.random.key(0), (2, 20, 24, 3))  # padded to 20x24: not square, not a power of 2
 
 
 def _values_and_grads(config, layers, train):
   model = models.UNet(config, layers=layers)
-  variables = model.init(jax.random.key(1), X, train=False)
+  variables = quick_init.init(model, X, key=jax.random.key(1), train=False)
   probe = jax.random.normal(jax.random.key(2), (*X.shape[:3], 1))
 
   def loss(params, x):
@@ -65,7 +67,7 @@ def test_cpu_layers_give_the_stock_parameters_values_and_gradients(case, train):
 
 def _compiled_text(config, layers):
   model = models.UNet(config, layers=layers)
-  variables = model.init(jax.random.key(1), X, train=False)
+  variables = quick_init.init(model, X, key=jax.random.key(1), train=False)
   grad = jax.grad(lambda p: jnp.sum(model.apply({**variables, 'params': p}, X, train=False)))
   return jax.jit(grad).lower(variables['params']).compile().as_text()
 
@@ -92,7 +94,7 @@ def _forward_modes(model, variables):
 @pytest.mark.parametrize('mode', ['jvp', 'jit_jvp', 'jacfwd', 'hvp'])
 def test_forward_mode_through_the_cpu_set_names_the_stock_layers(mode):
   model = models.UNet(CASES['unet'], layers=cpu_layers.LAYERS)
-  variables = model.init(jax.random.key(1), X, train=False)
+  variables = quick_init.init(model, X, key=jax.random.key(1), train=False)
   with pytest.raises(
     onednn.ForwardModeError,
     match=r"reverse-mode only; .* use the stock layers \(models.STOCK, runtime.backend='stock'\)",

@@ -40,6 +40,30 @@ def test_projection_shortcut_and_plain_block():
   np.testing.assert_allclose(plain.apply({'params': plain_params}, x, False), branch, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('stride', [1, 2])
+def test_identity_shortcut_kind_projects_once_then_adds_the_identity(stride):
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  block = models.ConvBlock(features=6, residual=True, shortcut='identity', stride=stride)
+  params = block.init(jax.random.key(1), x, False)['params']
+  assert set(params) == {'conv_in', 'conv1', 'conv2'}
+  assert params['conv_in']['kernel'].shape == (1, 1, 3, 6) and params['conv1']['kernel'].shape == (3, 3, 6, 6)
+  entry = _conv(x, params['conv_in'])[:, ::stride, ::stride]  # a strided 1x1 conv samples every other pixel
+  branch = jax.nn.relu(_conv(jax.nn.relu(_conv(entry, params['conv1'])), params['conv2']))
+  out = block.apply({'params': params}, x, False, 0.5)
+  np.testing.assert_allclose(out, branch + 0.5 * entry, rtol=1e-5, atol=1e-5)
+  # Where the shape is kept there is nothing to project: the same block as 'projection'.
+  same = models.ConvBlock(features=3, residual=True, shortcut='identity')
+  assert set(same.init(jax.random.key(1), x, False)['params']) == {'conv1', 'conv2'}
+
+
+@pytest.mark.parametrize(('init', 'variance'), [('lecun', 1 / 288), ('glorot', 2 / (288 + 576)), ('he', 2 / 288)])
+def test_kernel_initialiser_sets_the_variance(init, variance):
+  x = jnp.ones((1, 4, 4, 32))  # conv1 is 3x3, 32 -> 64: fan-in 288, fan-out 576
+  params = models.ConvBlock(features=64, initializer=init).init(jax.random.key(0), x, False)['params']
+  assert abs(np.asarray(params['conv1']['kernel']).var() / variance - 1) < 0.05
+  assert not np.asarray(params['conv1']['bias']).any()
+
+
 def test_group_norm_uses_a_divisor_of_narrow_widths():
   x = jnp.ones((1, 4, 4, 3))
   params = models.ConvBlock(features=12, norm='group', norm_groups=8).init(jax.random.key(0), x, False)

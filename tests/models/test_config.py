@@ -69,6 +69,9 @@ def test_unknown_preset_lists_presets():
     ({'skips': '10'}, 'has 2 entries but depth is 4'),
     ({'skips': 'some'}, "skips='some' is not valid"),
     ({'skips': (True, False)}, 'has 2 entries but depth is 4'),
+    ({'init': 'kaiming'}, "init='kaiming'; valid: lecun, glorot, he"),
+    ({'shortcut': 'ident'}, "shortcut='ident' \\(did you mean 'identity'\\?\\); valid: projection, identity"),
+    ({'shortcut': 'identity'}, "shortcut='identity' needs residual=True"),
   ],
 )
 def test_invalid_values(overrides, message):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import quick_init
 from jax import export
 
 from resunet_jax import models
@@ -19,10 +20,18 @@ TINY = {'base_width': 4, 'depth': 2}
 # The three presets, and every other switch value at least once beside them (a pairwise cover).
 CONFIGS = {
   'unet': models.preset('unet', **TINY),  # nearest, no norm, postact, max-pool, all skips
-  'resunet': models.preset('resunet', upsample='bilinear', norm='layer', skips='10', **TINY),
+  'resunet': models.preset('resunet', upsample='bilinear', norm='layer', skips='10', init='glorot', **TINY),
   'resunet_zhang': models.preset('resunet_zhang', **TINY),  # batch norm, preact, stride
   'transpose_group_remat': models.preset(
-    'resunet', upsample='transpose', norm='group', norm_groups=2, remat=True, skips='none', **TINY
+    'resunet',
+    upsample='transpose',
+    norm='group',
+    norm_groups=2,
+    remat=True,
+    skips='none',
+    shortcut='identity',
+    init='he',
+    **TINY,
   ),
 }
 X = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
@@ -33,11 +42,10 @@ def _setup(name):
   """The model, its variables, a probe on the logits and a parameter direction `v`."""
   config = CONFIGS[name]
   model = models.UNet(config)
-  variables = model.init(jax.random.key(0), X, train=False)
-  probe = jax.random.normal(jax.random.key(2), (*X.shape[:3], config.num_classes))
-  leaves, tree = jax.tree.flatten(variables['params'])
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  direction = jax.tree.unflatten(tree, [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)])
+  variables = quick_init.init(model, X, train=False)
+  rng = np.random.default_rng(2)  # numpy draws: no generator to compile per shape
+  probe = jnp.asarray(rng.standard_normal((*X.shape[:3], config.num_classes)), jnp.float32)
+  direction = jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype), variables['params'])
   return model, variables, probe, direction
 
 
@@ -146,7 +154,7 @@ def test_transformation_goes_through_the_stock_model(config, transformation):
 def test_the_configs_cover_every_preset_and_switch_value():
   covered = {
     field: {getattr(c, field) for c in CONFIGS.values()}
-    for field in ('norm', 'upsample', 'block', 'downsample', 'residual', 'remat')
+    for field in ('norm', 'upsample', 'block', 'downsample', 'residual', 'remat', 'shortcut', 'init')
   }
   assert covered == {
     'norm': set(models.config.NORMS),
@@ -155,6 +163,8 @@ def test_the_configs_cover_every_preset_and_switch_value():
     'downsample': set(models.config.DOWNSAMPLES),
     'residual': {False, True},
     'remat': {False, True},
+    'shortcut': set(models.config.SHORTCUTS),
+    'init': set(models.config.INITS),
   }
   assert {'unet', 'resunet', 'resunet_zhang'} <= set(CONFIGS)
   assert {c.skips for c in CONFIGS.values()} >= {'all', 'none', '10'}

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import quick_init
 
 from resunet_jax import models
 
@@ -14,7 +15,7 @@ KEY = jax.random.key(0)
 
 
 def _init(config, x):
-  return models.UNet(config).init(KEY, x, train=False)
+  return quick_init.init(models.UNet(config), x, key=KEY, train=False)
 
 
 def _apply(config, variables, x, **kwargs):
@@ -35,11 +36,13 @@ def _abstract_params(config, hw):
   [
     ('unet', 128, 31_378_945),
     ('resunet', 128, 33_122_881),
+    ('resunet_identity', 128, 33_158_017),
     ('resunet_zhang', 224, 8_220_993),
   ],
 )
 def test_preset_parameter_counts_are_pinned(name, size, expected):
-  assert models.count_params(_abstract_params(models.preset(name), size)) == expected
+  config = models.preset('resunet', shortcut='identity') if name == 'resunet_identity' else models.preset(name)
+  assert models.count_params(_abstract_params(config, size)) == expected
 
 
 def test_note_resunet_projects_every_block():
