@@ -1,6 +1,5 @@
-"""experiments/ablate.py end to end on the quick grid: its files, a finished sweep runs nothing,
-a sweep killed in the middle of a population resumes to the same numbers, and its populations
-give the numbers of the runs trained one by one.
+"""experiments/ablate.py end to end on the quick grid: its files, a finished sweep runs nothing, and
+its runs trained one by one, killed in the middle and resumed, give the populations' numbers.
 
 The tests share one sweep (built once per session) and the session's compilation cache.
 """
@@ -83,15 +82,19 @@ def test_a_finished_sweep_runs_nothing(sweep, env, commands):
   assert files() == before  # no run or population folder was touched
 
 
-def test_an_interrupted_sweep_resumes_to_the_same_numbers(sweep, env, tmp_path, commands):
-  """One seed (a population of a plain and a residual member) killed between checkpoints and resumed;
-  its rows are the seed-0 rows of the 2-seed sweep (a population of 4)."""
+def test_an_interrupted_sweep_of_separate_runs_resumes_to_the_numbers_of_the_populations(
+  sweep, env, tmp_path, commands
+):
+  """Seed 0 with every run alone (`populations=False`: 2 runs), killed between checkpoints and
+  resumed: its rows and knock-outs are, bit for bit, the seed-0 rows of the sweep's population of 4
+  (the plain run too, there a residual member scaled by 0). A population killed and resumed:
+  tests/training/test_population.py."""
   workdir = tmp_path / 'interrupted'
-  one_seed = '--config.ablation.seeds=1'
-  process = commands.start(_command(workdir, one_seed), env=env)
+  args = ('--config.ablation.seeds=1', '--config.ablation.populations=False')
+  process = commands.start(_command(workdir, *args), env=env)
   deadline = time.monotonic() + 300
   try:
-    while not list(workdir.glob('populations/*/checkpoints/3')):  # kill between checkpoints
+    while not list(workdir.glob('runs/*/checkpoints/3')):  # kill between checkpoints
       assert process.poll() is None, 'the sweep ended before it could be interrupted'
       assert time.monotonic() < deadline, 'the sweep did not get going'
       time.sleep(0.05)
@@ -99,20 +102,10 @@ def test_an_interrupted_sweep_resumes_to_the_same_numbers(sweep, env, tmp_path, 
   finally:
     process.wait()
   assert not list(workdir.glob('runs/*/result.json'))
-  result = commands.run(_command(workdir, one_seed), env=env)
+  result = commands.run(_command(workdir, *args), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '0 already done, 2 to run' in result.stdout
-  uninterrupted = [row for row in _rows(sweep[0]) if row['seed'] == '0']
-  assert len(uninterrupted) == 2 and _rows(workdir) == uninterrupted  # bit-identical to the uninterrupted sweep
-
-
-def test_populations_give_the_numbers_of_the_runs_trained_one_by_one(sweep, env, tmp_path, commands):
-  workdir = tmp_path / 'separate'
-  """Seed 0 alone (2 runs); its rows are the seed-0 rows of the sweep's population of 4."""
-  result = commands.run(_command(workdir, '--config.ablation.populations=False', '--config.ablation.seeds=1'), env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'sweep of 2 runs in 2 populations' in result.stdout
+  assert 'sweep of 2 runs in 2 populations' in result.stdout and '0 already done, 2 to run' in result.stdout
   grouped = [row for row in _rows(sweep[0]) if row['seed'] == '0']
-  assert len(grouped) == 2 and _rows(workdir) == grouped  # bit-identical, the plain run too (a member scaled by 0)
+  assert len(grouped) == 2 and _rows(workdir) == grouped
   with (workdir / 'knockouts.csv').open() as separate, (sweep[0] / 'knockouts.csv').open() as swept:
     assert list(csv.DictReader(separate)) == [row for row in csv.DictReader(swept) if row['seed'] == '0']

@@ -23,10 +23,10 @@ from resunet_jax.training import population
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKER = pathlib.Path(__file__).with_name('fault_worker.py')
 QUICK = ['--model=resunet', '--config=experiments/configs/quick.py']
-# 4 members of seed 1, index = 2 * (rate index) + (scale index): (1e-3, 1), (1e-3, 0), (3e-3, 1), (3e-3, 0).
+# 2 members of seed 1 at an injected learning rate 3e-3 (the config's is 1e-3): residual scale 1, then 0.
 CROSSED = [
   '--config.seed=1',
-  '--config.population.learning_rates=(1e-3,3e-3)',
+  '--config.population.learning_rates=(3e-3,)',
   '--config.population.residual_scales=(1.0,0.0)',
   '--config.runtime.members=vmap',
 ]
@@ -67,51 +67,55 @@ def _params(state, member=None):
 
 @pytest.fixture(scope='module')
 def crossed(shared, tool):
-  """The 4-member population of CROSSED, vmapped, quick config (6 steps): this worker's copy."""
+  """The 2-member population of CROSSED, vmapped, quick config (6 steps): this worker's copy."""
   return shared.copy(shared.build('population_crossed', lambda workdir: _train(tool, workdir, *CROSSED)))
+
+
+SEEDS = ['--config.population.seeds=2', '--config.train.learning_rate=3e-3']
+ALONE = ['--config.seed=1', '--config.train.learning_rate=3e-3']
 
 
 @pytest.fixture(scope='module')
 def seeds(shared, tool):
-  """A 2-seed population, looped (the CPU default), quick config: the uninterrupted reference."""
-  return shared.build('population_seeds', lambda workdir: _train(tool, workdir, '--config.population.seeds=2'))
+  """Seeds 0 and 1 at rate 3e-3, looped (the CPU default), quick config: the uninterrupted reference."""
+  return shared.build('population_seeds', lambda workdir: _train(tool, workdir, *SEEDS))
 
 
-@pytest.mark.parametrize(
-  'member, alone',
-  [
-    (2, ['--config.seed=1', '--config.train.learning_rate=3e-3']),
-    (3, ['--config.seed=1', '--config.train.learning_rate=3e-3', '--config.model.residual=False']),
-  ],
-  ids=['seed-and-rate', 'plain-as-residual-scale-0'],
-)
-def test_a_vmapped_member_is_its_run_alone(crossed, tool, tmp_path, member, alone):
-  _train(tool, tmp_path / 'alone', *alone)
-  expected, actual = _params(_state(tmp_path / 'alone'), 0), _params(_state(crossed), member)
-  if '--config.model.residual=False' in alone:  # the residual member's unused projections aside
-    assert {k for k in actual if 'conv_proj' not in k} == expected.keys()
-  else:
-    assert actual.keys() == expected.keys()
+@pytest.fixture(scope='module')
+def alone(shared, tool):
+  """The run of seed 1 at rate 3e-3 on its own (a population of one)."""
+  return shared.build('population_alone', lambda workdir: _train(tool, workdir, *ALONE))
+
+
+def test_a_vmapped_member_is_its_run_alone(crossed, alone, tool, tmp_path):
+  expected, actual = _params(_state(alone), 0), _params(_state(crossed), 0)
+  assert actual.keys() == expected.keys()
   for key, value in expected.items():
     np.testing.assert_allclose(actual[key], value, atol=TOLERANCE, rtol=0, err_msg=key)
 
 
-def test_a_looped_member_is_bit_identical_to_its_run_alone_and_close_to_its_vmapped_twin(seeds, crossed, trained_run):
-  looped = _state(seeds)
-  alone = _params(_state(trained_run[0]), 0)  # the quick config: seed 0, rate 1e-3 (a population of one)
-  for key, value in alone.items():
-    np.testing.assert_array_equal(_params(looped, 0)[key], value, err_msg=key)
-  twin = _params(_state(crossed), 0)  # seed 1, rate 1e-3, residual scale 1
-  for key, value in _params(looped, 1).items():
-    np.testing.assert_allclose(twin[key], value, atol=TOLERANCE, rtol=0, err_msg=key)
+def test_a_residual_member_scaled_by_0_is_the_plain_run(crossed, tool, tmp_path):
+  _train(tool, tmp_path / 'plain', *ALONE, '--config.model.residual=False')
+  expected, actual = _params(_state(tmp_path / 'plain'), 0), _params(_state(crossed), 1)
+  assert {k for k in actual if 'conv_proj' not in k} == expected.keys()  # its unused projections aside
+  for key, value in expected.items():
+    np.testing.assert_allclose(actual[key], value, atol=TOLERANCE, rtol=0, err_msg=key)
+
+
+def test_a_looped_member_is_bit_identical_to_its_run_alone(seeds, alone):
+  expected, looped = _params(_state(alone), 0), _state(seeds)
+  for key, value in expected.items():  # member 1 of seeds 0, 1 is the run of seed 1
+    np.testing.assert_array_equal(_params(looped, 1)[key], value, err_msg=key)
+  key = next(iter(expected))
+  assert not np.array_equal(_params(looped, 0)[key], expected[key])  # seed 0 is a run of its own
 
 
 def test_a_population_killed_at_a_random_step_resumes_bit_identical(seeds, tool, tmp_path):
   step = random.Random().randint(1, 6)  # any step must do; the message names the one drawn
   workdir = tmp_path / 'killed'
-  killed = tool('train', *QUICK, f'--workdir={workdir}', '--config.population.seeds=2', fault=f'step:{step}')
+  killed = tool('train', *QUICK, f'--workdir={workdir}', *SEEDS, fault=f'step:{step}')
   assert killed.returncode == -9, f'step {step}: {killed.stderr[-2000:]}'
-  _train(tool, workdir, '--config.population.seeds=2')
+  _train(tool, workdir, *SEEDS)
   expected, actual = _state(seeds), _state(workdir)
   for name in ('params', 'opt_state', 'step', 'stopped_at'):
     flat = jax.tree_util.tree_leaves_with_path(expected[name])
@@ -134,13 +138,13 @@ def test_a_diverging_member_stops_alone_and_the_others_train_on(tool, tmp_path):
 
 
 def test_members_are_evaluated_one_by_one(crossed, tool):
-  result = tool('evaluate', f'--workdir={crossed}', '--member=3', '--checkpoint=latest')
+  result = tool('evaluate', f'--workdir={crossed}', '--member=1', '--checkpoint=latest')
   assert result.returncode == 0, result.stderr[-3000:]
-  record = json.loads((crossed / 'members' / '3' / 'eval_test.json').read_text())
+  record = json.loads((crossed / 'members' / '1' / 'eval_test.json').read_text())
   assert record['checkpoint_step'] == 6 and 0 <= record['metrics']['dice']['mean'] <= 1
-  wrong = tool('evaluate', f'--workdir={crossed}', '--member=4')
+  wrong = tool('evaluate', f'--workdir={crossed}', '--member=2')
   assert wrong.returncode == 2
-  assert wrong.stderr.strip().splitlines()[-1] == f'error: --member=4 is not a member of {crossed}: it has 4 (0 to 3)'
+  assert wrong.stderr.strip().splitlines()[-1] == f'error: --member=2 is not a member of {crossed}: it has 2 (0 to 1)'
 
 
 def _config(**population_fields):
@@ -180,6 +184,11 @@ def test_a_zeroed_skip_is_refused_as_a_stand_in_for_a_skipless_arm():
   assert "a zeroed skip keeps the decoder's larger fan-in" in reason
   assert 'depth' in population.stand_in_reason(residual, models.preset('resunet', depth=3))
   assert 'no shortcuts' in population.stand_in_reason(models.preset('unet', depth=2), residual)
+  identity = models.preset('resunet', depth=2, shortcut='identity')
+  plain = models.preset('unet', depth=2)
+  assert "keep each block's input projection conv_in" in population.stand_in_reason(identity, plain)
+  assert 'shortcut differ' in population.stand_in_reason(residual, identity)
+  assert 'init differ' in population.stand_in_reason(residual, models.preset('unet', depth=2, init='he'))
 
 
 def test_the_default_grid_groups_each_skip_variant_into_one_population():
