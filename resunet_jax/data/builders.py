@@ -27,12 +27,15 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
   Attributes:
     image_size: square side in pixels.
+    render_size: side the scene is rendered at before its centre `image_size` square is cut
+      out (None: `image_size`), so structures keep their size in pixels on smaller images.
     split_sizes: examples in train, validation and test.
     num_classes: classes in the mask, background included (2 for a binary task).
     seed: base seed; example i of split s is rendered from `(seed, s, i)`.
   """
 
   image_size: int = 128
+  render_size: int | None = None
   split_sizes: tuple[int, int, int] = (2000, 200, 200)
   num_classes: int = 2
   seed: int = 0
@@ -77,7 +80,11 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     salt = zlib.crc32(self.name.encode())
     for index in range(count):
       rng = np.random.default_rng([config.seed, salt, _SPLITS.index(split), index])
-      image, mask = self.render(rng, config.image_size)
+      image, mask = self.render(rng, config.render_size or config.image_size)
+      if config.render_size:
+        top = (config.render_size - config.image_size) // 2
+        window = np.s_[top : top + config.image_size, top : top + config.image_size]
+        image, mask = image[window], mask[window]
       if config.num_classes == 2:
         mask = (mask > 0).astype(np.uint8)
       key = f'{split}_{index:05d}'
@@ -105,6 +112,15 @@ def _configs(tasks: dict[str, int]) -> list[SyntheticConfig]:
     )
     configs.append(
       SyntheticConfig(
+        name=f'{prefix}size32',
+        description=f'{task}, the centre 32x32 of 64x64 scenes, 2000/200/200 examples (the CPU study)',
+        image_size=32,
+        render_size=64,
+        num_classes=num_classes,
+      )
+    )
+    configs.append(
+      SyntheticConfig(
         name=f'{prefix}small',
         description=f'{task}, 64x64, 64/16/16 examples (for tests)',
         image_size=64,
@@ -127,8 +143,9 @@ class SyntheticRoads(_SyntheticBuilder):
   - Difficulty: the best single global intensity threshold reaches a Dice of about 0.39;
     roads are about 6% of pixels.
   - Configs: `default` 128x128, 2000/200/200; `size64` 64x64, 2000/200/200 (rendered at
-    that size, so 1 px roads stay 1 px; the CPU-sized ablation grids use it); `small` 64x64,
-    64/16/16.
+    that size, so 1 px roads stay 1 px; the CPU-sized ablation grids use it); `size32` the
+    centre 32x32 of the `size64` scenes, 2000/200/200 (docs/ablation/PROTOCOL.md); `small`
+    64x64, 64/16/16.
   - Features: `image` uint8 [H, W, 3] (PNG), `mask` uint8 [H, W] class ids, `id` text.
   - Generation: deterministic from the config's seed; no download.
   """
@@ -151,7 +168,9 @@ class SyntheticCells(_SyntheticBuilder):
   - Difficulty: the best single global intensity threshold reaches a Dice of about 0.24
     (binary); cells are about 10% of pixels.
   - Configs: `default`, `three_class_default` 128x128, 2000/200/200; `size64`,
-    `three_class_size64` 64x64, 2000/200/200; `small`, `three_class_small` 64x64, 64/16/16.
+    `three_class_size64` 64x64, 2000/200/200; `size32`, `three_class_size32` the centre 32x32
+    of the `size64` scenes (cells keep their size in pixels); `small`, `three_class_small`
+    64x64, 64/16/16.
   - Features: `image` uint8 [H, W, 3] (PNG), `mask` uint8 [H, W] class ids, `id` text.
   - Generation: deterministic from the config's seed; no download.
   """

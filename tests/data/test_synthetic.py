@@ -1,8 +1,11 @@
 """The embedded datasets: determinism, difficulty (threshold baseline) and fine structures."""
 
+import io
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 from scipy import ndimage
 
 from resunet_jax import data
@@ -103,14 +106,29 @@ def test_builds_are_identical_across_directories(tfds_dir, tmp_path):
     np.testing.assert_array_equal(record['mask'], by_id[record['id']]['mask'])
 
 
+@pytest.mark.parametrize('builder', [builders.SyntheticRoads, builders.SyntheticCells])
+def test_size32_is_the_centre_of_the_size64_scenes(builder, tmp_path):
+  def first(config):
+    examples = builder(config=config, data_dir=str(tmp_path))._generate_examples('validation')
+    return next(iter(examples))[1]
+
+  small, large = first('size32'), first('size64')
+  decode = lambda png: np.asarray(Image.open(io.BytesIO(png)))  # noqa: E731
+  assert decode(small['image']).shape == (32, 32, 3) and small['mask'].shape == (32, 32)
+  np.testing.assert_array_equal(decode(small['image']), decode(large['image'])[16:48, 16:48])
+  np.testing.assert_array_equal(small['mask'], large['mask'][16:48, 16:48])
+
+
 def test_builder_configs_and_metadata():
   configs = {c.name: c for c in builders.SyntheticCells.BUILDER_CONFIGS}
   assert set(configs) == {
     'default',
     'size64',
+    'size32',
     'small',
     'three_class_default',
     'three_class_size64',
+    'three_class_size32',
     'three_class_small',
   }
   assert (configs['size64'].image_size, configs['size64'].split_sizes) == (64, (2000, 200, 200))
