@@ -92,20 +92,8 @@ def member_batch_sharding(mesh) -> NamedSharding:
 
 
 def create_sharded(init_fn, mesh, sharding=None, *args):
-  """`init_fn(*args)` in buffers placed with `sharding` (default replicated).
-
-  Under jit, straight into place; but in one process with a persistent compilation cache
-  (`jax_compilation_cache_dir`: an ablation sweep, the test suite), op by op and then placed.
-  Eagerly, each operation is its own program, so the threefry generator behind every
-  parameter's initialiser (about 0.8 s to compile per kernel shape on XLA's CPU backend,
-  benchmarks/README.md) compiles once per shape for every model and process sharing the cache,
-  where a jitted initialiser is a new program for each model. The values are the same bit for
-  bit (tests/training/test_population.py).
-  """
-  sharding = replicated(mesh) if sharding is None else sharding
-  if jax.process_count() == 1 and jax.config.jax_compilation_cache_dir:
-    return jax.device_put(init_fn(*args), sharding)
-  return jax.jit(init_fn, out_shardings=sharding)(*args)
+  """Runs `init_fn(*args)` under jit straight into buffers placed with `sharding` (default replicated)."""
+  return jax.jit(init_fn, out_shardings=replicated(mesh) if sharding is None else sharding)(*args)
 
 
 def check_batch_size(global_batch: int, mesh) -> None:
