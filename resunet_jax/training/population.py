@@ -140,11 +140,8 @@ def stand_in_reason(population_model: models.ModelConfig, arm_model: models.Mode
       "identity shortcuts scaled by 0 keep each block's input projection conv_in, so the member is not "
       'the plain network'
     )
-  differing = sorted(
-    k for k in arm_fields if k not in ('residual', 'shortcut') and arm_fields[k] != population_fields[k]
-  )
-  if arm_model.residual and arm_model.shortcut != population_model.shortcut:
-    differing = sorted([*differing, 'shortcut'])
+  ignored = ('residual',) if arm_model.residual else ('residual', 'shortcut')  # a plain arm has no shortcut
+  differing = sorted(k for k in arm_fields if k not in ignored and arm_fields[k] != population_fields[k])
   if 'skips' in differing:
     return (
       f'skips {arm_fields["skips"]!r} differ from {population_fields["skips"]!r}: a zeroed skip keeps the '

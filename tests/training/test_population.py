@@ -87,7 +87,7 @@ def alone(shared, tool):
   return shared.build('population_alone', lambda workdir: _train(tool, workdir, *ALONE))
 
 
-def test_a_vmapped_member_is_its_run_alone(crossed, alone, tool, tmp_path):
+def test_a_vmapped_member_is_its_run_alone(crossed, alone):
   expected, actual = _params(_state(alone), 0), _params(_state(crossed), 0)
   assert actual.keys() == expected.keys()
   for key, value in expected.items():
