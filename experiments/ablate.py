@@ -4,6 +4,7 @@ r"""Trains a grid of skip/residual ablations over seeds and writes a report with
   python experiments/ablate.py --config=experiments/configs/ablate_quick.py --workdir=runs/ablate-quick
   python experiments/ablate.py --config=experiments/configs/ablate_depth.py   # claim 4: depth 2..6
   python experiments/ablate.py --config.ablation.seeds=5 --config.train.num_steps=600
+  python experiments/ablate.py --config=experiments/configs/ablate_study.py --workdir=runs/ablate_study  # the study
 
 Every run lives in WORKDIR/runs/<hash of its resolved config>/; a finished one is read back,
 not trained again, so re-running a finished sweep only rewrites the report and an
@@ -35,8 +36,15 @@ def main(argv: list[str]) -> None:
     _WORKDIR.value or pathlib.Path('runs') / pathlib.Path(flags.FLAGS['config'].config_filename).stem
   )
   start = time.perf_counter()
-  results = ablation.sweep(config, workdir)
   command = shlex.join(['python', 'experiments/ablate.py', *sys.argv[1:]])
+  if 'protocol' in config.ablation:  # the pre-registered study: staged runs, its own report
+    stages, plan = ablation.protocol.run(config, workdir)
+    paths = ablation.protocol.write(stages, plan, config, workdir, command=command)
+    print(f'study in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
+    for name, path in paths.items():
+      print(f'  {name:<16} {path}')
+    return
+  results = ablation.sweep(config, workdir)
   paths = ablation.report.write(results, workdir, target=config.ablation.target_dice, command=command)
   print(f'{len(results)} runs in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
   for name, path in paths.items():

@@ -51,6 +51,8 @@ class Result:
       mean test Dice per knock-out row (absent when the model has no such path). Skip labels
       give each level, level 0 first: '1' kept, '0' zeroed, '-' no skip in this arm.
     wall_s: seconds of the call that finished the run.
+    extra: what the sweep's `measure` hook returned (`run_population`), e.g. the study's
+      `ablation.measures`; empty without one.
   """
 
   run_id: str
@@ -66,6 +68,7 @@ class Result:
   param_counts: dict[str, int]
   knockouts: dict[str, dict[str, list]]
   wall_s: float
+  extra: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def load(cls, path: pathlib.Path) -> Result:
@@ -165,7 +168,9 @@ def _read(path: pathlib.Path) -> Result | None:
     return None
 
 
-def run_population(config, runs: list, root: str | pathlib.Path, *, test_split: str = 'test') -> list[Result]:
+def run_population(
+  config, runs: list, root: str | pathlib.Path, *, test_split: str = 'test', knockouts: bool = True, measure=None
+) -> list[Result]:
   """Trains `config`'s population and measures each member as the run it stands for.
 
   Args:
@@ -175,6 +180,9 @@ def run_population(config, runs: list, root: str | pathlib.Path, *, test_split: 
       model is what the member is measured as (a plain arm's knock-outs and parameter counts).
     root: the sweep folder.
     test_split: the split of the final metrics and the knock-outs.
+    knockouts: measure the knock-outs (False leaves `Result.knockouts` empty).
+    measure: None, or `measure(loaded, run_config) -> dict[str, float]` (the member's
+      `restore.LoadedRun` of its final weights), stored as `Result.extra`.
 
   Returns:
     One `Result` per member (read back where every member's `result.json` exists).
@@ -219,9 +227,11 @@ def run_population(config, runs: list, root: str | pathlib.Path, *, test_split: 
         if r['split'] == 'train'
       ],
       param_counts=counts,
-      knockouts=_knockouts(loaded, test_split, arm_model),
-      wall_s=(member_start - start) / len(runs) + time.perf_counter() - member_start,  # its share of the training
+      knockouts=_knockouts(loaded, test_split, arm_model) if knockouts else {},
+      wall_s=0.0,
+      extra=measure(loaded, run_config) if measure else {},
     )
+    result.wall_s = (member_start - start) / len(runs) + time.perf_counter() - member_start  # its share of training
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       result.save(path)

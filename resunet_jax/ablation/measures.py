@@ -1,0 +1,151 @@
+"""The study's per-run measures beyond the mean test metrics (docs/ablation/PROTOCOL.md).
+
+- `initial`: the network at initialisation on its run's first training batch: per-block
+  gradient RMS (claim 2), the spread of the logits and the fraction of dead ReLU channels.
+- `edges`: per-image test scores at boundary tolerances 0, 1 and 2 px, HD95 as a median over
+  non-empty predictions with the empty-prediction rate, and the error in a band around true
+  edges against the interior (claim 3).
+- `updates`: each block's relative change from initialisation to the final weights, the
+  optimiser's relative update size per block.
+
+All are binary-foreground measures (class 1 against the rest), as the study's datasets are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from scipy import ndimage
+
+from resunet_jax import data, evaluation, losses, metrics, models
+from resunet_jax.training import loop, parallel, restore, steps
+from resunet_jax.training import state as state_lib
+
+TOLERANCES = (0, 1, 2)  # px, boundary F1
+BAND_PX = 2  # half-width of the band around true edges
+
+
+def _init_state(run_config, model_config: models.ModelConfig, info) -> state_lib.TrainState:
+  """The run's initial train state: `population.init_fn`'s for a population of one member."""
+  model = models.UNet(model_config)
+  optimizer = state_lib.make_optimizer(run_config.train)
+  shape = (1, *info.image_shape)
+  return jax.jit(
+    lambda seed: state_lib.create_train_state(model, optimizer, shape, seed=seed, ema_decay=run_config.train.ema_decay)
+  )(jnp.int32(run_config.seed))
+
+
+def _first_batch(run_config) -> dict:
+  pipeline = data.make_pipeline(
+    run_config.data, 'train', batch_size=run_config.train.batch_size, seed=run_config.seed, train=True
+  )
+  return {k: jnp.asarray(v) for k, v in next(iter(pipeline)).items() if k in ('image', 'mask', 'valid')}
+
+
+def _dead_fraction(intermediates: dict, norm: str) -> float:
+  """Channels of each block's last ReLU that are 0 at every pixel of every image of the batch.
+
+  The last ReLU of a 'postact' block follows `conv2` (no norm: `conv2` is conv -> ReLU) or
+  `norm2`; a channel is dead where that output (before the ReLU, for a norm) is <= 0 throughout.
+  """
+  name = 'conv2' if norm == 'none' else 'norm2'
+  dead, total = 0, 0
+  for block, captured in intermediates.items():
+    if not isinstance(captured, dict) or name not in captured:
+      continue
+    out = np.asarray(captured[name]['__call__'][0])
+    channel_dead = (out <= 0).reshape(-1, out.shape[-1]).all(0)
+    dead += int(channel_dead.sum())
+    total += channel_dead.size
+  return dead / max(total, 1)
+
+
+def initial(run_config) -> dict[str, float]:
+  """The run's network at initialisation, on the first batch its training sees.
+
+  Returns:
+    `grad_rms/<block>` (gradient norm over sqrt(parameters) of each top-level module),
+    `logit_std` (standard deviation of all logits of the batch), `dead_relu` (see
+    `_dead_fraction`), and `log10_grad_ratio` = log10(grad_rms of enc_0 / grad_rms of dec_0),
+    claim 2's endpoint: the gradient reaching the block furthest from the loss along the
+    encoder relative to the last decoder block.
+  """
+  model_config, info, _ = loop.resolve(run_config)
+  if model_config.block != 'postact':
+    raise ValueError("the initial measures read a 'postact' block's last ReLU")
+  state = _init_state(run_config, model_config, info)
+  batch = _first_batch(run_config)
+  weights = losses.LossWeights(run_config.train.cross_entropy_weight, run_config.train.dice_weight)
+
+  def loss_fn(params):
+    variables = state.variables(params)
+    (logits, updates) = state.apply_fn(
+      variables, batch['image'], train=True, mutable=['batch_stats', 'intermediates'], capture_intermediates=True
+    )
+    return losses.segmentation_loss(logits, batch['mask'], batch['valid'], weights), (logits, updates)
+
+  grads, (logits, updates) = jax.jit(jax.grad(loss_fn, has_aux=True))(state.params)
+  out = {
+    f'grad_rms/{name}': float(optax.tree.norm(g)) / np.sqrt(models.count_params(g)) for name, g in grads.items()
+  }
+  out['logit_std'] = float(jnp.std(logits))
+  out['dead_relu'] = _dead_fraction(updates['intermediates'], model_config.norm)
+  out['log10_grad_ratio'] = float(np.log10(out['grad_rms/enc_0'] / out['grad_rms/dec_0']))
+  return out
+
+
+def updates(loaded: restore.LoadedRun, run_config) -> dict[str, float]:
+  """`update/<block>`: |final - initial| / |initial| of each top-level module's parameters."""
+  model_config, info, _ = loop.resolve(run_config)
+  start = _init_state(run_config, model_config, info).params
+  final = jax.device_get(loaded.state.params)
+  out = {}
+  for name, initial_params in start.items():
+    delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), final[name], initial_params)
+    out[f'update/{name}'] = float(optax.tree.norm(delta)) / max(float(optax.tree.norm(initial_params)), 1e-30)
+  return out
+
+
+def _band(truth: np.ndarray) -> np.ndarray:
+  """Pixels within `BAND_PX` (Euclidean) of a boundary pixel of `truth` (none for an empty mask)."""
+  edge = metrics._boundary(truth)  # noqa: SLF001 (the same edge definition as boundary F1)
+  if not edge.any():
+    return np.zeros_like(truth)
+  return ndimage.distance_transform_edt(~edge) <= BAND_PX
+
+
+def image_scores(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+  """One image's foreground scores: `dice`, `boundary_f1_<t>px`, `hd95`, `empty`, band errors."""
+  p, t = prediction.astype(bool), truth.astype(bool)
+  both = p.sum() + t.sum()
+  scores = {'dice': 1.0 if both == 0 else 2.0 * float((p & t).sum()) / float(both)}
+  for tolerance in TOLERANCES:
+    scores[f'boundary_f1_{tolerance}px'] = metrics.boundary_f1(p, t, float(tolerance))
+  scores['empty'] = float(not p.any())
+  scores['hd95'] = metrics.hd95(p, t) if p.any() and t.any() else float('nan')
+  band = _band(t)
+  wrong = p != t
+  scores['band_error'] = float(wrong[band].mean()) if band.any() else float('nan')
+  scores['interior_error'] = float(wrong[~band].mean()) if (~band).any() else float('nan')
+  return scores
+
+
+def edges(loaded: restore.LoadedRun, role: str = 'test') -> dict[str, float]:
+  """Means over the split's images of `image_scores` (HD95: the median over images with both a
+  non-empty prediction and truth; `empty`: the rate of empty predictions)."""
+  eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
+  rows, ids, valid = [], [], []
+  for batch, out in evaluation.map_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=role):
+    for prediction, truth in zip(out['predictions'], batch['mask'], strict=True):
+      rows.append(image_scores(prediction == 1, truth == 1))
+    ids.extend(str(i) for i in batch['id'])
+    valid.append(batch['valid'])
+  table = {name: np.asarray([row[name] for row in rows]) for name in rows[0]}
+  table['valid'] = np.concatenate(valid)
+  per_image = evaluation.gather_rows(table, ids)
+  out = {name: float(np.nanmean(per_image[name])) for name in rows[0] if name != 'hd95'}
+  hd95 = per_image['hd95'][~np.isnan(per_image['hd95'])]
+  out['hd95_median'] = float(np.median(hd95)) if hd95.size else float('nan')
+  return out

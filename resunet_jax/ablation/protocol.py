@@ -1,0 +1,443 @@
+"""The pre-registered skip/residual study (docs/ablation/PROTOCOL.md) as staged, resumable runs.
+
+Stages, each reading the results of the ones before it:
+
+  tune       every block x skips x recipe x learning rate, one seed (`tune_seed`), the
+             shortest budget; `choose` picks each (dataset, block, skips) arm's recipe and rate
+             on the validation split
+  pilot      the primary arms at their choice, `pilot_seeds` seeds, every budget; `plateau`
+             fixes the budget B
+  primary    the primary arms (`plain`, `identity`) x skips, `primary_seeds` seeds at B
+  secondary  `projection`, `plain-wide` and the primary arms under 'lecun-none', at B
+  depth      the no-skip primary arms at the other depths (claim 4), width set per depth so
+             that the parameter count stays near the depth-4 network's, at B
+
+A run is a config (`Run.config`); its folder is the hash of that config (`runner.run_dir`), so
+a run asked for by two stages (the pilot's shortest budget is the tuning run) trains once, and
+a finished run is read back, never trained again. The runs of one architecture and budget that
+differ in seed and learning rate train as one population (`training.population`). After the
+tuning stage the projected time of the rest is checked against `budget_minutes` and the
+protocol's cuts are applied in their order (`cuts`); they follow from the stored results, so a
+resumed study makes the same cuts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from resunet_jax import models
+from resunet_jax.ablation import grid, measures, runner, stats
+from resunet_jax.errors import UserError
+from resunet_jax.training import loop, reporting
+
+RECIPES = {  # name -> (model.init, model.norm), in the protocol's table order
+  'lecun-none': ('lecun', 'none'),
+  'he-none': ('he', 'none'),
+  'he-group': ('he', 'group'),
+  'he-batch': ('he', 'batch'),
+}
+BLOCKS = {  # name -> model fields; 'plain-wide' is 'plain' at another base width
+  'plain': {'residual': False},
+  'projection': {'residual': True, 'shortcut': 'projection'},
+  'identity': {'residual': True, 'shortcut': 'identity'},
+}
+PRIMARY_BLOCKS = ('plain', 'identity')
+TUNED_BLOCKS = ('plain', 'projection', 'identity')
+SKIPS = ('all', 'none')
+STAGES = ('tune', 'pilot', 'primary', 'secondary', 'depth')
+CUTS = (
+  'pilot: the longest budget on one seed',
+  "secondary: the 'lecun-none' arms on the first dataset only",
+  'depth: the first dataset only',
+  'B capped at the middle budget',
+)
+
+
+def section() -> ml_collections.ConfigDict:
+  """The `config.ablation.protocol` section, the protocol's settings."""
+  c = ml_collections.ConfigDict()
+  c.datasets = ('synthetic_roads/size32', 'synthetic_cells/size32')
+  c.recipes = tuple(RECIPES)
+  c.learning_rates = (3e-4, 1e-3, 3e-3, 1e-2)
+  c.budgets = (300, 1000, 3000)  # steps; the first is the tuning budget
+  c.tune_seed = 1000  # tuning and pilot seeds are 1000+, never used for a test-split result
+  c.pilot_seeds = 2
+  c.primary_seeds = 10
+  c.secondary_seeds = 5
+  c.depth = 4  # the primary arms' depth
+  c.other_depths = (2, 3, 5)  # claim 4, no skips
+  c.depth_param_tolerance = 0.15  # each depth's parameter count within 15% of the depth-4 network's
+  c.failed_dice = 0.05  # final validation Dice below this: the run failed to train
+  c.tie = 0.005  # validation Dice within this of the best is a tie (smaller rate, then earlier recipe)
+  c.plateau_tolerance = 0.01  # B: the first budget within this of the longest's mean validation Dice
+  c.budget_minutes = 150.0  # projected time of everything after tuning; cuts apply beyond it
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the study."""
+
+  data: str
+  block: str  # 'plain' | 'projection' | 'identity' | 'plain-wide'
+  recipe: str
+  skips: str  # 'all' | 'none'
+  depth: int
+  width: int
+  learning_rate: float
+  steps: int
+  seed: int
+
+  @property
+  def arm(self) -> str:
+    """E.g. 'identity-none', 'plain-none-d5'."""
+    return f'{self.block}-{self.skips}' + ('' if self.depth == 4 else f'-d{self.depth}')
+
+  @property
+  def architecture(self) -> tuple:
+    """What one population shares: everything but the seed and the learning rate."""
+    return (self.data, self.block, self.recipe, self.skips, self.depth, self.width, self.steps)
+
+  def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's experiment config: `base` (no `ablation` section) with this run's settings."""
+    init, norm = RECIPES[self.recipe]
+    fields = dict(BLOCKS['plain' if self.block == 'plain-wide' else self.block])
+    level = '1' if self.skips == 'all' else '0'
+    fields.update(init=init, norm=norm, depth=self.depth, base_width=self.width, skips=level * self.depth)
+    config = grid.ablate(base, **fields)
+    config.data.name = self.data
+    config.seed = self.seed
+    config.train.learning_rate = self.learning_rate
+    config.train.num_steps = self.steps
+    config.train.checkpoint_every = max(100, self.steps // 10)
+    return config
+
+
+def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` without its `ablation` section: what every run starts from."""
+  if 'ablation' not in config or 'protocol' not in config.ablation:
+    raise UserError('the config has no `ablation.protocol` section; use experiments/configs/ablate_study.py')
+  base = config.copy_and_resolve_references()
+  with base.unlocked():
+    del base['ablation']
+  return base
+
+
+@functools.lru_cache(maxsize=None)
+def _param_count(model_json: str) -> int:
+  model_config = models.ModelConfig(**json.loads(model_json))
+  model = models.UNet(model_config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
+  return models.count_params(shapes['params'])
+
+
+def param_count(run: Run, base: ml_collections.ConfigDict) -> int:
+  """Parameters of `run`'s network (from shapes only: nothing is initialised)."""
+  model_config, _, _ = loop.resolve(run.config(base))
+  return _param_count(json.dumps(model_config.to_dict(), sort_keys=True))
+
+
+def width_for(run: Run, target: int, base: ml_collections.ConfigDict, widths: Iterable[int]) -> int:
+  """The width among `widths` that brings `run`'s parameter count closest to `target`."""
+  return min(widths, key=lambda w: abs(param_count(dataclasses.replace(run, width=w), base) - target))
+
+
+# ---- choices made from results ----
+
+
+def final_validation(result: runner.Result) -> float:
+  """The last validation Dice of a run (its final weights)."""
+  return float(result.curve[-1][1]) if result.curve else float('nan')
+
+
+def choose(results: dict[Run, runner.Result], settings, recipes: Sequence[str] | None = None) -> tuple[str, float]:
+  """The recipe and learning rate with the highest final validation Dice among `results`.
+
+  A tie (within `settings.tie` of the best) goes to the smaller learning rate, then to the
+  recipe earlier in `settings.recipes`. `recipes` restricts the candidates.
+  """
+  candidates = [(run, final_validation(r)) for run, r in results.items() if recipes is None or run.recipe in recipes]
+  if not candidates:
+    raise ValueError('no tuning results to choose from')
+  best = max(score for _, score in candidates)
+  order = list(settings.recipes)
+  tied = [run for run, score in candidates if score >= best - settings.tie]
+  pick = min(tied, key=lambda run: (run.learning_rate, order.index(run.recipe)))
+  return pick.recipe, pick.learning_rate
+
+
+def plateau(curves: dict[tuple, dict[int, list[float]]], budgets: Sequence[int], tolerance: float) -> int:
+  """The smallest budget at which every arm's mean validation Dice is within `tolerance` of
+  (or above) its mean at the longest budget.
+
+  Args:
+    curves: arm -> budget -> final validation Dice of each of its pilot runs.
+  """
+  longest = max(budgets)
+  for budget in sorted(budgets):
+    if all(np.mean(by[budget]) >= np.mean(by[longest]) - tolerance for by in curves.values()):
+      return budget
+  return longest
+
+
+# ---- the stages ----
+
+
+def tune_runs(settings, base) -> list[Run]:
+  """Every block x skips x recipe x learning rate, at the tuning seed and the shortest budget."""
+  return [
+    Run(data, block, recipe, skips, settings.depth, base.model.base_width, lr, settings.budgets[0], settings.tune_seed)
+    for data, block, skips, recipe, lr in itertools.product(
+      settings.datasets, TUNED_BLOCKS, SKIPS, settings.recipes, settings.learning_rates
+    )
+  ]
+
+
+@dataclasses.dataclass
+class Plan:
+  """The choices the tuning and pilot stages lead to."""
+
+  choice: dict[tuple[str, str, str], tuple[str, float]]  # (data, block, skips) -> (recipe, rate)
+  lecun: dict[tuple[str, str, str], float]  # the best rate under 'lecun-none'
+  cuts: list[str]
+  projected_minutes: float
+  budget: int | None = None  # B, once the pilot is done
+
+
+def plan_from_tuning(settings, base, tuned: dict[Run, runner.Result]) -> Plan:
+  """Each arm's choice, and the cuts that bring the projected rest within the budget."""
+  by_arm: dict[tuple, dict[Run, runner.Result]] = {}
+  for run, result in tuned.items():
+    by_arm.setdefault((run.data, run.block, run.skips), {})[run] = result
+  choice = {arm: choose(results, settings) for arm, results in by_arm.items()}
+  lecun = {arm: choose(results, settings, recipes=('lecun-none',))[1] for arm, results in by_arm.items()}
+  member_steps = sum(run.steps for run in tuned)
+  seconds_per_step = sum(r.wall_s for r in tuned.values()) / max(member_steps, 1)
+  cuts: list[str] = []
+  plan = Plan(choice, lecun, cuts, 0.0)
+  for count in range(len(CUTS) + 1):
+    plan.cuts = list(CUTS[:count])
+    rest = [run for stage in STAGES[1:] for run in stage_runs(stage, settings, base, plan, assume_budget=True)]
+    unique = {run for run in rest if run not in tuned}
+    plan.projected_minutes = seconds_per_step * sum(run.steps for run in unique) / 60
+    if plan.projected_minutes <= settings.budget_minutes:
+      break
+  return plan
+
+
+def _chosen(plan: Plan, data: str, block: str, skips: str) -> tuple[str, float]:
+  return plan.choice[(data, 'plain' if block == 'plain-wide' else block, skips)]
+
+
+def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = False) -> list[Run]:
+  """The runs of `stage` under `plan` (the pilot's longest budget when B is not fixed yet and
+  `assume_budget`: the projection's worst case, capped by the last cut)."""
+  depth, width = settings.depth, base.model.base_width
+  budgets = tuple(settings.budgets)
+  budget = plan.budget
+  if budget is None and assume_budget:
+    budget = budgets[1] if CUTS[3] in plan.cuts else budgets[-1]
+  runs: list[Run] = []
+
+  def add(data, block, skips, seeds, steps, *, recipe=None, lr=None, at_depth=depth, at_width=width):
+    chosen_recipe, chosen_lr = _chosen(plan, data, block, skips)
+    for seed in seeds:
+      runs.append(
+        Run(data, block, recipe or chosen_recipe, skips, at_depth, at_width, lr or chosen_lr, steps, seed)
+      )
+
+  if stage == 'pilot':
+    seeds = range(settings.tune_seed, settings.tune_seed + settings.pilot_seeds)
+    for data, block, skips in itertools.product(settings.datasets, PRIMARY_BLOCKS, SKIPS):
+      for steps in budgets:
+        add(data, block, skips, seeds[:1] if steps == budgets[-1] and CUTS[0] in plan.cuts else seeds, steps)
+    return runs
+  if budget is None:
+    raise ValueError(f'the {stage} stage needs the plateau budget; run the pilot first')
+  if stage == 'primary':
+    for data, block, skips in itertools.product(settings.datasets, PRIMARY_BLOCKS, SKIPS):
+      add(data, block, skips, range(settings.primary_seeds), budget)
+  elif stage == 'secondary':
+    seeds = range(settings.secondary_seeds)
+    for data in settings.datasets:
+      for skips in SKIPS:
+        add(data, 'projection', skips, seeds, budget)
+      target = param_count(Run(data, 'identity', 'he-none', 'all', depth, width, 1e-3, budget, 0), base)
+      probe = Run(data, 'plain-wide', 'he-none', 'all', depth, width, 1e-3, budget, 0)
+      wide = width_for(probe, target, base, range(width, 2 * width + 1))
+      add(data, 'plain-wide', 'all', seeds, budget, at_width=wide)
+      if CUTS[1] in plan.cuts and data != settings.datasets[0]:
+        continue
+      for block, skips in itertools.product(PRIMARY_BLOCKS, SKIPS):
+        add(data, block, skips, seeds, budget, recipe='lecun-none', lr=plan.lecun[(data, block, skips)])
+  elif stage == 'depth':
+    datasets = settings.datasets[:1] if CUTS[2] in plan.cuts else settings.datasets
+    for data in datasets:
+      reference = param_count(Run(data, 'plain', 'he-none', 'none', depth, width, 1e-3, budget, 0), base)
+      for other in settings.other_depths:
+        probe = Run(data, 'plain', 'he-none', 'none', other, width, 1e-3, budget, 0)
+        at_width = width_for(probe, reference, base, range(2, 5 * width + 1))
+        ratio = param_count(dataclasses.replace(probe, width=at_width), base) / reference
+        if abs(ratio - 1) > settings.depth_param_tolerance:
+          raise UserError(
+            f'depth {other}: no width brings the parameter count within {settings.depth_param_tolerance:.0%} of '
+            f'depth {depth} (best {ratio:.2f}x); change ablation.protocol.other_depths'
+          )
+        for block in PRIMARY_BLOCKS:
+          add(data, block, 'none', range(settings.secondary_seeds), budget, at_depth=other, at_width=at_width)
+  else:
+    raise ValueError(f'unknown stage {stage!r}; one of {STAGES}')
+  return runs
+
+
+# ---- training ----
+
+
+def measure(loaded, run_config) -> dict[str, float]:
+  """The study's per-run measures (`measures.edges`; `measures.updates` without long skips)."""
+  out = measures.edges(loaded, 'test')
+  if '1' not in run_config.model.skips:
+    out.update(measures.updates(loaded, run_config))
+  return out
+
+
+def train(runs: Sequence[Run], base, root: pathlib.Path, *, knockouts: bool, label: str) -> dict[Run, runner.Result]:
+  """Trains (or reads back) `runs`, those of one architecture and budget as one population."""
+  unique = list(dict.fromkeys(runs))
+  groups: dict[tuple, list[Run]] = {}
+  for run in unique:
+    groups.setdefault(run.architecture, []).append(run)
+  done = {run: (runner.run_dir(run.config(base), root) / 'result.json').exists() for run in unique}
+  show = jax.process_index() == 0
+  if show:
+    print(f'{label}: {len(unique)} runs in {len(groups)} populations, {sum(done.values())} already done')
+  bar, live = reporting.progress_bar(show=show, total=len(unique), initial=sum(done.values()), unit='run')
+  out: dict[Run, runner.Result] = {}
+  with bar:
+    for members in groups.values():
+      for run_ in members:
+        if done[run_]:
+          out[run_] = runner.Result.load(runner.run_dir(run_.config(base), root) / 'result.json')
+      todo = [run_ for run_ in members if not done[run_]]
+      if not todo:
+        continue
+      seeds = sorted({run_.seed for run_ in todo})
+      rates = sorted({run_.learning_rate for run_ in todo})
+      crossed = [(s, r) for s in seeds for r in rates]
+      by_key = {(run_.seed, run_.learning_rate): run_ for run_ in todo}
+      contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+      batches = [[by_key[key] for key in crossed]] if contiguous and sorted(by_key) == crossed else [[r] for r in todo]
+      for ordered in batches:
+        population_config = ordered[0].config(base)
+        if len(ordered) > 1:
+          population_config.population.seeds = len(seeds)
+          population_config.population.learning_rates = tuple(rates)
+        first = ordered[0]
+        bar.set_postfix_str(f'{first.data.split("/")[0]} {first.arm} {first.recipe} {first.steps} steps')
+        results = runner.run_population(
+          population_config, [r.config(base) for r in ordered], root, knockouts=knockouts, measure=measure
+        )
+        out.update(zip(ordered, results, strict=True))
+        bar.update(len(ordered))
+        if show and not live:
+          reporting.progress_line(f'{label}: {first.data} {first.arm} {first.recipe} {first.steps} steps done')
+  return out
+
+
+def run(config: ml_collections.ConfigDict, root: str | pathlib.Path) -> tuple[dict[str, dict[Run, runner.Result]], Plan]:
+  """Runs (or reads back) every stage of the study, in order.
+
+  Returns:
+    stage -> {run: result}, and the plan the stages followed.
+  """
+  root = pathlib.Path(root)
+  settings = config.ablation.protocol
+  base = base_config(config)
+  root.mkdir(parents=True, exist_ok=True)
+  if config.ablation.compilation_cache:
+    runner._use_compilation_cache(root / 'compilation_cache')  # noqa: SLF001
+  stages: dict[str, dict[Run, runner.Result]] = {}
+  stages['tune'] = train(tune_runs(settings, base), base, root, knockouts=False, label='tune')
+  plan = plan_from_tuning(settings, base, stages['tune'])
+  if jax.process_index() == 0:
+    cuts = '; '.join(plan.cuts) or 'none'
+    print(f'projected rest of the study: {plan.projected_minutes:.0f} min (budget {settings.budget_minutes:g}); cuts: {cuts}')
+  stages['pilot'] = train(stage_runs('pilot', settings, base, plan), base, root, knockouts=False, label='pilot')
+  arms: dict[tuple, dict[int, list[float]]] = {}
+  for run_, result in stages['pilot'].items():
+    arms.setdefault((run_.data, run_.block, run_.skips), {}).setdefault(run_.steps, []).append(final_validation(result))
+  budgets = tuple(settings.budgets)
+  plan.budget = plateau(arms, budgets, settings.plateau_tolerance)
+  if CUTS[3] in plan.cuts:
+    plan.budget = min(plan.budget, budgets[1])
+  if jax.process_index() == 0:
+    print(f'plateau budget B = {plan.budget} steps')
+  for stage in STAGES[2:]:
+    stages[stage] = train(stage_runs(stage, settings, base, plan), base, root, knockouts=True, label=stage)
+  return stages, plan
+
+
+def auc(result: runner.Result) -> float:
+  """Claim 1's measure: the area under the validation-Dice curve over the run's budget."""
+  return stats.area_under_curve(result.curve, result.num_steps)
+
+
+ROW_KEYS = (
+  'stage', 'data', 'arm', 'block', 'recipe', 'skips', 'depth', 'width', 'params', 'learning_rate', 'steps', 'seed',
+  'run_id', 'failed', 'val_dice', 'val_auc',
+)
+
+
+def rows(stages: dict[str, dict[Run, runner.Result]], base, settings) -> list[dict]:
+  """One row per stage and run: its settings, validation figures, test metrics and measures.
+
+  `test_*` are the means over test images (`evaluation.METRICS`; `test_boundary_f1` at the
+  config's tolerance); the `Result.extra` measures follow under their own names.
+  """
+  out = []
+  for stage, results in stages.items():
+    for run_, result in results.items():
+      row = {
+        'stage': stage, 'data': run_.data, 'arm': run_.arm, 'block': run_.block, 'recipe': run_.recipe,
+        'skips': run_.skips, 'depth': run_.depth, 'width': run_.width, 'params': param_count(run_, base),
+        'learning_rate': run_.learning_rate, 'steps': run_.steps, 'seed': run_.seed, 'run_id': result.run_id,
+        'failed': int(final_validation(result) < settings.failed_dice), 'val_dice': final_validation(result),
+        'val_auc': auc(result),
+      }
+      row.update({f'test_{name}': value for name, value in result.test.items()})
+      row.update(result.extra)
+      row['wall_s'] = result.wall_s
+      out.append(row)
+  return out
+
+
+def write(stages, plan: Plan, config, root: str | pathlib.Path, *, command: str) -> dict[str, pathlib.Path]:
+  """Writes the study's `results.csv` (every stage's rows) and `plan.json` under `root`."""
+  root = pathlib.Path(root)
+  settings = config.ablation.protocol
+  table = rows(stages, base_config(config), settings)
+  paths = {'results': root / 'results.csv', 'plan': root / 'plan.json'}
+  if jax.process_index() == 0:
+    names = list(dict.fromkeys(key for row in table for key in row))
+    with paths['results'].open('w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=names)
+      writer.writeheader()
+      writer.writerows(table)
+    choice = {'/'.join(key): {'recipe': r, 'learning_rate': lr} for key, (r, lr) in plan.choice.items()}
+    paths['plan'].write_text(
+      json.dumps(
+        {'command': command, 'choice': choice, 'cuts': plan.cuts, 'projected_minutes': plan.projected_minutes,
+         'budget': plan.budget}, indent=1,
+      )
+    )
+  return paths
