@@ -29,6 +29,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder; default runs/<con
 
 
 def main(argv: list[str]) -> None:
+  try:
+    _main(argv)
+  except ablation.runner.Stopped as e:  # SIGTERM: exit 0 like train.py; the finished runs are kept
+    print(e)
+
+
+def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --workdir=runs/ablate')
   config = _CONFIG.value
@@ -38,8 +45,10 @@ def main(argv: list[str]) -> None:
   start = time.perf_counter()
   command = shlex.join(['python', 'experiments/ablate.py', *sys.argv[1:]])
   if 'protocol' in config.ablation:  # the pre-registered study: staged runs, its own report
-    stages, plan = ablation.protocol.run(config, workdir)
-    paths = ablation.protocol.write(stages, plan, config, workdir, command=command)
+    stages, plan = ablation.protocol.run(config, workdir, command=command)
+    paths = ablation.protocol.write(
+      stages, plan, config, ablation.protocol.output_dir(config, workdir), command=command
+    )
     print(f'study in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
     for name, path in paths.items():
       print(f'  {name:<16} {path}')

@@ -52,7 +52,7 @@ def _dead_fraction(intermediates: dict, norm: str) -> float:
   """
   name = 'conv2' if norm == 'none' else 'norm2'
   dead, total = 0, 0
-  for block, captured in intermediates.items():
+  for captured in intermediates.values():
     if not isinstance(captured, dict) or name not in captured:
       continue
     out = np.asarray(captured[name]['__call__'][0])
@@ -87,9 +87,7 @@ def initial(run_config) -> dict[str, float]:
     return losses.segmentation_loss(logits, batch['mask'], batch['valid'], weights), (logits, updates)
 
   grads, (logits, updates) = jax.jit(jax.grad(loss_fn, has_aux=True))(state.params)
-  out = {
-    f'grad_rms/{name}': float(optax.tree.norm(g)) / np.sqrt(models.count_params(g)) for name, g in grads.items()
-  }
+  out = {f'grad_rms/{name}': float(optax.tree.norm(g)) / np.sqrt(models.count_params(g)) for name, g in grads.items()}
   out['logit_std'] = float(jnp.std(logits))
   out['dead_relu'] = _dead_fraction(updates['intermediates'], model_config.norm)
   out['log10_grad_ratio'] = float(np.log10(out['grad_rms/enc_0'] / out['grad_rms/dec_0']))
@@ -103,7 +101,9 @@ def updates(loaded: restore.LoadedRun, run_config) -> dict[str, float]:
   final = jax.device_get(loaded.state.params)
   out = {}
   for name, initial_params in start.items():
-    delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), final[name], initial_params)
+    delta = jax.tree.map(
+      lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), final[name], initial_params
+    )
     out[f'update/{name}'] = float(optax.tree.norm(delta)) / max(float(optax.tree.norm(initial_params)), 1e-30)
   return out
 

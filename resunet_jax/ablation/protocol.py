@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import pathlib
 from collections.abc import Iterable, Sequence
 
@@ -35,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resunet_jax import models
+from resunet_jax import configs, models
 from resunet_jax.ablation import grid, measures, runner, stats
 from resunet_jax.errors import UserError
 from resunet_jax.training import loop, reporting
@@ -81,6 +82,10 @@ def section() -> ml_collections.ConfigDict:
   c.tie = 0.005  # validation Dice within this of the best is a tie (smaller rate, then earlier recipe)
   c.plateau_tolerance = 0.01  # B: the first budget within this of the longest's mean validation Dice
   c.budget_minutes = 150.0  # projected time of everything after tuning; cuts apply beyond it
+  # The folder of the study's tables (results.csv, plan.json), kept current after every
+  # population; '' is the sweep folder. A run that its results.csv lists is read back from
+  # its row, not trained again: committed tables carry a study over to a fresh clone.
+  c.output = ''
   return c
 
 
@@ -133,7 +138,7 @@ def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return base
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _param_count(model_json: str) -> int:
   model_config = models.ModelConfig(**json.loads(model_json))
   model = models.UNet(model_config)
@@ -141,9 +146,22 @@ def _param_count(model_json: str) -> int:
   return models.count_params(shapes['params'])
 
 
+_resolved: dict[tuple[str, Run], tuple[models.ModelConfig, str]] = {}
+
+
+def resolve(run: Run, base: ml_collections.ConfigDict) -> tuple[models.ModelConfig, str]:
+  """`run`'s model config and run id (`runner.run_dir`'s folder name), remembered per `base`:
+  `loop.resolve` opens the dataset's splits each time (about 50 ms), and a study asks often."""
+  key = (base.to_json_best_effort(sort_keys=True), run)
+  if key not in _resolved:
+    model_config, _, resolved = loop.resolve(run.config(base))
+    _resolved[key] = (model_config, configs.config_hash(resolved))
+  return _resolved[key]
+
+
 def param_count(run: Run, base: ml_collections.ConfigDict) -> int:
   """Parameters of `run`'s network (from shapes only: nothing is initialised)."""
-  model_config, _, _ = loop.resolve(run.config(base))
+  model_config, _ = resolve(run, base)
   return _param_count(json.dumps(model_config.to_dict(), sort_keys=True))
 
 
@@ -252,9 +270,7 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
   def add(data, block, skips, seeds, steps, *, recipe=None, lr=None, at_depth=depth, at_width=width):
     chosen_recipe, chosen_lr = _chosen(plan, data, block, skips)
     for seed in seeds:
-      runs.append(
-        Run(data, block, recipe or chosen_recipe, skips, at_depth, at_width, lr or chosen_lr, steps, seed)
-      )
+      runs.append(Run(data, block, recipe or chosen_recipe, skips, at_depth, at_width, lr or chosen_lr, steps, seed))
 
   if stage == 'pilot':
     seeds = range(settings.tune_seed, settings.tune_seed + settings.pilot_seeds)
@@ -287,17 +303,72 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
       for other in settings.other_depths:
         probe = Run(data, 'plain', 'he-none', 'none', other, width, 1e-3, budget, 0)
         at_width = width_for(probe, reference, base, range(2, 5 * width + 1))
-        ratio = param_count(dataclasses.replace(probe, width=at_width), base) / reference
-        if abs(ratio - 1) > settings.depth_param_tolerance:
-          raise UserError(
-            f'depth {other}: no width brings the parameter count within {settings.depth_param_tolerance:.0%} of '
-            f'depth {depth} (best {ratio:.2f}x); change ablation.protocol.other_depths'
-          )
+        for block in PRIMARY_BLOCKS:  # each block against its own depth-4 network, at the same width
+          own = param_count(Run(data, block, 'he-none', 'none', depth, width, 1e-3, budget, 0), base)
+          at = param_count(Run(data, block, 'he-none', 'none', other, at_width, 1e-3, budget, 0), base)
+          if abs(at / own - 1) > settings.depth_param_tolerance:
+            raise UserError(
+              f'{block} at depth {other}: width {at_width} gives {at / own:.2f}x the parameters of depth {depth}, '
+              f'beyond {settings.depth_param_tolerance:.0%}; change ablation.protocol.other_depths'
+            )
         for block in PRIMARY_BLOCKS:
           add(data, block, 'none', range(settings.secondary_seeds), budget, at_depth=other, at_width=at_width)
   else:
     raise ValueError(f'unknown stage {stage!r}; one of {STAGES}')
   return runs
+
+
+def initial_runs(settings, base, plan: Plan) -> list[Run]:
+  """The networks whose initialisation is measured (`measures.initial`; no training):
+
+  - every no-skip (block, recipe) arm of the tuning stage at the tuning seed (claim 2's
+    validity check; the rate does not change the initial network, the smallest is taken);
+  - the primary blocks without skips under 'lecun-none' (claim 2's endpoint) and under their
+    chosen recipe (the headline's logit spread and dead ReLUs), the primary tier's seeds.
+  """
+  depth, width = settings.depth, base.model.base_width
+  rate, steps = min(settings.learning_rates), settings.budgets[0]
+  runs = [
+    Run(data, block, recipe, 'none', depth, width, rate, steps, settings.tune_seed)
+    for data, block, recipe in itertools.product(settings.datasets, TUNED_BLOCKS, settings.recipes)
+  ]
+  for data, block in itertools.product(settings.datasets, PRIMARY_BLOCKS):
+    for recipe in dict.fromkeys(('lecun-none', _chosen(plan, data, block, 'none')[0])):
+      runs += [Run(data, block, recipe, 'none', depth, width, rate, steps, s) for s in range(settings.primary_seeds)]
+  return runs
+
+
+def measure_initial(
+  runs: Sequence[Run], base, root: pathlib.Path, *, committed: dict[str, dict] | None = None, into=None, saved=None
+) -> dict[Run, runner.Result]:
+  """`measures.initial` of each run's network, kept in its run folder (`initial.json`) or read
+  back from a committed row; a `runner.Result` with only `extra` filled."""
+  out: dict[Run, runner.Result] = {} if into is None else into
+  show = jax.process_index() == 0
+  bar, _ = reporting.progress_bar(show=show, total=len(runs), unit='network')
+  with bar:
+    for run_ in runs:
+      model_config, run_id = resolve(run_, base)
+      path = root / 'runs' / run_id / 'initial.json'
+      row = (committed or {}).get(path.parent.name)
+      if path.exists():
+        values = json.loads(path.read_text())
+      elif row is not None:
+        values = {key: value for key, value in row.items() if key not in ROW_KEYS}
+      else:
+        values = measures.initial(run_.config(base))
+        if show:
+          path.parent.mkdir(parents=True, exist_ok=True)
+          path.write_text(json.dumps(values, indent=1))
+      skips = ''.join('1' if s else '0' for s in model_config.skip_levels)
+      out[run_] = runner.Result(
+        path.parent.name, run_.data, model_config.residual, skips, run_.depth, run_.seed, 0, {}, [], [], {}, {}, 0.0,
+        values,
+      )  # fmt: skip
+      bar.update(1)
+  if saved is not None:
+    saved()
+  return out
 
 
 # ---- training ----
@@ -311,23 +382,46 @@ def measure(loaded, run_config) -> dict[str, float]:
   return out
 
 
-def train(runs: Sequence[Run], base, root: pathlib.Path, *, knockouts: bool, label: str) -> dict[Run, runner.Result]:
-  """Trains (or reads back) `runs`, those of one architecture and budget as one population."""
+def train(
+  runs: Sequence[Run],
+  base,
+  root: pathlib.Path,
+  *,
+  knockouts: bool,
+  label: str,
+  committed: dict[str, dict] | None = None,
+  into: dict[Run, runner.Result] | None = None,
+  saved=None,
+) -> dict[Run, runner.Result]:
+  """Trains (or reads back) `runs`, those of one architecture and budget as one population.
+
+  Args:
+    committed: run_id -> a row of an earlier results.csv (`read_rows`): such a run's
+      `result.json` is written from its row (`result_from_row`) instead of training it.
+    into: the dict the results go into (a new one by default), filled population by population.
+    saved: called after each trained population (keeps the study's tables current).
+  """
   unique = list(dict.fromkeys(runs))
   groups: dict[tuple, list[Run]] = {}
   for run in unique:
     groups.setdefault(run.architecture, []).append(run)
-  done = {run: (runner.run_dir(run.config(base), root) / 'result.json').exists() for run in unique}
+  paths = {run: root / 'runs' / resolve(run, base)[1] / 'result.json' for run in unique}
+  for path in paths.values():
+    row = (committed or {}).get(path.parent.name)
+    if row is not None and not path.exists() and jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      result_from_row(row).save(path)
+  done = {run: path.exists() for run, path in paths.items()}
   show = jax.process_index() == 0
   if show:
     print(f'{label}: {len(unique)} runs in {len(groups)} populations, {sum(done.values())} already done')
   bar, live = reporting.progress_bar(show=show, total=len(unique), initial=sum(done.values()), unit='run')
-  out: dict[Run, runner.Result] = {}
+  out: dict[Run, runner.Result] = {} if into is None else into
   with bar:
     for members in groups.values():
       for run_ in members:
         if done[run_]:
-          out[run_] = runner.Result.load(runner.run_dir(run_.config(base), root) / 'result.json')
+          out[run_] = runner.Result.load(paths[run_])
       todo = [run_ for run_ in members if not done[run_]]
       if not todo:
         continue
@@ -348,14 +442,27 @@ def train(runs: Sequence[Run], base, root: pathlib.Path, *, knockouts: bool, lab
           population_config, [r.config(base) for r in ordered], root, knockouts=knockouts, measure=measure
         )
         out.update(zip(ordered, results, strict=True))
+        if saved is not None:
+          saved()
         bar.update(len(ordered))
         if show and not live:
           reporting.progress_line(f'{label}: {first.data} {first.arm} {first.recipe} {first.steps} steps done')
   return out
 
 
-def run(config: ml_collections.ConfigDict, root: str | pathlib.Path) -> tuple[dict[str, dict[Run, runner.Result]], Plan]:
-  """Runs (or reads back) every stage of the study, in order.
+def output_dir(config, root: str | pathlib.Path) -> pathlib.Path:
+  """Where the study's tables go: `ablation.protocol.output`, or the sweep folder `root`."""
+  return pathlib.Path(config.ablation.protocol.output or root)
+
+
+def run(
+  config, root: str | pathlib.Path, *, command: str = ''
+) -> tuple[dict[str, dict[Run, runner.Result]], Plan | None]:
+  """Runs (or reads back) every stage of the study, in order, keeping its tables current.
+
+  The finished runs listed in the output folder's results.csv are read back from their rows;
+  the tables (`write`) are rewritten after every trained population, so a study stopped at any
+  point keeps every finished run.
 
   Returns:
     stage -> {run: result}, and the plan the stages followed.
@@ -364,26 +471,48 @@ def run(config: ml_collections.ConfigDict, root: str | pathlib.Path) -> tuple[di
   settings = config.ablation.protocol
   base = base_config(config)
   root.mkdir(parents=True, exist_ok=True)
+  output = output_dir(config, root)
+  table = read_rows(output / 'results.csv')
+  committed = {row['run_id']: row for row in table if row['stage'] in STAGES}
+  initial = {row['run_id']: row for row in table if row['stage'] == 'initial'}
   if config.ablation.compilation_cache:
     runner._use_compilation_cache(root / 'compilation_cache')  # noqa: SLF001
   stages: dict[str, dict[Run, runner.Result]] = {}
-  stages['tune'] = train(tune_runs(settings, base), base, root, knockouts=False, label='tune')
-  plan = plan_from_tuning(settings, base, stages['tune'])
-  if jax.process_index() == 0:
-    cuts = '; '.join(plan.cuts) or 'none'
-    print(f'projected rest of the study: {plan.projected_minutes:.0f} min (budget {settings.budget_minutes:g}); cuts: {cuts}')
-  stages['pilot'] = train(stage_runs('pilot', settings, base, plan), base, root, knockouts=False, label='pilot')
-  arms: dict[tuple, dict[int, list[float]]] = {}
-  for run_, result in stages['pilot'].items():
-    arms.setdefault((run_.data, run_.block, run_.skips), {}).setdefault(run_.steps, []).append(final_validation(result))
-  budgets = tuple(settings.budgets)
-  plan.budget = plateau(arms, budgets, settings.plateau_tolerance)
-  if CUTS[3] in plan.cuts:
-    plan.budget = min(plan.budget, budgets[1])
-  if jax.process_index() == 0:
-    print(f'plateau budget B = {plan.budget} steps')
-  for stage in STAGES[2:]:
-    stages[stage] = train(stage_runs(stage, settings, base, plan), base, root, knockouts=True, label=stage)
+  plan: Plan | None = None
+
+  def save() -> None:
+    write(stages, plan, config, output, command=command)
+
+  def stage(name: str, runs: Sequence[Run], *, knockouts: bool) -> dict[Run, runner.Result]:
+    stages[name] = {}
+    return train(runs, base, root, knockouts=knockouts, label=name, committed=committed, into=stages[name], saved=save)
+
+  with runner.sigterm_stops():  # SIGTERM: the study stops after (or inside) the current population
+    stage('tune', tune_runs(settings, base), knockouts=False)
+    plan = plan_from_tuning(settings, base, stages['tune'])
+    if jax.process_index() == 0:
+      cuts = '; '.join(plan.cuts) or 'none'
+      minutes = f'{plan.projected_minutes:.0f} min (budget {settings.budget_minutes:g})'
+      print(f'projected rest of the study: {minutes}; cuts: {cuts}')
+    stages['initial'] = {}
+    measure_initial(
+      initial_runs(settings, base, plan), base, root, committed=initial, into=stages['initial'], saved=save
+    )
+    stage('pilot', stage_runs('pilot', settings, base, plan), knockouts=False)
+    arms: dict[tuple, dict[int, list[float]]] = {}
+    for run_, result in stages['pilot'].items():
+      arms.setdefault((run_.data, run_.block, run_.skips), {}).setdefault(run_.steps, []).append(
+        final_validation(result)
+      )
+    budgets = tuple(settings.budgets)
+    plan.budget = plateau(arms, budgets, settings.plateau_tolerance)
+    if CUTS[3] in plan.cuts:
+      plan.budget = min(plan.budget, budgets[1])
+    if jax.process_index() == 0:
+      print(f'plateau budget B = {plan.budget} steps')
+    for name in STAGES[2:]:
+      stage(name, stage_runs(name, settings, base, plan), knockouts=True)
+    save()
   return stages, plan
 
 
@@ -393,51 +522,152 @@ def auc(result: runner.Result) -> float:
 
 
 ROW_KEYS = (
-  'stage', 'data', 'arm', 'block', 'recipe', 'skips', 'depth', 'width', 'params', 'learning_rate', 'steps', 'seed',
-  'run_id', 'failed', 'val_dice', 'val_auc',
+  'stage',
+  'data',
+  'arm',
+  'block',
+  'recipe',
+  'skips',
+  'depth',
+  'width',
+  'params',
+  'learning_rate',
+  'steps',
+  'seed',
+  'run_id',
+  'failed',
+  'val_dice',
+  'val_auc',
 )
+# Columns holding JSON (the rest of a `runner.Result`, so that a row is the whole finished run)
+JSON_KEYS = ('val_curve', 'param_counts', 'knockouts')
+_TEXT_KEYS = ('stage', 'data', 'arm', 'block', 'recipe', 'skips', 'run_id')
+_INT_KEYS = ('depth', 'width', 'params', 'steps', 'seed', 'failed')
 
 
-def rows(stages: dict[str, dict[Run, runner.Result]], base, settings) -> list[dict]:
-  """One row per stage and run: its settings, validation figures, test metrics and measures.
+def rows(stages: dict[str, dict[Run, runner.Result]], settings) -> list[dict]:
+  """One row per stage and run: its settings, validation figures, test metrics and measures
+  (stage 'initial': its settings and `measures.initial` only).
 
   `test_*` are the means over test images (`evaluation.METRICS`; `test_boundary_f1` at the
-  config's tolerance); the `Result.extra` measures follow under their own names.
+  config's tolerance); the `Result.extra` measures follow under their own names, then
+  `wall_s` and the `JSON_KEYS` columns (`result_from_row` rebuilds the run's `Result`; only
+  the logged training gradients are not kept).
   """
   out = []
   for stage, results in stages.items():
     for run_, result in results.items():
       row = {
-        'stage': stage, 'data': run_.data, 'arm': run_.arm, 'block': run_.block, 'recipe': run_.recipe,
-        'skips': run_.skips, 'depth': run_.depth, 'width': run_.width, 'params': param_count(run_, base),
-        'learning_rate': run_.learning_rate, 'steps': run_.steps, 'seed': run_.seed, 'run_id': result.run_id,
-        'failed': int(final_validation(result) < settings.failed_dice), 'val_dice': final_validation(result),
-        'val_auc': auc(result),
+        'stage': stage,
+        'data': run_.data,
+        'arm': run_.arm,
+        'block': run_.block,
+        'recipe': run_.recipe,
+        'skips': run_.skips,
+        'depth': run_.depth,
+        'width': run_.width,
+        'learning_rate': run_.learning_rate,
+        'steps': run_.steps,
+        'seed': run_.seed,
+        'run_id': result.run_id,
       }
+      if stage == 'initial':  # a network at initialisation: its measures only
+        out.append(row | result.extra)
+        continue
+      row['params'] = sum(result.param_counts.values())  # the arm's (`param_count`), counted by the run
+      row['failed'] = int(final_validation(result) < settings.failed_dice)
+      row['val_dice'] = final_validation(result)
+      row['val_auc'] = auc(result)
       row.update({f'test_{name}': value for name, value in result.test.items()})
       row.update(result.extra)
       row['wall_s'] = result.wall_s
+      row['val_curve'] = json.dumps([[int(step), float(dice)] for step, dice in result.curve])
+      row['param_counts'] = json.dumps(result.param_counts, sort_keys=True)
+      row['knockouts'] = json.dumps(result.knockouts, sort_keys=True)
       out.append(row)
   return out
 
 
-def write(stages, plan: Plan, config, root: str | pathlib.Path, *, command: str) -> dict[str, pathlib.Path]:
-  """Writes the study's `results.csv` (every stage's rows) and `plan.json` under `root`."""
-  root = pathlib.Path(root)
+def read_rows(path: str | pathlib.Path) -> list[dict]:
+  """The rows of a study's results.csv with their types back (numbers, JSON columns parsed);
+  an empty cell is absent from its row. No file: no rows."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  out = []
+  with path.open(newline='') as f:
+    for line, raw in enumerate(csv.DictReader(f), start=2):
+      row: dict = {}
+      try:
+        for key, value in raw.items():
+          if value is None or value == '':
+            continue
+          if key in _TEXT_KEYS:
+            row[key] = value
+          elif key in JSON_KEYS:
+            row[key] = json.loads(value)
+          elif key in _INT_KEYS:
+            row[key] = int(value)
+          else:
+            row[key] = float(value)
+      except (ValueError, TypeError) as e:
+        raise UserError(f'{path}, line {line}: unreadable cell ({e}); restore the file from git') from e
+      needed = ('stage', 'run_id') if row.get('stage') == 'initial' else ('stage', 'run_id', 'val_curve')
+      missing = [key for key in needed if key not in row]
+      if missing:
+        raise UserError(f'{path}, line {line}: no {", ".join(missing)}; restore the file from git')
+      out.append(row)
+  return out
+
+
+def result_from_row(row: dict) -> runner.Result:
+  """The `runner.Result` of a finished run from its results.csv row (`read_rows`); its logged
+  training gradients are not in the table and come back empty."""
+  known = set(ROW_KEYS) | set(JSON_KEYS) | {'wall_s'}
+  depth = row['depth']
+  return runner.Result(
+    run_id=row['run_id'],
+    data=row['data'],
+    residual=row['block'] in ('projection', 'identity'),
+    skips=('1' if row['skips'] == 'all' else '0') * depth,
+    depth=depth,
+    seed=row['seed'],
+    num_steps=row['steps'],
+    test={key[len('test_') :]: value for key, value in row.items() if key.startswith('test_')},
+    curve=[(int(step), float(dice)) for step, dice in row['val_curve']],
+    gradients=[],
+    param_counts=row.get('param_counts', {}),
+    knockouts=row.get('knockouts', {}),
+    wall_s=row.get('wall_s', 0.0),
+    extra={key: value for key, value in row.items() if key not in known and not key.startswith('test_')},
+  )
+
+
+def write(stages, plan: Plan | None, config, output: str | pathlib.Path, *, command: str) -> dict[str, pathlib.Path]:
+  """Writes the study's `results.csv` (every stage's rows so far) and `plan.json` (once the
+  tuning stage has made the plan) into the folder `output`, each file replaced atomically."""
+  output = pathlib.Path(output)
   settings = config.ablation.protocol
-  table = rows(stages, base_config(config), settings)
-  paths = {'results': root / 'results.csv', 'plan': root / 'plan.json'}
-  if jax.process_index() == 0:
-    names = list(dict.fromkeys(key for row in table for key in row))
-    with paths['results'].open('w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=names)
-      writer.writeheader()
-      writer.writerows(table)
+  table = rows(stages, settings)
+  paths = {'results': output / 'results.csv', 'plan': output / 'plan.json'}
+  if jax.process_index() != 0:
+    return paths
+  output.mkdir(parents=True, exist_ok=True)
+  names = [key for key in dict.fromkeys(key for row in table for key in row) if key not in JSON_KEYS]
+  temporary = paths['results'].with_suffix(f'.tmp{os.getpid()}')
+  with temporary.open('w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=[*names, *JSON_KEYS])
+    writer.writeheader()
+    writer.writerows(table)
+  os.replace(temporary, paths['results'])
+  if plan is not None:
     choice = {'/'.join(key): {'recipe': r, 'learning_rate': lr} for key, (r, lr) in plan.choice.items()}
-    paths['plan'].write_text(
-      json.dumps(
-        {'command': command, 'choice': choice, 'cuts': plan.cuts, 'projected_minutes': plan.projected_minutes,
-         'budget': plan.budget}, indent=1,
-      )
-    )
+    summary = {
+      'command': command,
+      'choice': choice,
+      'cuts': plan.cuts,
+      'projected_minutes': plan.projected_minutes,
+      'budget': plan.budget,
+    }
+    paths['plan'].write_text(json.dumps(summary, indent=1) + '\n')
   return paths

@@ -15,10 +15,12 @@ seed a run is deterministic (bit-identical on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import signal
 import time
 
 import jax
@@ -81,6 +83,32 @@ class Result:
     temporary = path.with_suffix(f'.tmp{os.getpid()}')
     temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1))
     os.replace(temporary, path)
+
+
+class Stopped(Exception):
+  """SIGTERM stopped a sweep: a run cut short before its budget is not measured (rerunning the
+  sweep resumes it from its checkpoint); the runs finished before are kept."""
+
+
+_sigterm = {'requested': False}
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+  """Within: SIGTERM stops the sweep at the next run boundary (`Stopped` from `run_population`),
+  whenever it arrives; during training, the training loop checkpoints and stops at once."""
+
+  def handler(signum, frame):
+    del signum, frame
+    _sigterm['requested'] = True
+
+  _sigterm['requested'] = False
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    _sigterm['requested'] = False
 
 
 def skip_masks(depth: int) -> np.ndarray:
@@ -186,6 +214,9 @@ def run_population(
 
   Returns:
     One `Result` per member (read back where every member's `result.json` exists).
+
+  Raises:
+    Stopped: SIGTERM ended the training early (its checkpoint is saved; no result is written).
   """
   root = pathlib.Path(root)
   paths = [run_dir(run_config, root) / 'result.json' for run_config in runs]
@@ -195,6 +226,8 @@ def run_population(
   workdir = paths[0].parent if len(runs) == 1 else _population_dir(config, root)
   start = time.perf_counter()
   trained = loop.train_and_evaluate(config, workdir, verbose=False)
+  if trained.stopped or _sigterm['requested']:  # a run cut short is not a result: measured once at its budget
+    raise Stopped(f'stopped by SIGTERM at step {trained.step} of {workdir}; rerun the same command to resume')
   if len(trained.members) != len(runs):
     raise ValueError(f'the population has {len(trained.members)} members for {len(runs)} runs')
   results = []
@@ -262,6 +295,9 @@ def sweep(config, root: str | pathlib.Path, *, progress: bool = True) -> list[tu
 
   Returns:
     `(spec, result)` for every run, in `grid.run_specs` order.
+
+  Raises:
+    Stopped: on SIGTERM (the runs finished before it are kept).
   """
   root = pathlib.Path(root)
   specs = grid.run_specs(config)
@@ -279,7 +315,7 @@ def sweep(config, root: str | pathlib.Path, *, progress: bool = True) -> list[tu
     )
   bar, live = reporting.progress_bar(show=show, total=len(specs), initial=finished, unit='run')
   measured: dict[grid.RunSpec, Result] = {}
-  with bar:
+  with bar, sigterm_stops():
     for count, group in enumerate(groups, start=1):
       todo = [spec for spec in group.runs if not done[spec]]
       first = group.runs[0]

@@ -127,8 +127,9 @@ class _Preemption:
     self._previous = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
-    del signum, frame
     self.requested = True
+    if callable(self._previous):  # a caller's own handler (a sweep's: `ablation.runner.sigterm_stops`) hears it too
+      self._previous(signum, frame)
 
   def should_stop(self, step: int, every: int) -> bool:
     """Whether to checkpoint and stop after `step`; across processes only every `every` steps

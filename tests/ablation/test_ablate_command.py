@@ -85,8 +85,9 @@ def test_a_finished_sweep_runs_nothing(sweep, env, commands):
 def test_an_interrupted_sweep_of_separate_runs_resumes_to_the_numbers_of_the_populations(
   sweep, env, tmp_path, commands
 ):
-  """Seed 0 with every run alone (`populations=False`: 2 runs), killed between checkpoints and
-  resumed: its rows and knock-outs are, bit for bit, the seed-0 rows of the sweep's population of 4
+  """Seed 0 with every run alone (`populations=False`: 2 runs), stopped by SIGTERM between
+  checkpoints (the sweep stops, exit 0, and measures nothing of the cut-short run) and resumed:
+  its rows and knock-outs are, bit for bit, the seed-0 rows of the sweep's population of 4
   (the plain run too, there a residual member scaled by 0). A population killed and resumed:
   tests/training/test_population.py."""
   workdir = tmp_path / 'interrupted'
@@ -98,10 +99,13 @@ def test_an_interrupted_sweep_of_separate_runs_resumes_to_the_numbers_of_the_pop
       assert process.poll() is None, 'the sweep ended before it could be interrupted'
       assert time.monotonic() < deadline, 'the sweep did not get going'
       time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=300)
   finally:
+    process.kill()
     process.wait()
-  assert not list(workdir.glob('runs/*/result.json'))
+  assert process.returncode == 0 and 'stopped by SIGTERM at step' in stdout, stdout[-2000:]
+  assert not list(workdir.glob('runs/*/result.json'))  # a run cut short is never measured
   result = commands.run(_command(workdir, *args), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'sweep of 2 runs in 2 populations' in result.stdout and '0 already done, 2 to run' in result.stdout

@@ -1,0 +1,254 @@
+"""The study's pre-registered analysis (docs/ablation/PROTOCOL.md), from its results.csv rows alone.
+
+`decisions(rows)` is every verdict of the study: a reader recomputes them from the committed
+table with
+
+  from resunet_jax.ablation import analysis, protocol
+  analysis.decisions(protocol.read_rows('docs/ablation/study/results.csv'))
+
+The eight primary endpoints (claims 1-4 x two datasets), each residual (`identity`) minus
+`plain`, paired by seed, each arm at its own chosen recipe and learning rate:
+
+  claim 1  validation-Dice AUC, all skips, stage 'primary'                       delta 0.02
+  claim 2  log10 gradient RMS enc_0 / dec_0 at initialisation, no skips, recipe
+           'lecun-none', stage 'initial' (seeds of the primary tier)             delta 0.3
+  claim 3  the coefficient of `residual` in boundary F1 (1 px) ~ 1 + Dice + residual
+           over the primary all-skip runs (OLS, df n - 3)                         delta 0.01
+  claim 4  the per-seed least-squares slope over depth of the test-Dice gain, no
+           skips (depths 2, 3, 5 from stage 'depth', 4 from 'primary'), averaged
+           over seeds: a seed random effect by the summary-statistics method      delta 0.01
+
+Holm over the eight (`decision.decide`). Claim 2's validity check comes first: among the no-skip
+(block, recipe) arms of the tuning stage, every arm that failed to train (final validation Dice
+below the protocol's threshold at every learning rate) must have a lower measure than every arm
+that trained; otherwise claim 2 is 'inconclusive' on that dataset whatever its test says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from resunet_jax.ablation import decision, stats
+
+DELTAS = {1: 0.02, 2: 0.3, 3: 0.01, 4: 0.01}
+CLAIMS = {
+  1: 'residual connections speed up convergence',
+  2: 'residual connections ease vanishing gradients',
+  3: 'residual connections sharpen edges and details',
+  4: 'residual connections allow deeper networks',
+}
+RESIDUAL, PLAIN = 'identity', 'plain'
+FAILED_DICE = 0.05  # the protocol's threshold (`protocol.section().failed_dice`)
+
+
+def short(data: str) -> str:
+  """'synthetic_roads/size32' -> 'roads'."""
+  return data.split('/')[0].removeprefix('synthetic_')
+
+
+def datasets(rows: Sequence[dict]) -> list[str]:
+  """The datasets of the study, in order of first appearance."""
+  return list(dict.fromkeys(row['data'] for row in rows))
+
+
+def tuning_seeds(rows: Sequence[dict]) -> set[int]:
+  """The seeds of the tuning stage (never those of a test-split result)."""
+  return {row['seed'] for row in rows if row['stage'] == 'tune'}
+
+
+def _by_seed(rows, *, stage, data, block, skips, key, depth=None, recipe=None):
+  """seed -> `key` of one arm's rows; the tuning seeds are left out of every stage but 'tune'."""
+  tuning = tuning_seeds(rows) if stage != 'tune' else set()
+  out = {}
+  for row in rows:
+    if (row['stage'], row['data'], row['block'], row['skips']) != (stage, data, block, skips):
+      continue
+    if (depth is not None and row['depth'] != depth) or (recipe is not None and row['recipe'] != recipe):
+      continue
+    if key in row and row['seed'] not in tuning:
+      out[row['seed']] = float(row[key])
+  return out
+
+
+def paired(rows, *, stage, data, skips, key, depth=None, recipe=None) -> list[float]:
+  """Per-seed `key` of the residual arm minus the plain arm, over the seeds both have."""
+  residual = _by_seed(rows, stage=stage, data=data, block=RESIDUAL, skips=skips, key=key, depth=depth, recipe=recipe)
+  plain = _by_seed(rows, stage=stage, data=data, block=PLAIN, skips=skips, key=key, depth=depth, recipe=recipe)
+  return [residual[s] - plain[s] for s in sorted(set(residual) & set(plain))]
+
+
+def claim1(rows, data) -> decision.Endpoint:
+  differences = paired(rows, stage='primary', data=data, skips='all', key='val_auc')
+  return decision.Endpoint.paired(f'claim 1 / {short(data)}', differences, DELTAS[1])
+
+
+def claim2(rows, data) -> decision.Endpoint:
+  differences = paired(rows, stage='initial', data=data, skips='none', key='log10_grad_ratio', recipe='lecun-none')
+  return decision.Endpoint.paired(f'claim 2 / {short(data)}', differences, DELTAS[2])
+
+
+def edge_regression(rows, data) -> tuple[float, float, int]:
+  """Claim 3's OLS fit over the primary all-skip runs of both arms: boundary_f1_1px on an
+  intercept, the run's Dice (the same per-image scores, `measures.edges`) and a residual
+  indicator. Returns the residual coefficient, its standard error and the residual df."""
+  picked = [
+    row
+    for row in rows
+    if row['stage'] == 'primary'
+    and row['data'] == data
+    and row['skips'] == 'all'
+    and row['block'] in (RESIDUAL, PLAIN)
+    and 'boundary_f1_1px' in row
+  ]
+  n = len(picked)
+  if n < 4:
+    return float('nan'), float('nan'), 0
+  x = np.asarray([[1.0, row['dice'], float(row['block'] == RESIDUAL)] for row in picked])
+  y = np.asarray([row['boundary_f1_1px'] for row in picked])
+  coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+  df = n - 3
+  sigma2 = float(np.sum((y - x @ coef) ** 2)) / df
+  covariance = sigma2 * np.linalg.pinv(x.T @ x)
+  return float(coef[2]), math.sqrt(max(float(covariance[2, 2]), 0.0)), df
+
+
+def claim3(rows, data) -> decision.Endpoint:
+  estimate, se, df = edge_regression(rows, data)
+  return decision.Endpoint(f'claim 3 / {short(data)}', estimate, se, df, DELTAS[3])
+
+
+def depth_gains(rows, data) -> dict[int, dict[int, float]]:
+  """seed -> depth -> test-Dice gain (residual minus plain), no skips: the depth stage, and the
+  primary stage at its own depth."""
+  out: dict[int, dict[int, float]] = {}
+  depths = sorted({row['depth'] for row in rows if row['stage'] == 'depth' and row['data'] == data})
+  primary = sorted({row['depth'] for row in rows if row['stage'] == 'primary' and row['data'] == data})
+  for stage, levels in (('depth', depths), ('primary', primary)):
+    for depth in levels:
+      residual = _by_seed(rows, stage=stage, data=data, block=RESIDUAL, skips='none', depth=depth, key='test_dice')
+      plain = _by_seed(rows, stage=stage, data=data, block=PLAIN, skips='none', depth=depth, key='test_dice')
+      for seed in set(residual) & set(plain):
+        out.setdefault(seed, {})[depth] = residual[seed] - plain[seed]
+  return out
+
+
+def slopes(gains: dict[int, dict[int, float]]) -> list[float]:
+  """Each seed's least-squares slope of gain over depth, for the seeds with every depth."""
+  every = set.union(set(), *(set(by) for by in gains.values())) if gains else set()
+  out = []
+  for seed in sorted(gains):
+    if set(gains[seed]) != every or len(every) < 2:
+      continue
+    depth = np.asarray(sorted(every), np.float64)
+    gain = np.asarray([gains[seed][d] for d in sorted(every)])
+    out.append(float(np.polyfit(depth, gain, 1)[0]))
+  return out
+
+
+def claim4(rows, data) -> decision.Endpoint:
+  return decision.Endpoint.paired(f'claim 4 / {short(data)}', slopes(depth_gains(rows, data)), DELTAS[4])
+
+
+@dataclasses.dataclass(frozen=True)
+class Validity:
+  """Claim 2's validity check on one dataset.
+
+  Attributes:
+    failed: the measure of each no-skip (block, recipe) arm that failed to train.
+    trained: that of each that trained.
+    valid: every failed arm's measure below every trained arm's (True when none failed).
+  """
+
+  failed: dict[str, float]
+  trained: dict[str, float]
+
+  @property
+  def valid(self) -> bool:
+    return not self.failed or not self.trained or max(self.failed.values()) < min(self.trained.values())
+
+
+def validity(rows, data, failed_dice: float = FAILED_DICE) -> Validity:
+  """The tuning stage's no-skip arms: failed (below `failed_dice` at every rate) or trained,
+  each with its measure at initialisation (stage 'initial', the tuning seed)."""
+  best: dict[str, float] = {}
+  for row in rows:
+    if (row['stage'], row['data'], row['skips']) == ('tune', data, 'none'):
+      arm = f'{row["block"]} {row["recipe"]}'
+      best[arm] = max(best.get(arm, -1.0), row['val_dice'])
+  tune_seeds = tuning_seeds(rows)
+  measure = {
+    f'{row["block"]} {row["recipe"]}': row['log10_grad_ratio']
+    for row in rows
+    if (row['stage'], row['data'], row['skips']) == ('initial', data, 'none') and row['seed'] in tune_seeds
+  }
+  failed = {arm: measure[arm] for arm, dice in best.items() if dice < failed_dice and arm in measure}
+  trained = {arm: measure[arm] for arm, dice in best.items() if dice >= failed_dice and arm in measure}
+  return Validity(failed, trained)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """One endpoint's verdict as the report prints it: the rule's (`decision.Decision`), or
+  'inconclusive' with the reason where claim 2's validity check fails."""
+
+  claim: int
+  data: str
+  decided: decision.Decision
+  label: str
+  reason: str = ''
+
+
+def decisions(rows: Sequence[dict], failed_dice: float = FAILED_DICE) -> list[Verdict]:
+  """Every primary endpoint's verdict, claims in order, datasets in table order (Holm over all)."""
+  build = {1: claim1, 2: claim2, 3: claim3, 4: claim4}
+  keys = [(claim, data) for claim in build for data in datasets(rows)]
+  decided = decision.decide([build[claim](rows, data) for claim, data in keys])
+  out = []
+  for (claim, data), result in zip(keys, decided, strict=True):
+    label, reason = result.label, ''
+    if claim == 2 and not validity(rows, data, failed_dice).valid:
+      label, reason = decision.INCONCLUSIVE, 'the measure does not flag the failed arm'
+    out.append(Verdict(claim, data, result, label, reason))
+  return out
+
+
+def failures(rows: Sequence[dict]) -> dict[tuple[str, str, str], tuple[int, int]]:
+  """(stage, data, arm) -> (failed runs, runs), for every trained stage."""
+  out: dict[tuple[str, str, str], tuple[int, int]] = {}
+  for row in rows:
+    if 'failed' not in row or row['stage'] == 'initial':
+      continue
+    key = (row['stage'], row['data'], f'{row["arm"]} {row["recipe"]}')
+    failed, total = out.get(key, (0, 0))
+    out[key] = (failed + int(row['failed']), total + 1)
+  return out
+
+
+def headline(rows: Sequence[dict]) -> dict[str, dict[str, stats.Interval]]:
+  """The three numbers a reviewer asks first, per dataset: residual minus plain test Dice at
+  the plateau (primary stage, with and without skips), plain without skips (its test Dice, and
+  its logit spread and dead-ReLU fraction at initialisation), the depth slope."""
+  out = {}
+  for data in datasets(rows):
+    plain_none = _by_seed(rows, stage='primary', data=data, block=PLAIN, skips='none', key='test_dice')
+    recipes = {
+      row['recipe'] for row in rows if (row['stage'], row['data'], row['arm']) == ('primary', data, 'plain-none')
+    }
+    initial = {
+      key: _by_seed(rows, stage='initial', data=data, block=PLAIN, skips='none', key=key, recipe=recipe)
+      for key in ('logit_std', 'dead_relu')
+      for recipe in recipes
+    }
+    out[short(data)] = {
+      'gain_all_skips': stats.t_interval(paired(rows, stage='primary', data=data, skips='all', key='test_dice')),
+      'gain_no_skips': stats.t_interval(paired(rows, stage='primary', data=data, skips='none', key='test_dice')),
+      'plain_no_skips_dice': stats.t_interval(plain_none.values()),
+      'plain_no_skips_logit_std': stats.t_interval(initial.get('logit_std', {}).values()),
+      'plain_no_skips_dead_relu': stats.t_interval(initial.get('dead_relu', {}).values()),
+      'depth_slope': claim4(rows, data).interval(),
+    }
+  return out

@@ -1,0 +1,135 @@
+"""The study's analysis (ablation.analysis) on synthetic results.csv rows: each claim's endpoint
+from its stage's rows, every verdict of the rule, claim 2's validity check, the CSV round trip."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from resunet_jax.ablation import analysis, decision, protocol
+
+DATASETS = ('synthetic_roads/size32', 'synthetic_cells/size32')
+SEEDS = range(10)
+
+
+def _row(stage, data, block, skips, seed, *, recipe='he-group', depth=4, **values):
+  return {
+    'stage': stage,
+    'data': data,
+    'arm': f'{block}-{skips}' + ('' if depth == 4 else f'-d{depth}'),
+    'block': block,
+    'recipe': recipe,
+    'skips': skips,
+    'depth': depth,
+    'seed': seed,
+    'run_id': f'{stage}{data}{block}{skips}{seed}{recipe}{depth}',
+    **values,
+  }
+
+
+def _rows(effects, noise=0.01, fail=None, seed=0):
+  """A whole study's rows with these true effects per claim (`effects[claim]`), Gaussian noise of
+  sd `noise` (claim 2: 10x) per run; `fail`: the tuning arm that failed and its initial measure."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for data in DATASETS:
+    for block in ('plain', 'identity'):
+      residual = block == 'identity'
+      for s in SEEDS:
+        dice = 0.7 + rng.normal(0, 0.05)
+        rows.append(
+          _row(
+            'primary', data, block, 'all', s,
+            val_auc=0.6 + effects[1] * residual + rng.normal(0, noise),
+            test_dice=dice,
+            dice=dice,
+            boundary_f1_1px=0.1 + 0.8 * dice + effects[3] * residual + rng.normal(0, noise),
+          )
+        )  # fmt: skip
+        for depth in (2, 3, 4, 5):
+          gain = effects[4] * (depth - 4) * residual + rng.normal(0, noise)
+          rows.append(
+            _row('primary' if depth == 4 else 'depth', data, block, 'none', s, depth=depth, test_dice=0.5 + gain)
+          )
+        rows.append(
+          _row(
+            'initial', data, block, 'none', s, recipe='lecun-none',
+            log10_grad_ratio=-1 + effects[2] * residual + rng.normal(0, 10 * noise), logit_std=0.1, dead_relu=0.2,
+          )
+        )  # fmt: skip
+    for block in ('plain', 'projection', 'identity'):
+      for recipe in protocol.RECIPES:
+        failed = fail is not None and (block, recipe) == fail[0]
+        for lr in (3e-4, 1e-3):
+          rows.append(_row('tune', data, block, 'none', 1000, recipe=recipe, val_dice=0.0 if failed else 0.5 + lr))
+        measure = fail[1] if failed else -1.0 + 0.1 * protocol.TUNED_BLOCKS.index(block)
+        rows.append(_row('initial', data, block, 'none', 1000, recipe=recipe, log10_grad_ratio=measure))
+  return rows
+
+
+def _verdicts(rows):
+  return {(v.claim, analysis.short(v.data)): v for v in analysis.decisions(rows)}
+
+
+@pytest.mark.parametrize(
+  ('effects', 'noise', 'expected'),
+  [
+    ({1: 0.1, 2: 2.0, 3: 0.1, 4: 0.1}, 0.01, decision.SUPPORTED),
+    ({1: -0.1, 2: -2.0, 3: -0.1, 4: -0.1}, 0.01, decision.NOT_SUPPORTED),
+    ({1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}, 0.001, decision.EQUIVALENT),
+    ({1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}, 0.2, decision.INCONCLUSIVE),
+  ],
+)
+def test_every_claim_gets_the_verdict_of_its_planted_effect(effects, noise, expected):
+  verdicts = _verdicts(_rows(effects, noise))
+  assert len(verdicts) == 8
+  assert {v.decided.verdict for v in verdicts.values()} == {expected}
+  for (claim, _), verdict in verdicts.items():
+    assert verdict.decided.endpoint.delta == analysis.DELTAS[claim]
+    if expected in (decision.SUPPORTED, decision.NOT_SUPPORTED):  # the estimate is near the planted effect
+      assert verdict.decided.effect.mean == pytest.approx(effects[claim], abs=0.05 * abs(effects[claim]) + 0.01)
+
+
+def test_each_endpoint_reads_its_own_stage_arms_and_seeds():
+  rows = _rows({1: 0.1, 2: 2.0, 3: 0.05, 4: 0.02}, noise=0.0)
+  data = DATASETS[0]
+  assert analysis.claim1(rows, data).estimate == pytest.approx(0.1) and analysis.claim1(rows, data).df == 9
+  assert analysis.claim2(rows, data).estimate == pytest.approx(2.0)  # the tuning seed 1000 is left out
+  assert analysis.claim2(rows, data).df == 9
+  coefficient, se, df = analysis.edge_regression(rows, data)
+  assert coefficient == pytest.approx(0.05) and se == pytest.approx(0, abs=1e-9) and df == 17  # 20 runs, 3 terms
+  assert analysis.slopes(analysis.depth_gains(rows, data)) == pytest.approx([0.02] * 10)
+  partial = [r for r in rows if not (r['stage'] == 'depth' and r['seed'] == 3 and r['depth'] == 5)]
+  assert len(analysis.slopes(analysis.depth_gains(partial, data))) == 9  # a seed without every depth is left out
+  no_depth = [r for r in rows if r['stage'] != 'depth']
+  assert analysis.claim4(no_depth, data).df == 0  # one depth: no slope, no test
+  assert _verdicts(no_depth)[(4, 'roads')].label == decision.INCONCLUSIVE
+
+
+def test_claim_2_is_inconclusive_when_its_measure_does_not_flag_the_failed_arm():
+  effects = {1: 0.1, 2: 2.0, 3: 0.1, 4: 0.1}
+  flagged = _verdicts(_rows(effects, fail=(('plain', 'lecun-none'), -3.0)))[(2, 'roads')]
+  assert flagged.label == decision.SUPPORTED and not flagged.reason
+  missed = _verdicts(_rows(effects, fail=(('plain', 'lecun-none'), -0.95)))  # above plain's trained -1.0
+  assert missed[(2, 'roads')].label == decision.INCONCLUSIVE
+  assert missed[(2, 'roads')].decided.verdict == decision.SUPPORTED  # what the test alone said
+  assert missed[(2, 'roads')].reason == 'the measure does not flag the failed arm'
+  assert missed[(1, 'roads')].label == decision.SUPPORTED  # the other claims keep theirs
+  check = analysis.validity(_rows(effects, fail=(('plain', 'lecun-none'), -0.95)), DATASETS[0])
+  assert check.failed == {'plain lecun-none': -0.95} and len(check.trained) == 11 and not check.valid
+  assert analysis.validity(_rows(effects), DATASETS[0]).valid  # nothing failed: nothing to flag
+
+
+def test_the_verdicts_are_recomputed_from_the_written_csv(tmp_path):
+  rows = _rows({1: 0.1, 2: 0.0, 3: -0.1, 4: 0.0}, noise=0.003)
+  names = list(dict.fromkeys(key for row in rows for key in row))
+  with (tmp_path / 'results.csv').open('w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=[*names, 'val_curve'])
+    writer.writeheader()
+    writer.writerows({**row, 'val_curve': json.dumps([])} for row in rows)
+  back = protocol.read_rows(tmp_path / 'results.csv')
+  assert [v.label for v in analysis.decisions(back)] == [v.label for v in analysis.decisions(rows)]
+  labels = {key: v.label for key, v in _verdicts(back).items()}
+  assert labels[(1, 'roads')] == decision.SUPPORTED and labels[(3, 'cells')] == decision.NOT_SUPPORTED
+  assert labels[(2, 'roads')] == 'equivalent within +-0.3'

@@ -1,0 +1,286 @@
+"""The staged study (ablation.protocol): its choices, stages, cuts, configs; and its per-run measures."""
+
+import dataclasses
+import json
+import pathlib
+import runpy
+
+import jax
+import numpy as np
+import pytest
+
+from resunet_jax import configs
+from resunet_jax.ablation import measures, protocol, runner
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _study_config():
+  return runpy.run_path(str(ROOT / 'experiments/configs/ablate_study.py'))['get_config']()
+
+
+def _result(final_dice: float, wall_s: float = 0.0, steps: int = 300) -> runner.Result:
+  return runner.Result(
+    'id',
+    'data',
+    False,
+    '1111',
+    4,
+    0,
+    steps,
+    {},
+    [(steps // 2, final_dice / 2), (steps, final_dice)],
+    [],
+    {},
+    {},
+    wall_s,
+  )
+
+
+def _tuned(settings, base, score):
+  """Tuning results: `score(run)` is each run's final validation Dice."""
+  return {run: _result(score(run), wall_s=30.0) for run in protocol.tune_runs(settings, base)}
+
+
+def test_choose_takes_the_best_validation_dice_and_breaks_ties_by_rate_then_recipe():
+  settings = protocol.section()
+  run = protocol.Run('d', 'plain', 'he-none', 'all', 4, 8, 1e-3, 300, 1000)
+
+  def at(recipe, lr):
+    return dataclasses.replace(run, recipe=recipe, learning_rate=lr)
+
+  results = {at('he-none', 1e-3): _result(0.70), at('he-group', 3e-3): _result(0.80)}
+  assert protocol.choose(results, settings) == ('he-group', 3e-3)
+  results[at('he-batch', 1e-3)] = _result(0.797)  # a tie: the smaller rate wins
+  assert protocol.choose(results, settings) == ('he-batch', 1e-3)
+  results[at('lecun-none', 1e-3)] = _result(0.796)  # same rate: the earlier recipe wins
+  assert protocol.choose(results, settings) == ('lecun-none', 1e-3)
+  results[at('lecun-none', 3e-4)] = _result(0.5)  # outside the tie: not chosen for its rate
+  assert protocol.choose(results, settings) == ('lecun-none', 1e-3)
+  assert protocol.choose(results, settings, recipes=('he-none',)) == ('he-none', 1e-3)
+
+
+def test_plateau_is_the_first_budget_every_arm_is_within_tolerance_of_its_longest():
+  curves = {
+    'a': {300: [0.70, 0.72], 1000: [0.80, 0.80], 3000: [0.805, 0.81]},
+    'b': {300: [0.5], 1000: [0.6], 3000: [0.6]},
+  }
+  assert protocol.plateau(curves, (300, 1000, 3000), 0.01) == 1000
+  curves['b'][1000] = [0.58]
+  assert protocol.plateau(curves, (300, 1000, 3000), 0.01) == 3000
+  assert protocol.plateau(curves, (300, 1000, 3000), 0.5) == 300
+
+
+def test_run_config_sets_the_arm_and_every_run_has_its_own_folder(tfds_dir):
+  config = _study_config()
+  config.data.data_dir = tfds_dir
+  base = protocol.base_config(config)
+  run = protocol.Run('synthetic_cells/size32', 'identity', 'he-group', 'none', 4, 8, 3e-3, 1000, 7)
+  run_config = run.config(base)
+  model = configs.resolve_model(run_config.preset, run_config.model)
+  assert (model.residual, model.shortcut, model.init, model.norm, model.skips) == (
+    True,
+    'identity',
+    'he',
+    'group',
+    '0000',
+  )
+  assert (run_config.seed, run_config.train.learning_rate, run_config.train.num_steps) == (7, 3e-3, 1000)
+  assert run_config.data.name == 'synthetic_cells/size32' and run_config.data.image_size == 32
+  wide = protocol.Run('synthetic_roads/small', 'plain-wide', 'lecun-none', 'all', 4, 11, 1e-3, 300, 0).config(base)
+  assert (wide.model.residual, wide.model.base_width, wide.model.skips) == (False, 11, '1111')
+  folders = {
+    runner.run_dir(protocol.Run('synthetic_roads/small', 'plain', 'he-none', 'all', 4, 8, lr, 300, 0).config(base), 'r')
+    for lr in (1e-3, 3e-3)
+  }
+  assert len(folders) == 2
+
+
+def test_stages_follow_the_plan_and_the_cuts_apply_in_order(tfds_dir):
+  config = _study_config()
+  config.data.data_dir = tfds_dir
+  settings = config.ablation.protocol
+  settings.datasets = ('synthetic_roads/small', 'synthetic_cells/small')  # built already; counts do not depend on size
+  base = protocol.base_config(config)
+  tuned = _tuned(settings, base, lambda run: 0.5 + run.learning_rate)  # the largest rate wins everywhere
+  assert len(tuned) == 2 * 3 * 2 * 4 * 4  # datasets x blocks x skips x recipes x rates, 1 seed
+  plan = protocol.plan_from_tuning(settings, base, tuned)
+  assert set(plan.choice.values()) == {('lecun-none', 1e-2)}
+  # 30 s per 300-step run is 0.1 s per member-step: the rest needs far more than 150 minutes
+  assert plan.cuts == list(protocol.CUTS) and plan.projected_minutes > settings.budget_minutes
+  pilot = protocol.stage_runs('pilot', settings, base, plan)
+  longest = [run for run in pilot if run.steps == 3000]
+  assert len(pilot) == 2 * 4 * (2 + 2 + 1) and {run.seed for run in longest} == {1000}
+  assert {run.seed for run in pilot} == {1000, 1001} and all(run.block in protocol.PRIMARY_BLOCKS for run in pilot)
+  with pytest.raises(ValueError, match='plateau budget'):
+    protocol.stage_runs('primary', settings, base, plan)
+  plan.budget = 1000
+  primary = protocol.stage_runs('primary', settings, base, plan)
+  assert len(primary) == 2 * 4 * 10 and {run.steps for run in primary} == {1000}
+  assert {run.seed for run in primary} == set(range(10))
+  secondary = protocol.stage_runs('secondary', settings, base, plan)
+  lecun = [run for run in secondary if run.block in protocol.PRIMARY_BLOCKS]
+  assert {run.data for run in lecun} == {settings.datasets[0]}  # cut 2
+  wide = {run.width for run in secondary if run.block == 'plain-wide'}
+  (width,) = wide
+  identity = protocol.param_count(
+    protocol.Run(settings.datasets[0], 'identity', 'he-none', 'all', 4, 8, 1e-3, 1000, 0), base
+  )
+
+  def gap(w):
+    run = protocol.Run(settings.datasets[0], 'plain-wide', 'he-none', 'all', 4, w, 1e-3, 1000, 0)
+    return abs(protocol.param_count(run, base) - identity)
+
+  # the closest integer width; at base 8 that is 8 itself (491,137 and 621,460 at 9 against 519,089)
+  assert all(gap(width) <= gap(w) for w in range(8, 17))
+  depth = protocol.stage_runs('depth', settings, base, plan)
+  assert {run.data for run in depth} == {settings.datasets[0]}  # cut 3
+  for run in depth:  # each block within tolerance of its own depth-4 network
+    assert run.skips == 'none' and run.depth in (2, 3, 5)
+    own = protocol.param_count(dataclasses.replace(run, depth=4, width=8), base)
+    assert abs(protocol.param_count(run, base) / own - 1) < settings.depth_param_tolerance
+  settings.budget_minutes = 1e9
+  assert protocol.plan_from_tuning(settings, base, tuned).cuts == []
+
+
+def test_image_scores_on_hand_made_masks():
+  truth = np.zeros((16, 16), bool)
+  truth[4:12, 4:12] = True
+  perfect = measures.image_scores(truth, truth)
+  assert perfect['dice'] == 1.0 and perfect['hd95'] == 0.0 and perfect['empty'] == 0.0
+  assert all(perfect[f'boundary_f1_{t}px'] == 1.0 for t in measures.TOLERANCES)
+  assert perfect['band_error'] == 0.0 and perfect['interior_error'] == 0.0
+  shifted = np.roll(truth, 1, axis=1)
+  scores = measures.image_scores(shifted, truth)
+  assert scores['boundary_f1_0px'] < 1.0 and scores['boundary_f1_1px'] == 1.0
+  assert scores['band_error'] > 0 and scores['interior_error'] == 0.0  # every wrong pixel is on an edge
+  empty = measures.image_scores(np.zeros_like(truth), truth)
+  assert empty['empty'] == 1.0 and np.isnan(empty['hd95']) and empty['dice'] == 0.0
+
+
+def test_dead_fraction_counts_channels_zero_everywhere():
+  alive = np.ones((2, 4, 4, 3))
+  dead = np.zeros((2, 4, 4, 3))
+  dead[..., 0] = 1.0  # one of three channels fires somewhere
+  intermediates = {
+    'enc_0': {'conv2': {'__call__': (alive,)}},
+    'dec_0': {'conv2': {'__call__': (dead,)}},
+    '__call__': (),
+  }
+  assert measures._dead_fraction(intermediates, 'none') == pytest.approx(2 / 6)
+
+
+def test_initial_gradients_are_those_of_the_runs_first_step(tfds_dir):
+  from resunet_jax import losses
+  from resunet_jax.training import loop, steps
+
+  config = runpy.run_path(str(ROOT / 'experiments/configs/quick.py'))['get_config']()
+  config.data.data_dir = tfds_dir
+  out = measures.initial(config)
+  model_config, info, _ = loop.resolve(config)
+  state = measures._init_state(config, model_config, info)
+  weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
+  _, step_metrics = steps.train_step(state, measures._first_batch(config), loss_weights=weights)
+  for name in ('enc_0', 'dec_0', 'bottleneck'):
+    count = sum(int(leaf.size) for leaf in jax.tree.leaves(state.params[name]))
+    assert out[f'grad_rms/{name}'] == pytest.approx(float(step_metrics[f'grad_norm/{name}']) / np.sqrt(count), rel=1e-5)
+  assert out['log10_grad_ratio'] == pytest.approx(np.log10(out['grad_rms/enc_0'] / out['grad_rms/dec_0']))
+  assert out['logit_std'] > 0 and 0 <= out['dead_relu'] <= 1
+
+
+def _quick_study(tfds_dir, output):
+  config = runpy.run_path(str(ROOT / 'experiments/configs/ablate_study_quick.py'))['get_config']()
+  config.data.data_dir = tfds_dir
+  config.ablation.compilation_cache = False
+  config.ablation.protocol.output = str(output)
+  return config
+
+
+def test_a_results_row_gives_back_the_whole_result(tmp_path):
+  config = _study_config()
+  run = protocol.Run('synthetic_cells/size32', 'identity', 'he-group', 'none', 4, 8, 3e-3, 1000, 7)
+  result = runner.Result(
+    'abc123',
+    'synthetic_cells/size32',
+    True,
+    '0000',
+    4,
+    7,
+    1000,
+    {'dice': 0.8125, 'hd95': float('nan')},
+    [(50, 0.1), (1000, 1 / 3)],
+    [],
+    {'enc_0': 10, 'dec_0': 5},
+    {'residual': {'labels': ['none', 'all'], 'scales': [[1.0], [0.0]], 'dice': [0.8, 0.1]}},
+    12.5,
+    {'update/enc_0': 0.25, 'boundary_f1_1px': 0.6},
+  )
+  paths = protocol.write({'primary': {run: result}}, None, config, tmp_path, command='x')
+  assert not paths['plan'].exists()  # no plan before the tuning stage has made one
+  (row,) = protocol.read_rows(paths['results'])
+  assert (row['stage'], row['arm'], row['params'], row['failed']) == ('primary', 'identity-none', 15, 0)
+  back = protocol.result_from_row(row)
+  assert np.isnan(back.test.pop('hd95')) and np.isnan(result.test.pop('hd95'))
+  assert back == result  # exactly: floats round-trip through the CSV
+  (tmp_path / 'results.csv').write_text('stage,run_id\ntune,x\n')
+  with pytest.raises(protocol.UserError, match='line 2: no val_curve'):
+    protocol.read_rows(tmp_path / 'results.csv')
+
+
+def _fake_population(calls, fail_after=None):
+  """`runner.run_population` without training: Dice from the recipe and rate, result.json as the real one."""
+
+  def run_population(config, runs, root, *, knockouts, measure):
+    if fail_after is not None and len(calls) >= fail_after:
+      raise RuntimeError('killed')
+    calls.append(len(runs))
+    out = []
+    for run_config in runs:
+      path = runner.run_dir(run_config, root) / 'result.json'
+      lr, steps = float(run_config.train.learning_rate), int(run_config.train.num_steps)
+      dice = 0.5 + lr + 0.01 * (run_config.model.norm == 'group') + steps / 100 + 1e-3 * run_config.seed
+      result = runner.Result(
+        path.parent.name, run_config.data.name, bool(run_config.model.residual), run_config.model.skips,
+        int(run_config.model.depth), int(run_config.seed),
+        steps, {'dice': dice - 0.01}, [(steps // 2, dice / 2), (steps, dice)], [], {'enc_0': 3}, {}, 1.0,
+        {'update/enc_0': lr},
+      )  # fmt: skip
+      path.parent.mkdir(parents=True, exist_ok=True)
+      result.save(path)
+      out.append(result)
+    return out
+
+  return run_population
+
+
+def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir(tfds_dir, tmp_path, monkeypatch):
+  output = tmp_path / 'committed'
+  config = _quick_study(tfds_dir, output)
+  calls, initialised = [], []
+
+  def initial(run_config):
+    initialised.append(int(run_config.seed))
+    return {'log10_grad_ratio': -0.5 * run_config.model.residual + 1e-3 * run_config.seed}
+
+  monkeypatch.setattr(measures, 'initial', initial)
+  monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=5))
+  with pytest.raises(RuntimeError, match='killed'):
+    protocol.run(config, tmp_path / 'first', command='c')
+  assert len(protocol.read_rows(output / 'results.csv')) == sum(calls) > 0  # every finished population is kept
+  monkeypatch.setattr(runner, 'run_population', _fake_population(calls))
+  stages, plan = protocol.run(config, tmp_path / 'second', command='c')  # an empty workdir: the table seeds it
+  trained = sum(calls)
+  table = (output / 'results.csv').read_text()
+  trained_ids = {row['run_id'] for row in protocol.read_rows(output / 'results.csv') if row['stage'] != 'initial'}
+  assert trained == len(trained_ids)  # each run trained once
+  assert (
+    set(stages) == {*protocol.STAGES, 'initial'} and plan.budget == 6 and json.loads((output / 'plan.json').read_text())
+  )
+  # initial: 3 blocks x 2 recipes at the tuning seed; plain and identity under 'lecun-none' and their choice ('he-group')
+  assert sorted(initialised) == [0] * 4 + [1] * 4 + [1000] * 6
+  rows = protocol.read_rows(output / 'results.csv')
+  assert sum(row['stage'] == 'initial' for row in rows) == len(initialised)
+  monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=0))  # nothing left to train
+  again, _ = protocol.run(config, tmp_path / 'third', command='c')
+  assert (output / 'results.csv').read_text() == table
+  assert again == stages and len(initialised) == 14  # nothing measured again either
