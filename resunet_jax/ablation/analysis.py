@@ -252,3 +252,159 @@ def headline(rows: Sequence[dict]) -> dict[str, dict[str, stats.Interval]]:
       'depth_slope': claim4(rows, data).interval(),
     }
   return out
+
+
+# ---- the report ----
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+  return 'n/a' if value is None or not math.isfinite(value) else f'{value:.{digits}f}'
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+  return [
+    '| ' + ' | '.join(header) + ' |',
+    '|' + '---|' * len(header),
+    *('| ' + ' | '.join(row) + ' |' for row in body),
+  ]
+
+
+def tuning_table(rows: Sequence[dict], data: str) -> list[str]:
+  """The robustness curve of one dataset: final validation Dice of every (block, skips) arm at
+  every recipe and learning rate of the tuning stage; the chosen setting in bold."""
+  tune = [row for row in rows if row['stage'] == 'tune' and row['data'] == data]
+  if not tune:
+    return []
+  rates = sorted({row['learning_rate'] for row in tune})
+  recipes = list(dict.fromkeys(row['recipe'] for row in tune))
+  arms = list(dict.fromkeys(row['arm'] for row in tune))
+  chosen = {
+    (row['arm'], row['recipe'], row['learning_rate'])
+    for row in rows
+    if row['stage'] == 'primary' and row['data'] == data
+  }
+  body = []
+  for arm in arms:
+    for recipe in recipes:
+      cells = []
+      for rate in rates:
+        found = [r for r in tune if (r['arm'], r['recipe'], r['learning_rate']) == (arm, recipe, rate)]
+        cell = _fmt(found[0]['val_dice']) if found else '-'
+        cells.append(f'**{cell}**' if (arm, recipe, rate) in chosen else cell)
+      body.append([f'`{arm}`', recipe, *cells])
+  return _table(['arm', 'recipe', *(f'lr {rate:g}' for rate in rates)], body)
+
+
+def pilot_table(rows: Sequence[dict], data: str) -> list[str]:
+  """Mean final validation Dice and test Dice of each primary arm at each pilot budget."""
+  pilot = [row for row in rows if row['stage'] == 'pilot' and row['data'] == data]
+  if not pilot:
+    return []
+  budgets = sorted({row['steps'] for row in pilot})
+  body = []
+  for arm in dict.fromkeys(row['arm'] for row in pilot):
+    cells = []
+    for budget in budgets:
+      at = [row for row in pilot if row['arm'] == arm and row['steps'] == budget]
+      val = np.mean([row['val_dice'] for row in at]) if at else float('nan')
+      test = np.mean([row['test_dice'] for row in at if 'test_dice' in row]) if at else float('nan')
+      cells.append(f'{_fmt(val)} / {_fmt(test)} (n={len(at)})')
+    body.append([f'`{arm}`', *cells])
+  return _table(['arm', *(f'{b} steps: val / test Dice' for b in budgets)], body)
+
+
+def markdown(rows: Sequence[dict], *, progress: dict[str, tuple[int, int | None]], plan: dict, final: bool) -> str:
+  """The study's report.md from its rows.
+
+  Args:
+    rows: the study's results.csv rows (`protocol.read_rows`).
+    progress: stage -> (runs done, runs planned or None before the plan makes them).
+    plan: plan.json's content (choices, cuts, B), or {} before the tuning stage ends.
+    final: every stage is complete. Verdicts are printed only then (the protocol's stopping
+      rule: no interim analysis).
+  """
+  trained = [row for row in rows if row['stage'] != 'initial']
+  hours = sum(row.get('wall_s', 0.0) for row in {row['run_id']: row for row in trained}.values()) / 3600
+  lines = [
+    '# The skip/residual study (docs/ablation/PROTOCOL.md)',
+    '',
+    f'Command: `{plan.get("command", "python experiments/ablate.py --config=experiments/configs/ablate_study.py")}`',
+    '',
+    f'Compute so far: {hours:.2f} h of training and measurement (the sum over finished runs).',
+    '',
+    '| stage | runs done | planned |',
+    '|---|---|---|',
+    *(f'| {stage} | {done} | {"-" if planned is None else planned} |' for stage, (done, planned) in progress.items()),
+    '',
+  ]
+  if plan:
+    lines += [
+      f'Cuts (PROTOCOL.md, "Compute budget"): {"; ".join(plan.get("cuts") or []) or "none"}; '
+      f'projected rest after tuning: {plan.get("projected_minutes", float("nan")):.0f} min. '
+      f'Plateau budget B: {plan.get("budget") or "not fixed yet (the pilot is not complete)"}.',
+      '',
+    ]
+  if final:
+    lines += ['## Verdicts', '', *verdict_lines(rows), '']
+  else:
+    lines += [
+      '## Verdicts',
+      '',
+      'None yet: the protocol computes them once, when the primary and depth stages are complete '
+      '(no interim analysis). The tables below are the tuning and pilot stages, which choose settings '
+      'and carry no verdict.',
+      '',
+    ]
+  for data in datasets(rows):
+    lines += [f'## {short(data)}', '']
+    table = tuning_table(rows, data)
+    if table:
+      lines += [
+        'Tuning (seed 1000, the shortest budget): final validation Dice of each arm at each recipe and '
+        'peak learning rate, the robustness curve; bold: the setting chosen for the later stages.',
+        '',
+        *table,
+        '',
+      ]
+    table = pilot_table(rows, data)
+    if table:
+      lines += ['Pilot (seeds 1000+): mean final validation / test Dice per budget.', '', *table, '']
+    failed = [(key, counts) for key, counts in failures(rows).items() if key[1] == data and counts[0]]
+    if failed:
+      lines += [
+        'Runs that failed to train (final validation Dice below 0.05): '
+        + '; '.join(f'{stage} `{arm}`: {f}/{n}' for (stage, _, arm), (f, n) in failed)
+        + '.',
+        '',
+      ]
+  return '\n'.join(lines)
+
+
+def verdict_lines(rows: Sequence[dict]) -> list[str]:
+  """The verdict table and the headline numbers."""
+  body = []
+  verdicts = decisions(rows)
+  for verdict in verdicts:
+    d = verdict.decided
+    body.append(
+      [
+        f'{verdict.claim}: {CLAIMS[verdict.claim]}',
+        short(verdict.data),
+        d.effect.format(3) if d.effect.n > 1 else _fmt(d.effect.mean),
+        f'{d.p_claim:.3g}',
+        f'{d.p_opposite:.3g}',
+        f'{d.p_equivalence:.3g}',
+        f'**{verdict.label}**' + (f' ({verdict.reason})' if verdict.reason else ''),
+      ]
+    )
+  lines = _table(['claim', 'data', 'effect [95% CI]', 'p claim', 'p opposite', 'p equivalence', 'verdict'], body)
+  lines += ['', f'p-values are one-sided and Holm-adjusted over the {len(verdicts)} endpoints.', '']
+  for name, numbers in headline(rows).items():
+    lines.append(
+      f'- {name}: residual minus plain test Dice {numbers["gain_all_skips"].format()} with skips, '
+      f'{numbers["gain_no_skips"].format()} without; plain without skips {numbers["plain_no_skips_dice"].format()} '
+      f'(logit std at initialisation {numbers["plain_no_skips_logit_std"].format()}, dead ReLU fraction '
+      f'{numbers["plain_no_skips_dead_relu"].format()}); depth slope of the residual gain '
+      f'{numbers["depth_slope"].format(4)} per level.'
+    )
+  return lines

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import os
@@ -37,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from resunet_jax import configs, models
-from resunet_jax.ablation import grid, measures, runner, stats
+from resunet_jax.ablation import analysis, grid, measures, runner, stats
 from resunet_jax.errors import UserError
 from resunet_jax.training import loop, reporting
 
@@ -478,13 +479,14 @@ def run(
   if config.ablation.compilation_cache:
     runner._use_compilation_cache(root / 'compilation_cache')  # noqa: SLF001
   stages: dict[str, dict[Run, runner.Result]] = {}
+  planned: dict[str, int] = {}
   plan: Plan | None = None
 
-  def save() -> None:
-    write(stages, plan, config, output, command=command)
+  def save(final: bool = False) -> None:
+    write(stages, plan, config, output, command=command, planned=planned, final=final)
 
   def stage(name: str, runs: Sequence[Run], *, knockouts: bool) -> dict[Run, runner.Result]:
-    stages[name] = {}
+    stages[name], planned[name] = {}, len(set(runs))
     return train(runs, base, root, knockouts=knockouts, label=name, committed=committed, into=stages[name], saved=save)
 
   with runner.sigterm_stops():  # SIGTERM: the study stops after (or inside) the current population
@@ -494,10 +496,9 @@ def run(
       cuts = '; '.join(plan.cuts) or 'none'
       minutes = f'{plan.projected_minutes:.0f} min (budget {settings.budget_minutes:g})'
       print(f'projected rest of the study: {minutes}; cuts: {cuts}')
-    stages['initial'] = {}
-    measure_initial(
-      initial_runs(settings, base, plan), base, root, committed=initial, into=stages['initial'], saved=save
-    )
+    networks = initial_runs(settings, base, plan)
+    stages['initial'], planned['initial'] = {}, len(set(networks))
+    measure_initial(networks, base, root, committed=initial, into=stages['initial'], saved=save)
     stage('pilot', stage_runs('pilot', settings, base, plan), knockouts=False)
     arms: dict[tuple, dict[int, list[float]]] = {}
     for run_, result in stages['pilot'].items():
@@ -512,7 +513,7 @@ def run(
       print(f'plateau budget B = {plan.budget} steps')
     for name in STAGES[2:]:
       stage(name, stage_runs(name, settings, base, plan), knockouts=True)
-    save()
+    save(final=True)
   return stages, plan
 
 
@@ -643,23 +644,43 @@ def result_from_row(row: dict) -> runner.Result:
   )
 
 
-def write(stages, plan: Plan | None, config, output: str | pathlib.Path, *, command: str) -> dict[str, pathlib.Path]:
-  """Writes the study's `results.csv` (every stage's rows so far) and `plan.json` (once the
-  tuning stage has made the plan) into the folder `output`, each file replaced atomically."""
+def write(
+  stages,
+  plan: Plan | None,
+  config,
+  output: str | pathlib.Path,
+  *,
+  command: str,
+  planned: dict[str, int] | None = None,
+  final: bool = False,
+) -> dict[str, pathlib.Path]:
+  """Writes the study's `results.csv` (every stage's rows so far), `plan.json` (once the
+  tuning stage has made the plan) and `report.md` (`analysis.markdown`: verdicts only when
+  `final`) into the folder `output`, each file replaced atomically.
+
+  Args:
+    planned: stage -> its number of runs, for the stages started so far.
+  """
   output = pathlib.Path(output)
   settings = config.ablation.protocol
   table = rows(stages, settings)
-  paths = {'results': output / 'results.csv', 'plan': output / 'plan.json'}
+  paths = {'results': output / 'results.csv', 'plan': output / 'plan.json', 'report': output / 'report.md'}
   if jax.process_index() != 0:
     return paths
   output.mkdir(parents=True, exist_ok=True)
   names = [key for key in dict.fromkeys(key for row in table for key in row) if key not in JSON_KEYS]
-  temporary = paths['results'].with_suffix(f'.tmp{os.getpid()}')
-  with temporary.open('w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=[*names, *JSON_KEYS])
-    writer.writeheader()
-    writer.writerows(table)
-  os.replace(temporary, paths['results'])
+
+  def replace(path: pathlib.Path, text: str) -> None:
+    temporary = path.with_suffix(f'.tmp{os.getpid()}')
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+  buffer = io.StringIO(newline='')
+  writer = csv.DictWriter(buffer, fieldnames=[*names, *JSON_KEYS])
+  writer.writeheader()
+  writer.writerows(table)
+  replace(paths['results'], buffer.getvalue())
+  summary = {}
   if plan is not None:
     choice = {'/'.join(key): {'recipe': r, 'learning_rate': lr} for key, (r, lr) in plan.choice.items()}
     summary = {
@@ -669,5 +690,13 @@ def write(stages, plan: Plan | None, config, output: str | pathlib.Path, *, comm
       'projected_minutes': plan.projected_minutes,
       'budget': plan.budget,
     }
-    paths['plan'].write_text(json.dumps(summary, indent=1) + '\n')
+    replace(paths['plan'], json.dumps(summary, indent=1) + '\n')
+  progress = {
+    stage: (len(stages.get(stage, {})), (planned or {}).get(stage)) for stage in ('tune', 'initial', *STAGES[1:])
+  }
+  rows_back = read_rows(paths['results'])  # the report is what a reader recomputes from the table
+  replace(
+    paths['report'],
+    analysis.markdown(rows_back, progress=progress, plan=summary or {'command': command}, final=final) + '\n',
+  )
   return paths

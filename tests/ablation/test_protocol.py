@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resunet_jax import configs
-from resunet_jax.ablation import measures, protocol, runner
+from resunet_jax.ablation import analysis, measures, protocol, runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -267,6 +267,7 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   with pytest.raises(RuntimeError, match='killed'):
     protocol.run(config, tmp_path / 'first', command='c')
   assert len(protocol.read_rows(output / 'results.csv')) == sum(calls) > 0  # every finished population is kept
+  assert 'None yet' in (output / 'report.md').read_text()  # no interim verdicts
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls))
   stages, plan = protocol.run(config, tmp_path / 'second', command='c')  # an empty workdir: the table seeds it
   trained = sum(calls)
@@ -276,10 +277,16 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   assert (
     set(stages) == {*protocol.STAGES, 'initial'} and plan.budget == 6 and json.loads((output / 'plan.json').read_text())
   )
-  # initial: 3 blocks x 2 recipes at the tuning seed; plain and identity under 'lecun-none' and their choice ('he-group')
+  # initial: 3 blocks x 2 recipes at the tuning seed; plain and identity under 'lecun-none' and their choice
   assert sorted(initialised) == [0] * 4 + [1] * 4 + [1000] * 6
   rows = protocol.read_rows(output / 'results.csv')
   assert sum(row['stage'] == 'initial' for row in rows) == len(initialised)
+  report = (output / 'report.md').read_text()
+  verdicts = analysis.decisions(rows)
+  assert len(verdicts) == 4 and 'None yet' not in report  # 4 claims x 1 dataset, once every stage is done
+  for verdict in verdicts:
+    assert f'| {verdict.claim}: {analysis.CLAIMS[verdict.claim]} | roads |' in report
+    assert f'**{verdict.label}**' in report
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=0))  # nothing left to train
   again, _ = protocol.run(config, tmp_path / 'third', command='c')
   assert (output / 'results.csv').read_text() == table
