@@ -132,9 +132,17 @@ def image_scores(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
   return scores
 
 
-def edges(loaded: restore.LoadedRun, role: str = 'test') -> dict[str, float]:
+PER_IMAGE = ('dice', 'boundary_f1_1px')  # kept per image (`edges(per_image=True)`): the bootstrap's resampling unit
+
+
+def edges(loaded: restore.LoadedRun, role: str = 'test', *, per_image: bool = False) -> dict:
   """Means over the split's images of `image_scores` (HD95: the median over images with both a
-  non-empty prediction and truth; `empty`: the rate of empty predictions)."""
+  non-empty prediction and truth; `empty`: the rate of empty predictions).
+
+  With `per_image`, also `<name>_per_image` for each of `PER_IMAGE`: the list of the images'
+  values in the order of their ids (rounded to 6 digits), so that runs pair image by image
+  (the hierarchical bootstrap over seeds, then images).
+  """
   eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
   rows, ids, valid = [], [], []
   for batch, out in evaluation.map_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=role):
@@ -148,4 +156,7 @@ def edges(loaded: restore.LoadedRun, role: str = 'test') -> dict[str, float]:
   out = {name: float(np.nanmean(per_image[name])) for name in rows[0] if name != 'hd95'}
   hd95 = per_image['hd95'][~np.isnan(per_image['hd95'])]
   out['hd95_median'] = float(np.median(hd95)) if hd95.size else float('nan')
+  if per_image:
+    order = np.argsort(per_image['id'], kind='stable')
+    out.update({f'{name}_per_image': [round(float(v), 6) for v in per_image[name][order]] for name in PER_IMAGE})
   return out

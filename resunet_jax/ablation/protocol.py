@@ -375,9 +375,10 @@ def measure_initial(
 # ---- training ----
 
 
-def measure(loaded, run_config) -> dict[str, float]:
-  """The study's per-run measures (`measures.edges`; `measures.updates` without long skips)."""
-  out = measures.edges(loaded, 'test')
+def measure(loaded, run_config) -> dict:
+  """The study's per-run measures (`measures.edges` with per-image values; `measures.updates`
+  without long skips)."""
+  out = measures.edges(loaded, 'test', per_image=True)
   if '1' not in run_config.model.skips:
     out.update(measures.updates(loaded, run_config))
   return out
@@ -541,7 +542,7 @@ ROW_KEYS = (
   'val_auc',
 )
 # Columns holding JSON (the rest of a `runner.Result`, so that a row is the whole finished run)
-JSON_KEYS = ('val_curve', 'param_counts', 'knockouts')
+JSON_KEYS = ('val_curve', 'param_counts', 'knockouts', *(f'{name}_per_image' for name in measures.PER_IMAGE))
 _TEXT_KEYS = ('stage', 'data', 'arm', 'block', 'recipe', 'skips', 'run_id')
 _INT_KEYS = ('depth', 'width', 'params', 'steps', 'seed', 'failed')
 
@@ -580,7 +581,7 @@ def rows(stages: dict[str, dict[Run, runner.Result]], settings) -> list[dict]:
       row['val_dice'] = final_validation(result)
       row['val_auc'] = auc(result)
       row.update({f'test_{name}': value for name, value in result.test.items()})
-      row.update(result.extra)
+      row.update({key: json.dumps(v) if isinstance(v, list) else v for key, v in result.extra.items()})
       row['wall_s'] = result.wall_s
       row['val_curve'] = json.dumps([[int(step), float(dice)] for step, dice in result.curve])
       row['param_counts'] = json.dumps(result.param_counts, sort_keys=True)
@@ -624,7 +625,7 @@ def read_rows(path: str | pathlib.Path) -> list[dict]:
 def result_from_row(row: dict) -> runner.Result:
   """The `runner.Result` of a finished run from its results.csv row (`read_rows`); its logged
   training gradients are not in the table and come back empty."""
-  known = set(ROW_KEYS) | set(JSON_KEYS) | {'wall_s'}
+  known = set(ROW_KEYS) | {'val_curve', 'param_counts', 'knockouts', 'wall_s'}
   depth = row['depth']
   return runner.Result(
     run_id=row['run_id'],

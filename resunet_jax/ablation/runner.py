@@ -54,7 +54,7 @@ class Result:
       give each level, level 0 first: '1' kept, '0' zeroed, '-' no skip in this arm.
     wall_s: seconds of the call that finished the run.
     extra: what the sweep's `measure` hook returned (`run_population`), e.g. the study's
-      `ablation.measures`; empty without one.
+      `ablation.measures` (numbers, and lists of per-image values); empty without one.
   """
 
   run_id: str
@@ -70,7 +70,7 @@ class Result:
   param_counts: dict[str, int]
   knockouts: dict[str, dict[str, list]]
   wall_s: float
-  extra: dict[str, float] = dataclasses.field(default_factory=dict)
+  extra: dict[str, float | list[float]] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def load(cls, path: pathlib.Path) -> Result:

@@ -213,7 +213,7 @@ def test_a_results_row_gives_back_the_whole_result(tmp_path):
     {'enc_0': 10, 'dec_0': 5},
     {'residual': {'labels': ['none', 'all'], 'scales': [[1.0], [0.0]], 'dice': [0.8, 0.1]}},
     12.5,
-    {'update/enc_0': 0.25, 'boundary_f1_1px': 0.6},
+    {'update/enc_0': 0.25, 'boundary_f1_1px': 0.6, 'dice_per_image': [0.5, 0.125, 1 / 3]},
   )
   paths = protocol.write({'primary': {run: result}}, None, config, tmp_path, command='x')
   assert not paths['plan'].exists()  # no plan before the tuning stage has made one
@@ -291,3 +291,15 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   again, _ = protocol.run(config, tmp_path / 'third', command='c')
   assert (output / 'results.csv').read_text() == table
   assert again == stages and len(initialised) == 14  # nothing measured again either
+
+
+def test_edges_keep_every_test_image(trained_run):
+  from resunet_jax.training import restore
+
+  workdir, _ = trained_run
+  loaded = restore.load_run(workdir, 'latest', 'stock')
+  out = measures.edges(loaded, 'test', per_image=True)
+  for name in measures.PER_IMAGE:
+    values = out[f'{name}_per_image']
+    assert len(values) == 16  # the small dataset's test split
+    assert np.mean(values) == pytest.approx(out[name], abs=1e-6)  # the mean is over the same images
