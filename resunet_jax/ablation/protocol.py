@@ -389,7 +389,7 @@ def train(
   base,
   root: pathlib.Path,
   *,
-  knockouts: bool,
+  knockouts: bool | str,
   label: str,
   committed: dict[str, dict] | None = None,
   into: dict[Run, runner.Result] | None = None,
@@ -486,7 +486,7 @@ def run(
   def save(final: bool = False) -> None:
     write(stages, plan, config, output, command=command, planned=planned, final=final)
 
-  def stage(name: str, runs: Sequence[Run], *, knockouts: bool) -> dict[Run, runner.Result]:
+  def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str) -> dict[Run, runner.Result]:
     stages[name], planned[name] = {}, len(set(runs))
     return train(runs, base, root, knockouts=knockouts, label=name, committed=committed, into=stages[name], saved=save)
 
@@ -513,7 +513,7 @@ def run(
     if jax.process_index() == 0:
       print(f'plateau budget B = {plan.budget} steps')
     for name in STAGES[2:]:
-      stage(name, stage_runs(name, settings, base, plan), knockouts=True)
+      stage(name, stage_runs(name, settings, base, plan), knockouts='study')
     save(final=True)
   return stages, plan
 

@@ -132,7 +132,7 @@ def residual_masks(depth: int) -> tuple[list[str], np.ndarray]:
 def knockout_dice(loaded: restore.LoadedRun, role: str, scales: dict[str, np.ndarray]) -> np.ndarray:
   """Mean Dice over the split `role` for each row of `scales` (see `steps.knockout_step`), `[M]`."""
   knockout_fn = parallel.compile_eval(steps.knockout_step, loaded.mesh, extra_args=1)
-  scales = {name: jnp.asarray(value) for name, value in scales.items()}
+  scales = jax.tree.map(jnp.asarray, scales)
   rows, valid, ids = [], [], []
   for batch, out in evaluation.map_split(
     knockout_fn, loaded.state, loaded.config, loaded.mesh, role=role, args=(scales,)
@@ -144,20 +144,56 @@ def knockout_dice(loaded: restore.LoadedRun, role: str, scales: dict[str, np.nda
   return per_image['dice'].mean(0)
 
 
-def _knockouts(loaded: restore.LoadedRun, role: str, model_config: models.ModelConfig) -> dict[str, dict[str, list]]:
-  """The knock-outs of `model_config`'s paths (the arm's: a plain stand-in has no residual ones)."""
+def skip_means(loaded: restore.LoadedRun, role: str = 'train') -> list[np.ndarray]:
+  """Each level's skip tensor averaged over the split's images and pixels, `[C_level]` float32,
+  level 0 first (`steps.skip_means_step`): the fill of a mean-ablation."""
+  means_fn = parallel.compile_eval(steps.skip_means_step, loaded.mesh)
+  rows: dict[str, list] = {}
+  valid, ids = [], []
+  for batch, out in evaluation.map_split(means_fn, loaded.state, loaded.config, loaded.mesh, role=role):
+    for name, value in out.items():
+      rows.setdefault(name, []).append(value)
+    valid.append(batch['valid'])
+    ids.extend(str(i) for i in batch['id'])
+  table = evaluation.gather_rows(
+    {**{k: np.concatenate(v) for k, v in rows.items()}, 'valid': np.concatenate(valid)}, ids
+  )
+  return [table[f'skip_{level}'].mean(0).astype(np.float32) for level in range(len(rows))]
+
+
+def _knockouts(
+  loaded: restore.LoadedRun, role: str, model_config: models.ModelConfig, *, study: bool = False
+) -> dict[str, dict[str, list]]:
+  """The knock-outs of `model_config`'s paths (the arm's: a plain stand-in has no residual ones).
+
+  `skip`: each skip mask with the knocked-out skips zeroed; `residual`: each block's shortcut
+  zeroed. With `study`, also `skip_mean` (the same masks, the skips replaced by their mean over
+  the training split, `skip_means`) and `branch` (each block's residual branch deleted, its
+  shortcut kept: Veit et al. 2016), and every kind scored on the validation split as well
+  (`val_dice`), where the report chooses masks before reading their test scores.
+  """
   out: dict[str, dict[str, list]] = {}
+  roles = {'dice': role, 'val_dice': 'validation'} if study else {'dice': role}
+
+  def score(kind, labels, masks, **extra):
+    out[kind] = {'labels': labels, 'scales': masks.tolist()}
+    for key, split in roles.items():
+      out[kind][key] = knockout_dice(loaded, split, {**extra}).tolist()
+
   present = np.asarray(model_config.skip_levels)
   if present.any():
     masks = skip_masks(model_config.depth)
     masks = masks[(masks[:, ~present] == 1).all(1)]  # a level without a skip ignores its scale
     labels = [''.join(('1' if v else '0') if p else '-' for v, p in zip(row, present, strict=True)) for row in masks]
-    dice = knockout_dice(loaded, role, {'skip_scale': masks})
-    out['skip'] = {'labels': labels, 'scales': masks.tolist(), 'dice': dice.tolist()}
+    score('skip', labels, masks, skip_scale=masks)
+    if study:
+      fill = [np.broadcast_to(mean, (len(masks), mean.size)) for mean in skip_means(loaded)]
+      score('skip_mean', labels, masks, skip_scale=masks, skip_fill=fill)
   if model_config.residual:
     labels, masks = residual_masks(model_config.depth)
-    dice = knockout_dice(loaded, role, {'residual_scale': masks})
-    out['residual'] = {'labels': labels, 'scales': masks.tolist(), 'dice': dice.tolist()}
+    score('residual', labels, masks, residual_scale=masks)
+    if study:
+      score('branch', labels, masks, branch_scale=masks)
   return out
 
 
@@ -197,7 +233,13 @@ def _read(path: pathlib.Path) -> Result | None:
 
 
 def run_population(
-  config, runs: list, root: str | pathlib.Path, *, test_split: str = 'test', knockouts: bool = True, measure=None
+  config,
+  runs: list,
+  root: str | pathlib.Path,
+  *,
+  test_split: str = 'test',
+  knockouts: bool | str = True,
+  measure=None,
 ) -> list[Result]:
   """Trains `config`'s population and measures each member as the run it stands for.
 
@@ -208,7 +250,9 @@ def run_population(
       model is what the member is measured as (a plain arm's knock-outs and parameter counts).
     root: the sweep folder.
     test_split: the split of the final metrics and the knock-outs.
-    knockouts: measure the knock-outs (False leaves `Result.knockouts` empty).
+    knockouts: measure the knock-outs: True the zeroed skips and shortcuts on `test_split`,
+      'study' every kind of `_knockouts(study=True)` on validation and `test_split` as well,
+      False none (`Result.knockouts` empty).
     measure: None, or `measure(loaded, run_config) -> dict[str, float]` (the member's
       `restore.LoadedRun` of its final weights), stored as `Result.extra`.
 
@@ -260,7 +304,7 @@ def run_population(
         if r['split'] == 'train'
       ],
       param_counts=counts,
-      knockouts=_knockouts(loaded, test_split, arm_model) if knockouts else {},
+      knockouts=_knockouts(loaded, test_split, arm_model, study=knockouts == 'study') if knockouts else {},
       wall_s=0.0,
       extra=measure(loaded, run_config) if measure else {},
     )

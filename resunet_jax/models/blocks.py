@@ -111,7 +111,12 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, train: bool, residual_scale: jax.Array | None = None, skip: jax.Array | None = None
+    self,
+    x: jax.Array,
+    train: bool,
+    residual_scale: jax.Array | None = None,
+    skip: jax.Array | None = None,
+    branch_scale: jax.Array | None = None,
   ) -> jax.Array:
     """Applies the block.
 
@@ -120,6 +125,8 @@ class ConvBlock(nn.Module):
       train: BatchNorm mode. Positional so that `nn.remat` can mark it static.
       residual_scale: scalar multiplier on the shortcut (apply-time knock-out); None is 1.
       skip: decoder blocks: `[B, 2H, 2W, C_skip]` concatenated after the upsampled `x`, or None.
+      branch_scale: scalar multiplier on the residual branch (apply-time knock-out: 0 keeps the
+        shortcut alone); None is 1.
 
     Returns:
       `[B, H / stride, W / stride, features]` in `dtype` (`2H, 2W` for a decoder block).
@@ -207,4 +214,6 @@ class ConvBlock(nn.Module):
       shortcut = u if self.preact else block_input()
     if residual_scale is not None:
       shortcut = shortcut * jnp.asarray(residual_scale, shortcut.dtype)
+    if branch_scale is not None:
+      h = h * jnp.asarray(branch_scale, h.dtype)
     return h + shortcut

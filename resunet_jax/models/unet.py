@@ -31,6 +31,8 @@ statistics live in `batch_stats` and are not.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,6 +100,8 @@ class UNet(nn.Module):
     train: bool,
     skip_scale: jax.Array | None = None,
     residual_scale: jax.Array | None = None,
+    branch_scale: jax.Array | None = None,
+    skip_fill: Sequence[jax.Array] | None = None,
   ) -> jax.Array:
     """Maps images to per-pixel logits.
 
@@ -114,6 +118,13 @@ class UNet(nn.Module):
         equals its output width, so it has an identity shortcut where this one projects.
       residual_scale: `[2 * depth + 1]` multipliers on each block's shortcut, in
         `block_names` order. Only for `residual=True`. None means all ones.
+      branch_scale: `[2 * depth + 1]` multipliers on each block's residual branch (its
+        convolutions), in `block_names` order: 0 deletes the branch and keeps the shortcut,
+        the lesion of Veit et al. (NeurIPS 2016). Only for `residual=True`. None means all ones.
+      skip_fill: None, or one `[C_level]` vector per level (level 0 first, the skip's
+        channels): what `skip_scale` scales towards. The decoder then reads
+        `s * skip + (1 - s) * fill` (broadcast over batch and pixels), so a 0 replaces the skip
+        by the fill, e.g. its mean over the training set (a mean-ablation), instead of by zeros.
 
     Returns:
       logits: `[B, H, W, num_classes]` float32.
@@ -126,6 +137,17 @@ class UNet(nn.Module):
     if residual_scale is not None and not cfg.residual:
       raise ValueError('residual_scale was given but the model has residual=False (no shortcuts to scale)')
     residual_scale = _check_scale('residual_scale', residual_scale, len(names), 'block')
+    if branch_scale is not None and not cfg.residual:
+      raise ValueError('branch_scale was given but the model has residual=False (no branch beside a shortcut)')
+    branch_scale = _check_scale('branch_scale', branch_scale, len(names), 'block')
+    widths = cfg.widths()
+    if skip_fill is not None:
+      shapes = [tuple(jnp.shape(fill)) for fill in skip_fill]
+      if shapes != [(widths[level],) for level in range(cfg.depth)]:
+        raise ValueError(
+          f'skip_fill has shapes {shapes}; it needs one vector per level of the skip widths '
+          f'{[(widths[level],) for level in range(cfg.depth)]}'
+        )
 
     block_cls = nn.remat(blocks.ConvBlock, static_argnums=(2,)) if cfg.remat else blocks.ConvBlock
     stride_down = cfg.downsample == 'stride'
@@ -148,10 +170,10 @@ class UNet(nn.Module):
         layers=self.layers,
         name=names[index],
       )
-      return module(h, train, None if residual_scale is None else residual_scale[index], skip)
+      residual = None if residual_scale is None else residual_scale[index]
+      return module(h, train, residual, skip, None if branch_scale is None else branch_scale[index])
 
     h, (top, left, height, width) = _pad_to_multiple(x.astype(cfg.compute_dtype), 2**cfg.depth)
-    widths = cfg.widths()
     skips = []
     for level in range(cfg.depth + 1):
       if level > 0 and not stride_down:
@@ -163,7 +185,10 @@ class UNet(nn.Module):
     for index, level in enumerate(reversed(range(cfg.depth)), start=cfg.depth + 1):
       skip = skips[level] if cfg.skip_levels[level] else None
       if skip is not None and skip_scale is not None:
-        skip = skip * skip_scale[level].astype(skip.dtype)
+        scale = skip_scale[level].astype(skip.dtype)
+        skip = skip * scale
+        if skip_fill is not None:
+          skip = skip + (1 - scale) * jnp.asarray(skip_fill[level], skip.dtype)
       h = block(h, index, widths[level], upsample=cfg.upsample, skip=skip)
 
     logits = self.layers.conv(cfg.num_classes, (1, 1), dtype=jnp.float32, param_dtype=cfg.params_dtype, name='head')(

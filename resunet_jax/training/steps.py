@@ -99,9 +99,10 @@ def knockout_step(state: TrainState, batch: dict, scales: dict) -> dict:
   Args:
     state: the train state.
     batch: `image` `[B, H, W, C]`, `mask` `[B, H, W]`.
-    scales: `skip_scale` `[M, depth]` and/or `residual_scale` `[M, 2 * depth + 1]` (the
-      `UNet` arguments of those names, one row per knock-out); they replace the state's own
-      train-time `scales` of the same name.
+    scales: `skip_scale` `[M, depth]`, `residual_scale` and `branch_scale`
+      `[M, 2 * depth + 1]`, `skip_fill` (one `[M, C_level]` per level): the `UNet` arguments of
+      those names, one row per knock-out; they replace the state's own train-time `scales` of
+      the same name.
 
   Returns:
     `dice`: `[B, M]` float32, classes averaged (the foreground for binary models).
@@ -114,3 +115,23 @@ def knockout_step(state: TrainState, batch: dict, scales: dict) -> dict:
     return metrics.class_scores(counts)['dice'].mean(-1)
 
   return {'dice': jax.vmap(one, out_axes=1)(scales)}
+
+
+def skip_means_step(state: TrainState, batch: dict) -> dict:
+  """Per-image spatial means of every skip tensor (the encoder blocks' outputs) under the
+  evaluation parameters: `skip_<level>` `[B, C_level]`. Averaged over a split they are the
+  fills of a mean-ablation (`UNet(skip_fill=...)`)."""
+  variables = state.variables(state.eval_params)
+
+  def encoder(module, method):
+    return method == '__call__' and (module.name or '').startswith('enc_')
+
+  _, captured = state.apply_fn(
+    variables, batch['image'], train=False, capture_intermediates=encoder, mutable=['intermediates'], **state.scales
+  )
+  blocks = captured['intermediates']
+  return {
+    f'skip_{name.removeprefix("enc_")}': blocks[name]['__call__'][0].astype(jnp.float32).mean((1, 2))
+    for name in blocks
+    if name.startswith('enc_')
+  }

@@ -303,3 +303,34 @@ def test_edges_keep_every_test_image(trained_run):
     values = out[f'{name}_per_image']
     assert len(values) == 16  # the small dataset's test split
     assert np.mean(values) == pytest.approx(out[name], abs=1e-6)  # the mean is over the same images
+
+
+def test_the_studys_knockouts_add_mean_fills_and_deleted_branches_scored_on_validation_too(trained_run):
+  from resunet_jax.training import restore
+
+  workdir, _ = trained_run
+  loaded = restore.load_run(workdir, 'latest', 'stock')
+  out = runner._knockouts(loaded, 'test', loaded.model.config, study=True)
+  assert set(out) == {'skip', 'skip_mean', 'residual', 'branch'}
+  for table in out.values():
+    assert len(table['labels']) == len(table['scales']) == len(table['dice']) == len(table['val_dice'])
+  intact = out['skip']['dice'][-1]  # mask '11': nothing knocked out
+  assert out['skip']['labels'][-1] == '11' and out['skip_mean']['dice'][-1] == pytest.approx(intact, abs=1e-6)
+  assert out['residual']['dice'][0] == pytest.approx(intact, abs=1e-6) == out['branch']['dice'][0]
+  assert out['skip_mean']['dice'][0] != out['skip']['dice'][0]  # both skips gone: the fill is not zero
+  means = runner.skip_means(loaded)
+  assert [m.shape for m in means] == [(w,) for w in loaded.model.config.widths()[:2]]
+  assert all(np.isfinite(m).all() for m in means) and np.abs(means[0]).sum() > 0
+  from resunet_jax import data
+
+  images = np.concatenate(
+    [b['image'] for b in data.make_pipeline(loaded.config.data, 'train', batch_size=8, seed=0, train=False)]
+  )
+  assert len(images) == 64  # the small dataset's training split, each image once
+  _, captured = loaded.model.apply(
+    loaded.variables, images, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  for level, mean in enumerate(means):
+    direct = np.asarray(captured['intermediates'][f'enc_{level}']['__call__'][0]).mean((0, 1, 2))
+    np.testing.assert_allclose(mean, direct, rtol=1e-5, atol=1e-6)
+  assert set(runner._knockouts(loaded, 'test', loaded.model.config)) == {'skip', 'residual'}  # a sweep's as before

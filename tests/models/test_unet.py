@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,6 +176,48 @@ def test_zero_residual_scale_equals_plain_network_without_projections():
   np.testing.assert_array_equal(knocked_out, _apply(plain, {'params': params}, X_TINY))
 
 
+@pytest.mark.parametrize('block', [2, 4])  # the bottleneck (identity shortcut: a 1x1 conv_in), a decoder block
+def test_zero_branch_scale_keeps_the_shortcut_alone(block):
+  config = models.ModelConfig(residual=True, shortcut='identity', **TINY)
+  variables = _init(config, X_TINY)
+  name = models.block_names(config)[block]
+  scale = jnp.ones(5).at[block].set(0.0)
+  knocked_out = _apply(config, variables, X_TINY, branch_scale=scale)
+  # Without normalisation the branch ends in relu(conv2): zero conv2 and the branch is 0 everywhere.
+  zeroed = jax.tree.map(lambda v: v, variables)
+  zeroed['params'][name]['conv2'] = jax.tree.map(jnp.zeros_like, variables['params'][name]['conv2'])
+  np.testing.assert_array_equal(knocked_out, _apply(config, zeroed, X_TINY))
+  assert not np.allclose(knocked_out, _apply(config, variables, X_TINY), atol=1e-4)
+  unit = _apply(config, variables, X_TINY, branch_scale=jnp.ones(5), skip_scale=jnp.ones(2), skip_fill=_fills(config))
+  np.testing.assert_array_equal(unit, _apply(config, variables, X_TINY))  # ones: the plain call, fill unread
+
+
+def _fills(config, seed=3):
+  widths = config.widths()
+  return [jax.random.normal(jax.random.key(seed + level), (widths[level],)) for level in range(config.depth)]
+
+
+def test_skip_fill_is_what_a_zero_skip_scale_hands_the_decoder():
+  config = models.ModelConfig(residual=True, **TINY)
+  variables = _init(config, X_TINY)
+  fills = _fills(config)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):  # the skip tensor each decoder block receives
+    if context.method_name == '__call__' and context.module.name in ('dec_0', 'dec_1'):
+      seen[context.module.name] = args[3]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    out = _apply(config, variables, X_TINY, skip_scale=jnp.array([0.0, 1.0]), skip_fill=fills)
+  np.testing.assert_array_equal(seen['dec_0'], jnp.broadcast_to(fills[0], seen['dec_0'].shape))
+  assert not np.allclose(seen['dec_1'], fills[1])  # level 1 is kept
+  zero_fill = [jnp.zeros_like(f) for f in fills]
+  zeroed = _apply(config, variables, X_TINY, skip_scale=jnp.array([0.0, 1.0]), skip_fill=zero_fill)
+  np.testing.assert_array_equal(zeroed, _apply(config, variables, X_TINY, skip_scale=jnp.array([0.0, 1.0])))
+  assert not np.allclose(out, zeroed, atol=1e-4)
+
+
 def test_all_skip_masks_in_one_vmapped_call():
   config = models.ModelConfig(residual=True, base_width=4, depth=3)
   x = _images((1, 16, 16, 3))
@@ -190,6 +233,13 @@ def test_all_skip_masks_in_one_vmapped_call():
   residual_masks = jnp.eye(7)
   outs = jax.jit(jax.vmap(with_residual_scale))(residual_masks)
   np.testing.assert_allclose(outs[2], with_residual_scale(residual_masks[2]), rtol=1e-5, atol=1e-6)
+  # So do the branches, and the skips with a fill (its rows the same vectors each time).
+  fills = _fills(config)
+  both = jax.jit(
+    lambda scale, branch: _apply(config, variables, x, skip_scale=scale, branch_scale=branch, skip_fill=fills)
+  )
+  outs = jax.jit(jax.vmap(both))(masks[:7], residual_masks)
+  np.testing.assert_allclose(outs[3], both(masks[3], residual_masks[3]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +247,9 @@ def test_all_skip_masks_in_one_vmapped_call():
   [
     ({'skip_scale': jnp.ones(3)}, r'skip_scale has shape \(3,\); .* shape \(2,\)'),
     ({'residual_scale': jnp.ones(4)}, r'residual_scale has shape \(4,\); .* shape \(5,\)'),
+    ({'branch_scale': jnp.ones(6)}, r'branch_scale has shape \(6,\); .* shape \(5,\)'),
+    ({'skip_fill': [jnp.ones(4)]}, r'skip_fill has shapes \[\(4,\)\]; .* \[\(4,\), \(8,\)\]'),
+    ({'skip_fill': [jnp.ones(4), jnp.ones(4)]}, r'skip_fill has shapes'),
   ],
 )
 def test_scale_of_wrong_length_is_refused(kwargs, message):
@@ -210,6 +263,8 @@ def test_residual_scale_needs_a_residual_model():
   config = models.ModelConfig(**TINY)
   with pytest.raises(ValueError, match='residual=False'):
     _apply(config, _init(config, X_TINY), X_TINY, residual_scale=jnp.ones(5))
+  with pytest.raises(ValueError, match='branch_scale was given but the model has residual=False'):
+    _apply(config, _init(config, X_TINY), X_TINY, branch_scale=jnp.ones(5))
 
 
 def test_non_nhwc_input_is_refused():
