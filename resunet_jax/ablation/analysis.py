@@ -228,7 +228,7 @@ def failures(rows: Sequence[dict]) -> dict[tuple[str, str, str], tuple[int, int]
   return out
 
 
-def headline(rows: Sequence[dict]) -> dict[str, dict[str, stats.Interval]]:
+def headline(rows: Sequence[dict]) -> dict[str, dict]:
   """The three numbers a reviewer asks first, per dataset: residual minus plain test Dice at
   the plateau (primary stage, with and without skips), plain without skips (its test Dice, and
   its logit spread and dead-ReLU fraction at initialisation), the depth slope."""
@@ -250,6 +250,12 @@ def headline(rows: Sequence[dict]) -> dict[str, dict[str, stats.Interval]]:
       'plain_no_skips_logit_std': stats.t_interval(initial.get('logit_std', {}).values()),
       'plain_no_skips_dead_relu': stats.t_interval(initial.get('dead_relu', {}).values()),
       'depth_slope': claim4(rows, data).interval(),
+      **{
+        f'bootstrap_{skips}_skips': '[{}, {}]'.format(
+          *(_fmt(v) for v in hierarchical_bootstrap(per_image_differences(rows, stage='primary', data=data, skips=s)))
+        )
+        for skips, s in (('all', 'all'), ('no', 'none'))
+      },
     }
   return out
 
@@ -345,7 +351,7 @@ def markdown(rows: Sequence[dict], *, progress: dict[str, tuple[int, int | None]
       '',
     ]
   if final:
-    lines += ['## Verdicts', '', *verdict_lines(rows), '']
+    lines += ['## Verdicts', '', *verdict_lines(rows), '', *knockout_lines(rows)]
   else:
     lines += [
       '## Verdicts',
@@ -391,20 +397,166 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
         f'{verdict.claim}: {CLAIMS[verdict.claim]}',
         short(verdict.data),
         d.effect.format(3) if d.effect.n > 1 else _fmt(d.effect.mean),
+        '[{}, {}]'.format(*(_fmt(v) for v in endpoint_bootstrap(rows, verdict.claim, verdict.data))),
         f'{d.p_claim:.3g}',
         f'{d.p_opposite:.3g}',
         f'{d.p_equivalence:.3g}',
         f'**{verdict.label}**' + (f' ({verdict.reason})' if verdict.reason else ''),
       ]
     )
-  lines = _table(['claim', 'data', 'effect [95% CI]', 'p claim', 'p opposite', 'p equivalence', 'verdict'], body)
-  lines += ['', f'p-values are one-sided and Holm-adjusted over the {len(verdicts)} endpoints.', '']
+  header = ['claim', 'data', 'effect [95% t-CI]', 'bootstrap 95%', 'p claim', 'p opposite', 'p equivalence', 'verdict']
+  lines = _table(header, body)
+  lines += [
+    '',
+    f'p-values are one-sided and Holm-adjusted over the {len(verdicts)} endpoints; the bootstrap interval '
+    '(seeds resampled) stands beside the t-interval and decides nothing.',
+    '',
+  ]
   for name, numbers in headline(rows).items():
     lines.append(
-      f'- {name}: residual minus plain test Dice {numbers["gain_all_skips"].format()} with skips, '
-      f'{numbers["gain_no_skips"].format()} without; plain without skips {numbers["plain_no_skips_dice"].format()} '
+      f'- {name}: residual minus plain test Dice {numbers["gain_all_skips"].format()} with skips '
+      f'(hierarchical bootstrap {numbers["bootstrap_all_skips"]}), {numbers["gain_no_skips"].format()} without '
+      f'({numbers["bootstrap_no_skips"]}); plain without skips {numbers["plain_no_skips_dice"].format()} '
       f'(logit std at initialisation {numbers["plain_no_skips_logit_std"].format()}, dead ReLU fraction '
       f'{numbers["plain_no_skips_dead_relu"].format()}); depth slope of the residual gain '
       f'{numbers["depth_slope"].format(4)} per level.'
     )
+  return lines
+
+
+# ---- bootstrap and knock-outs (secondary: intervals, never a verdict) ----
+
+BOOTSTRAP_REPLICATES = 4000
+
+
+def hierarchical_bootstrap(
+  differences: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
+) -> tuple[float, float]:
+  """The 95% percentile interval of the mean paired difference, resampling seeds, then test
+  images within each drawn seed (both arms at the same images: paired image by image).
+
+  Args:
+    differences: `[seeds, images]` per-image differences of paired runs.
+  """
+  d = np.asarray(differences, np.float64)
+  if d.ndim != 2 or d.shape[0] < 2:
+    return float('nan'), float('nan')
+  rng = np.random.default_rng(seed)
+  seeds, images = d.shape
+  drawn = rng.integers(0, seeds, (replicates, seeds))
+  pixels = rng.integers(0, images, (replicates, seeds, images))
+  means = d[drawn[..., None], pixels].mean((1, 2))
+  low, high = np.percentile(means, [2.5, 97.5])
+  return float(low), float(high)
+
+
+def seed_bootstrap(
+  values: Sequence[float], replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
+) -> tuple[float, float]:
+  """The 95% percentile interval of the mean of per-seed values, resampling seeds."""
+  v = np.asarray(values, np.float64)
+  if v.size < 2:
+    return float('nan'), float('nan')
+  drawn = np.random.default_rng(seed).integers(0, v.size, (replicates, v.size))
+  low, high = np.percentile(v[drawn].mean(1), [2.5, 97.5])
+  return float(low), float(high)
+
+
+def per_image_differences(rows, *, stage, data, skips, key='dice_per_image') -> np.ndarray:
+  """`[seeds, images]` residual minus plain per-image values, over the seeds both arms have."""
+  residual = _by_seed_list(rows, stage, data, RESIDUAL, skips, key)
+  plain = _by_seed_list(rows, stage, data, PLAIN, skips, key)
+  seeds = sorted(set(residual) & set(plain))
+  if not seeds:
+    return np.zeros((0, 0))
+  return np.asarray([np.asarray(residual[s]) - np.asarray(plain[s]) for s in seeds])
+
+
+def _by_seed_list(rows, stage, data, block, skips, key) -> dict[int, list]:
+  tuning = tuning_seeds(rows)
+  return {
+    row['seed']: row[key]
+    for row in rows
+    if (row['stage'], row['data'], row['block'], row['skips']) == (stage, data, block, skips)
+    and key in row
+    and row['seed'] not in tuning
+  }
+
+
+def endpoint_bootstrap(rows, claim: int, data: str) -> tuple[float, float]:
+  """A bootstrap interval beside each primary endpoint's t-interval: seeds resampled (claims 1,
+  2 and 4: their per-seed values; claim 3: the runs of a seed drawn together and the regression
+  refitted)."""
+  if claim == 1:
+    return seed_bootstrap(paired(rows, stage='primary', data=data, skips='all', key='val_auc'))
+  if claim == 2:
+    return seed_bootstrap(
+      paired(rows, stage='initial', data=data, skips='none', key='log10_grad_ratio', recipe='lecun-none')
+    )
+  if claim == 4:
+    return seed_bootstrap(slopes(depth_gains(rows, data)))
+  picked = [
+    row
+    for row in rows
+    if (row['stage'], row['data'], row['skips']) == ('primary', data, 'all')
+    and row['block'] in (RESIDUAL, PLAIN)
+    and 'boundary_f1_1px' in row
+  ]
+  seeds = sorted({row['seed'] for row in picked})
+  if len(seeds) < 3:
+    return float('nan'), float('nan')
+  rng = np.random.default_rng(0)
+  estimates = []
+  for _ in range(BOOTSTRAP_REPLICATES // 4):
+    drawn = rng.choice(seeds, len(seeds))
+    sample = [dict(row, seed=i) for i, s in enumerate(drawn) for row in picked if row['seed'] == s]
+    estimate, _, _ = edge_regression([dict(row, stage='primary') for row in sample], data)
+    if math.isfinite(estimate):
+      estimates.append(estimate)
+  if not estimates:
+    return float('nan'), float('nan')
+  low, high = np.percentile(estimates, [2.5, 97.5])
+  return float(low), float(high)
+
+
+def knockout_effects(rows, data: str, arm: str) -> dict[str, stats.Interval]:
+  """Test-Dice change (knocked out minus intact) of the primary stage's `arm`, t-intervals over
+  seeds: each single skip zeroed and mean-filled, each block's shortcut and branch deleted,
+  and 'chosen <kind>': per run, the knock-out with the best validation Dice (intact excluded)
+  scored on test."""
+  changes: dict[str, list[float]] = {}
+  for row in rows:
+    if (row['stage'], row['data'], row['arm']) != ('primary', data, arm) or not row.get('knockouts'):
+      continue
+    for kind, table in row['knockouts'].items():
+      labels, dice = table['labels'], table['dice']
+      intact = labels.index('none') if 'none' in labels else len(labels) - 1  # skip masks: all ones last
+      for index, label in enumerate(labels):
+        if index == intact or (kind in ('skip', 'skip_mean') and label.count('0') != 1):
+          continue
+        changes.setdefault(f'{kind} {label}', []).append(dice[index] - dice[intact])
+      if 'val_dice' in table:
+        candidates = [i for i in range(len(labels)) if i != intact]
+        if candidates:
+          best = max(candidates, key=lambda i: table['val_dice'][i])
+          changes.setdefault(f'chosen {kind}', []).append(dice[best] - dice[intact])
+  return {name: stats.t_interval(values) for name, values in changes.items()}
+
+
+def knockout_lines(rows: Sequence[dict]) -> list[str]:
+  """The knock-out tables of the primary all-skip arms, per dataset (secondary: no verdicts)."""
+  lines = []
+  for data in datasets(rows):
+    for arm in (f'{PLAIN}-all', f'{RESIDUAL}-all'):
+      effects = knockout_effects(rows, data, arm)
+      if not effects:
+        continue
+      body = [[f'`{name}`', interval.format(3)] for name, interval in effects.items()]
+      lines += [
+        f'Knock-outs of `{arm}` on {short(data)} (test Dice change, 95% t-interval over seeds; `chosen`: '
+        'per run the knock-out with the best validation Dice, scored on test):',
+        '',
+        *_table(['knock-out', 'test Dice change'], body),
+        '',
+      ]
   return lines

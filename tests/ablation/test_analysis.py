@@ -133,3 +133,44 @@ def test_the_verdicts_are_recomputed_from_the_written_csv(tmp_path):
   labels = {key: v.label for key, v in _verdicts(back).items()}
   assert labels[(1, 'roads')] == decision.SUPPORTED and labels[(3, 'cells')] == decision.NOT_SUPPORTED
   assert labels[(2, 'roads')] == 'equivalent within +-0.3'
+
+
+def test_the_hierarchical_bootstrap_resamples_seeds_then_images():
+  assert analysis.hierarchical_bootstrap(np.full((10, 50), 0.25)) == pytest.approx((0.25, 0.25))
+  rng = np.random.default_rng(1)
+  seed_means = rng.normal(0.05, 0.02, 10)
+  flat = np.repeat(seed_means[:, None], 50, axis=1)  # no spread within a seed: only seeds vary
+  low, high = analysis.hierarchical_bootstrap(flat)
+  assert low < seed_means.mean() < high
+  assert high - low == pytest.approx(2 * 1.96 * seed_means.std() / np.sqrt(10), rel=0.3)
+  noisy = flat + rng.normal(0, 0.5, flat.shape)  # image noise widens it
+  wide_low, wide_high = analysis.hierarchical_bootstrap(noisy)
+  assert wide_high - wide_low > 1.5 * (high - low)
+  assert np.isnan(analysis.hierarchical_bootstrap(flat[:1])[0])  # one seed: no interval
+
+
+def test_per_image_differences_pair_seeds_and_images():
+  rows = [
+    _row('primary', 'd', 'identity', 'all', 0, dice_per_image=[1.0, 0.5]),
+    _row('primary', 'd', 'plain', 'all', 0, dice_per_image=[0.5, 0.5]),
+    _row('primary', 'd', 'identity', 'all', 1, dice_per_image=[0.0, 1.0]),  # no plain seed 1: left out
+    _row('tune', 'd', 'plain', 'all', 1000, val_dice=0.5),
+  ]
+  np.testing.assert_array_equal(
+    analysis.per_image_differences(rows, stage='primary', data='d', skips='all'), [[0.5, 0.0]]
+  )
+
+
+def test_knockout_effects_choose_on_validation_and_score_on_test():
+  skip = {
+    'labels': ['00', '10', '01', '11'],
+    'dice': [0.2, 0.5, 0.6, 0.8],
+    'val_dice': [0.2, 0.7, 0.6, 0.8],  # validation prefers '10'; test would prefer '01'
+  }
+  residual = {'labels': ['none', '-enc_0', 'all'], 'dice': [0.8, 0.7, 0.1], 'val_dice': [0.8, 0.75, 0.1]}
+  rows = [_row('primary', 'd', 'identity', 'all', s, knockouts={'skip': skip, 'residual': residual}) for s in (0, 1)]
+  effects = analysis.knockout_effects(rows, 'd', 'identity-all')
+  assert effects['skip 10'].mean == pytest.approx(-0.3) and effects['skip 01'].mean == pytest.approx(-0.2)
+  assert 'skip 00' not in effects and effects['chosen skip'].mean == pytest.approx(-0.3)
+  assert effects['residual -enc_0'].mean == pytest.approx(-0.1) and effects['residual all'].mean == pytest.approx(-0.7)
+  assert effects['chosen residual'].mean == pytest.approx(-0.1) and effects['chosen residual'].n == 2
