@@ -19,9 +19,9 @@ The eight primary endpoints (claims 1-4 x two datasets), each residual (`identit
            over seeds: a seed random effect by the summary-statistics method      delta 0.01
 
 Holm over the eight (`decision.decide`). Claim 2's validity check comes first: among the no-skip
-(block, recipe) arms of the tuning stage, every arm that failed to train (final validation Dice
-below the protocol's threshold at every learning rate) must have a lower measure than every arm
-that trained; otherwise claim 2 is 'inconclusive' on that dataset whatever its test says.
+(block, recipe) arms of the tuning stage, every arm that failed to train (its rows' `failed` set
+at every learning rate: `protocol.rows`) must have a lower measure than every arm that trained;
+otherwise claim 2 is 'inconclusive' on that dataset whatever its test says.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ CLAIMS = {
   4: 'residual connections allow deeper networks',
 }
 RESIDUAL, PLAIN = 'identity', 'plain'
-FAILED_DICE = 0.05  # the protocol's threshold (`protocol.section().failed_dice`)
 
 
 def short(data: str) -> str:
@@ -171,22 +170,21 @@ class Validity:
     return not self.failed or not self.trained or max(self.failed.values()) < min(self.trained.values())
 
 
-def validity(rows, data, failed_dice: float = FAILED_DICE) -> Validity:
-  """The tuning stage's no-skip arms: failed (below `failed_dice` at every rate) or trained,
-  each with its measure at initialisation (stage 'initial', the tuning seed)."""
-  best: dict[str, float] = {}
+def validity(rows, data) -> Validity:
+  """The tuning stage's no-skip arms: failed (the `failed` column set at every rate) or
+  trained, each with its measure at initialisation (stage 'initial', the tuning seed)."""
+  failed_at: dict[str, list[int]] = {}
   for row in rows:
     if (row['stage'], row['data'], row['skips']) == ('tune', data, 'none'):
-      arm = f'{row["block"]} {row["recipe"]}'
-      best[arm] = max(best.get(arm, -1.0), row['val_dice'])
+      failed_at.setdefault(f'{row["block"]} {row["recipe"]}', []).append(int(row['failed']))
   tune_seeds = tuning_seeds(rows)
   measure = {
     f'{row["block"]} {row["recipe"]}': row['log10_grad_ratio']
     for row in rows
     if (row['stage'], row['data'], row['skips']) == ('initial', data, 'none') and row['seed'] in tune_seeds
   }
-  failed = {arm: measure[arm] for arm, dice in best.items() if dice < failed_dice and arm in measure}
-  trained = {arm: measure[arm] for arm, dice in best.items() if dice >= failed_dice and arm in measure}
+  failed = {arm: measure[arm] for arm, flags in failed_at.items() if all(flags) and arm in measure}
+  trained = {arm: measure[arm] for arm, flags in failed_at.items() if not all(flags) and arm in measure}
   return Validity(failed, trained)
 
 
@@ -202,7 +200,7 @@ class Verdict:
   reason: str = ''
 
 
-def decisions(rows: Sequence[dict], failed_dice: float = FAILED_DICE) -> list[Verdict]:
+def decisions(rows: Sequence[dict]) -> list[Verdict]:
   """Every primary endpoint's verdict, claims in order, datasets in table order (Holm over all)."""
   build = {1: claim1, 2: claim2, 3: claim3, 4: claim4}
   keys = [(claim, data) for claim in build for data in datasets(rows)]
@@ -210,7 +208,7 @@ def decisions(rows: Sequence[dict], failed_dice: float = FAILED_DICE) -> list[Ve
   out = []
   for (claim, data), result in zip(keys, decided, strict=True):
     label, reason = result.label, ''
-    if claim == 2 and not validity(rows, data, failed_dice).valid:
+    if claim == 2 and not validity(rows, data).valid:
       label, reason = decision.INCONCLUSIVE, 'the measure does not flag the failed arm'
     out.append(Verdict(claim, data, result, label, reason))
   return out
@@ -378,7 +376,8 @@ def markdown(rows: Sequence[dict], *, progress: dict[str, tuple[int, int | None]
     failed = [(key, counts) for key, counts in failures(rows).items() if key[1] == data and counts[0]]
     if failed:
       lines += [
-        'Runs that failed to train (final validation Dice below 0.05): '
+        'Runs that failed to train (final validation Dice not 0.05 above the constant all-background '
+        "prediction's, PROTOCOL.md amendment 5): "
         + '; '.join(f'{stage} `{arm}`: {f}/{n}' for (stage, _, arm), (f, n) in failed)
         + '.',
         '',

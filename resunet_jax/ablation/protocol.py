@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from resunet_jax import configs, models
+from resunet_jax import data as data_lib
 from resunet_jax.ablation import analysis, grid, measures, runner, stats
 from resunet_jax.errors import UserError
 from resunet_jax.training import loop, reporting
@@ -372,6 +373,21 @@ def measure_initial(
   return out
 
 
+def constant_dice(run_config) -> float:
+  """Final validation Dice of the constant all-background prediction on `run_config`'s data:
+  the share of validation images without foreground (an empty prediction scores 1 on an empty
+  mask and 0 elsewhere, `metrics`). A run failed to train when it is not `failed_dice` above
+  this (PROTOCOL.md, amendment 5). Over this process's shard of the split."""
+  pipeline = data_lib.make_pipeline(
+    run_config.data, 'validation', batch_size=run_config.train.batch_size, seed=0, train=False
+  )
+  empty = []
+  for batch in pipeline:
+    masks = np.asarray(batch['mask']).reshape(len(batch['mask']), -1)
+    empty += [not (mask > 0).any() for mask, valid in zip(masks, batch['valid'], strict=True) if valid]
+  return float(np.mean(empty))
+
+
 # ---- training ----
 
 
@@ -483,8 +499,13 @@ def run(
   planned: dict[str, int] = {}
   plan: Plan | None = None
 
+  baselines = {
+    name: constant_dice(Run(name, 'plain', 'he-none', 'all', settings.depth, 8, 1e-3, 1, 0).config(base))
+    for name in settings.datasets
+  }
+
   def save(final: bool = False) -> None:
-    write(stages, plan, config, output, command=command, planned=planned, final=final)
+    write(stages, plan, config, output, command=command, planned=planned, final=final, baselines=baselines)
 
   def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str) -> dict[Run, runner.Result]:
     stages[name], planned[name] = {}, len(set(runs))
@@ -537,6 +558,7 @@ ROW_KEYS = (
   'steps',
   'seed',
   'run_id',
+  'constant_val_dice',
   'failed',
   'val_dice',
   'val_auc',
@@ -547,9 +569,13 @@ _TEXT_KEYS = ('stage', 'data', 'arm', 'block', 'recipe', 'skips', 'run_id')
 _INT_KEYS = ('depth', 'width', 'params', 'steps', 'seed', 'failed')
 
 
-def rows(stages: dict[str, dict[Run, runner.Result]], settings) -> list[dict]:
+def rows(
+  stages: dict[str, dict[Run, runner.Result]], settings, baselines: dict[str, float] | None = None
+) -> list[dict]:
   """One row per stage and run: its settings, validation figures, test metrics and measures
-  (stage 'initial': its settings and `measures.initial` only).
+  (stage 'initial': its settings and `measures.initial` only). `failed`: the final validation
+  Dice is not `settings.failed_dice` above `constant_val_dice`, that of the constant
+  all-background prediction on the run's data (`baselines`, from `constant_dice`; 0 without).
 
   `test_*` are the means over test images (`evaluation.METRICS`; `test_boundary_f1` at the
   config's tolerance); the `Result.extra` measures follow under their own names, then
@@ -577,7 +603,8 @@ def rows(stages: dict[str, dict[Run, runner.Result]], settings) -> list[dict]:
         out.append(row | result.extra)
         continue
       row['params'] = sum(result.param_counts.values())  # the arm's (`param_count`), counted by the run
-      row['failed'] = int(final_validation(result) < settings.failed_dice)
+      row['constant_val_dice'] = (baselines or {}).get(run_.data, 0.0)
+      row['failed'] = int(final_validation(result) < row['constant_val_dice'] + settings.failed_dice)
       row['val_dice'] = final_validation(result)
       row['val_auc'] = auc(result)
       row.update({f'test_{name}': value for name, value in result.test.items()})
@@ -654,6 +681,7 @@ def write(
   command: str,
   planned: dict[str, int] | None = None,
   final: bool = False,
+  baselines: dict[str, float] | None = None,
 ) -> dict[str, pathlib.Path]:
   """Writes the study's `results.csv` (every stage's rows so far), `plan.json` (once the
   tuning stage has made the plan) and `report.md` (`analysis.markdown`: verdicts only when
@@ -661,10 +689,11 @@ def write(
 
   Args:
     planned: stage -> its number of runs, for the stages started so far.
+    baselines: dataset -> `constant_dice` (see `rows`).
   """
   output = pathlib.Path(output)
   settings = config.ablation.protocol
-  table = rows(stages, settings)
+  table = rows(stages, settings, baselines)
   paths = {'results': output / 'results.csv', 'plan': output / 'plan.json', 'report': output / 'report.md'}
   if jax.process_index() != 0:
     return paths
