@@ -334,3 +334,23 @@ def test_the_studys_knockouts_add_mean_fills_and_deleted_branches_scored_on_vali
     direct = np.asarray(captured['intermediates'][f'enc_{level}']['__call__'][0]).mean((0, 1, 2))
     np.testing.assert_allclose(mean, direct, rtol=1e-5, atol=1e-6)
   assert set(runner._knockouts(loaded, 'test', loaded.model.config)) == {'skip', 'residual'}  # a sweep's as before
+
+
+def test_constant_dice_is_the_empty_prediction_scored_by_the_metric(tfds_dir, tmp_path):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for split, foreground in (('train', (1, 1)), ('validation', (1, 0, 1, 0, 0)), ('test', (1,))):
+    for folder in ('images', 'masks'):
+      (tmp_path / split / folder).mkdir(parents=True)
+    for i, has in enumerate(foreground):
+      Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / split / 'images' / f'{i}.png')
+      mask = np.zeros((16, 16), np.uint8)
+      mask[4:9, 3:7] = 255 * has
+      Image.fromarray(mask).save(tmp_path / split / 'masks' / f'{i}.png')
+  config = _quick_study(tfds_dir, 'unused')
+  config.data.name, config.data.folder, config.data.image_size = 'folder', str(tmp_path), 16
+  config.train.batch_size = 2  # the last batch is padded: padding is not an image
+  # The empty prediction scores 1 on each of the 3 empty masks and 0 on the 2 others (`measures.image_scores`).
+  assert measures.image_scores(np.zeros((16, 16), bool), np.zeros((16, 16), bool))['dice'] == 1.0
+  assert protocol.constant_dice(protocol.base_config(config)) == pytest.approx(3 / 5)
