@@ -44,7 +44,7 @@ def _main(argv: list[str]) -> None:
   )
   start = time.perf_counter()
   command = shlex.join(['python', 'experiments/ablate.py', *sys.argv[1:]])
-  if 'protocol' in config.ablation:  # the pre-registered study: staged runs, its own report
+  if 'ablation' in config and 'protocol' in config.ablation:  # the pre-registered study: staged runs, its own report
     stages, plan = ablation.protocol.run(config, workdir, command=command)
     paths = ablation.protocol.write(
       stages, plan, config, ablation.protocol.output_dir(config, workdir), command=command

@@ -27,6 +27,8 @@ def test_the_configs_the_issues_name_exist():
     'ablate_quick.py',
     'ablate_depth.py',
     'ablate_tpu_pod.py',
+    'ablate_study.py',
+    'ablate_study_quick.py',
   } <= {p.name for p in CONFIGS}
 
 
@@ -35,7 +37,12 @@ def test_the_configs_the_issues_name_exist():
 def test_config_builds(path, name):
   config = _load(path)
   base = configs.base_config()
-  if 'ablation' in config:  # an ablation grid: every run of it must build too
+  if 'ablation' in config and 'protocol' in config.ablation:  # the study: its settings, and its tuning runs build
+    assert set(config.ablation) == {*ablation.section(), 'protocol'}
+    assert set(config.ablation.protocol) == set(ablation.protocol.section())
+    runs = ablation.protocol.tune_runs(config.ablation.protocol, ablation.protocol.base_config(config))
+    assert runs and all(run.config(ablation.protocol.base_config(config)).train.num_steps > 0 for run in runs)
+  elif 'ablation' in config:  # an ablation grid: every run of it must build too
     assert ablation.run_specs(config)
     assert set(config.ablation) == set(ablation.section())
   assert set(config) - {'ablation'} == set(base)

@@ -168,8 +168,23 @@ def param_count(run: Run, base: ml_collections.ConfigDict) -> int:
 
 
 def width_for(run: Run, target: int, base: ml_collections.ConfigDict, widths: Iterable[int]) -> int:
-  """The width among `widths` that brings `run`'s parameter count closest to `target`."""
-  return min(widths, key=lambda w: abs(param_count(dataclasses.replace(run, width=w), base) - target))
+  """The width among `widths` that brings `run`'s parameter count closest to `target` (the
+  nearer of the two widths around it: the count grows with the width, so a bisection finds
+  them; a tie goes to the smaller)."""
+  widths = sorted(widths)
+
+  def count(index: int) -> int:
+    return param_count(dataclasses.replace(run, width=widths[index]), base)
+
+  low, high = 0, len(widths) - 1  # the first width whose count reaches the target, by bisection
+  while low < high:
+    middle = (low + high) // 2
+    if count(middle) >= target:
+      high = middle
+    else:
+      low = middle + 1
+  candidates = [i for i in (low - 1, low) if 0 <= i < len(widths)]
+  return widths[min(candidates, key=lambda i: (abs(count(i) - target), i))]
 
 
 # ---- choices made from results ----
@@ -424,12 +439,15 @@ def train(
   for run in unique:
     groups.setdefault(run.architecture, []).append(run)
   paths = {run: root / 'runs' / resolve(run, base)[1] / 'result.json' for run in unique}
-  for path in paths.values():
+  seeded: dict[Run, runner.Result] = {}  # from the committed table, on every process alike
+  for run, path in paths.items():
     row = (committed or {}).get(path.parent.name)
-    if row is not None and not path.exists() and jax.process_index() == 0:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      result_from_row(row).save(path)
-  done = {run: path.exists() for run, path in paths.items()}
+    if row is not None and not path.exists():
+      seeded[run] = result_from_row(row)
+      if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seeded[run].save(path)
+  done = {run: run in seeded or path.exists() for run, path in paths.items()}
   show = jax.process_index() == 0
   if show:
     print(f'{label}: {len(unique)} runs in {len(groups)} populations, {sum(done.values())} already done')
@@ -439,7 +457,7 @@ def train(
     for members in groups.values():
       for run_ in members:
         if done[run_]:
-          out[run_] = runner.Result.load(paths[run_])
+          out[run_] = seeded[run_] if run_ in seeded else runner.Result.load(paths[run_])
       todo = [run_ for run_ in members if not done[run_]]
       if not todo:
         continue

@@ -180,7 +180,8 @@ def test_initial_gradients_are_those_of_the_runs_first_step(tfds_dir):
   model_config, info, _ = loop.resolve(config)
   state = measures._init_state(config, model_config, info)
   weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
-  _, step_metrics = steps.train_step(state, measures._first_batch(config), loss_weights=weights)
+  step = jax.jit(lambda state, batch: steps.train_step(state, batch, loss_weights=weights))
+  _, step_metrics = step(state, measures._first_batch(config))
   for name in ('enc_0', 'dec_0', 'bottleneck'):
     count = sum(int(leaf.size) for leaf in jax.tree.leaves(state.params[name]))
     assert out[f'grad_rms/{name}'] == pytest.approx(float(step_metrics[f'grad_norm/{name}']) / np.sqrt(count), rel=1e-5)
