@@ -27,14 +27,47 @@ TOLERANCES = (0, 1, 2)  # px, boundary F1
 BAND_PX = 2  # half-width of the band around true edges
 
 
+_compiled: dict[tuple, tuple] = {}
+
+
+def _functions(run_config, model_config: models.ModelConfig, info) -> tuple:
+  """The jitted initialiser `init(seed) -> TrainState` and `grads(state, batch) -> (gradients,
+  logits, intermediates)` of one architecture and training section, shared by its seeds (a
+  study measures many seeds of few architectures)."""
+  shape = (1, *info.image_shape)
+  key = (model_config, run_config.train.to_json_best_effort(sort_keys=True), shape)
+  if key not in _compiled:
+    model = models.UNet(model_config)
+    train = run_config.train
+    optimizer = state_lib.make_optimizer(train)
+    weights = losses.LossWeights(train.cross_entropy_weight, train.dice_weight)
+    ema_decay = train.ema_decay
+
+    def init(seed):
+      return state_lib.create_train_state(model, optimizer, shape, seed=seed, ema_decay=ema_decay)
+
+    def grads(state, batch):
+      def loss_fn(params):
+        logits, updates = state.apply_fn(
+          state.variables(params),
+          batch['image'],
+          train=True,
+          mutable=['batch_stats', 'intermediates'],
+          capture_intermediates=True,
+        )
+        return losses.segmentation_loss(logits, batch['mask'], batch['valid'], weights), (logits, updates)
+
+      gradients, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+      return gradients, logits, updates['intermediates']
+
+    _compiled[key] = (jax.jit(init), jax.jit(grads))
+  return _compiled[key]
+
+
 def _init_state(run_config, model_config: models.ModelConfig, info) -> state_lib.TrainState:
   """The run's initial train state: `population.init_fn`'s for a population of one member."""
-  model = models.UNet(model_config)
-  optimizer = state_lib.make_optimizer(run_config.train)
-  shape = (1, *info.image_shape)
-  return jax.jit(
-    lambda seed: state_lib.create_train_state(model, optimizer, shape, seed=seed, ema_decay=run_config.train.ema_decay)
-  )(jnp.int32(run_config.seed))
+  init, _ = _functions(run_config, model_config, info)
+  return init(jnp.int32(run_config.seed))
 
 
 def _first_batch(run_config) -> dict:
@@ -76,20 +109,11 @@ def initial(run_config) -> dict[str, float]:
   if model_config.block != 'postact':
     raise ValueError("the initial measures read a 'postact' block's last ReLU")
   state = _init_state(run_config, model_config, info)
-  batch = _first_batch(run_config)
-  weights = losses.LossWeights(run_config.train.cross_entropy_weight, run_config.train.dice_weight)
-
-  def loss_fn(params):
-    variables = state.variables(params)
-    (logits, updates) = state.apply_fn(
-      variables, batch['image'], train=True, mutable=['batch_stats', 'intermediates'], capture_intermediates=True
-    )
-    return losses.segmentation_loss(logits, batch['mask'], batch['valid'], weights), (logits, updates)
-
-  grads, (logits, updates) = jax.jit(jax.grad(loss_fn, has_aux=True))(state.params)
+  _, compute = _functions(run_config, model_config, info)
+  grads, logits, intermediates = compute(state, _first_batch(run_config))
   out = {f'grad_rms/{name}': float(optax.tree.norm(g)) / np.sqrt(models.count_params(g)) for name, g in grads.items()}
   out['logit_std'] = float(jnp.std(logits))
-  out['dead_relu'] = _dead_fraction(updates['intermediates'], model_config.norm)
+  out['dead_relu'] = _dead_fraction(intermediates, model_config.norm)
   out['log10_grad_ratio'] = float(np.log10(out['grad_rms/enc_0'] / out['grad_rms/dec_0']))
   return out
 
