@@ -5,6 +5,8 @@ Stages, each reading the results of the ones before it:
   tune       every block x skips x recipe x learning rate, one seed (`tune_seed`), the
              shortest budget; `choose` picks each (dataset, block, skips) arm's recipe and rate
              on the validation split
+  initial    no training: `measures.initial` of the no-skip networks (claim 2, its validity
+             check and the headline's logit spread and dead ReLUs), `initial_runs`
   pilot      the primary arms at their choice, `pilot_seeds` seeds, every budget; `plateau`
              fixes the budget B
   primary    the primary arms (`plain`, `identity`) x skips, `primary_seeds` seeds at B
@@ -19,6 +21,11 @@ differ in seed and learning rate train as one population (`training.population`)
 tuning stage the projected time of the rest is checked against `budget_minutes` and the
 protocol's cuts are applied in their order (`cuts`); they follow from the stored results, so a
 resumed study makes the same cuts.
+
+The study's tables (`write`: results.csv, plan.json, report.md) are rewritten after every
+population into `ablation.protocol.output`; a run its results.csv lists is read back from its
+row (`result_from_row`), so committed tables carry the study to a fresh clone, and SIGTERM stops
+it at a population's checkpoint without measuring the run it cut short.
 """
 
 from __future__ import annotations
