@@ -91,6 +91,9 @@ def section() -> ml_collections.ConfigDict:
   c.tie = 0.005  # validation Dice within this of the best is a tie (smaller rate, then earlier recipe)
   c.plateau_tolerance = 0.01  # B: the first budget within this of the longest's mean validation Dice
   c.budget_minutes = 150.0  # projected time of everything after tuning; cuts apply beyond it
+  # The secondary stage as the whole factorial: every block x recipe x skips arm that is not a
+  # primary one, at its recipe's best rate (a GPU's study; the CPU study keeps the protocol's tiers).
+  c.factorial = False
   # The folder of the study's tables (results.csv, plan.json), kept current after every
   # population; '' is the sweep folder. A run that its results.csv lists is read back from
   # its row, not trained again: committed tables carry a study over to a fresh clone.
@@ -254,6 +257,7 @@ class Plan:
   cuts: list[str]
   projected_minutes: float
   budget: int | None = None  # B, once the pilot is done
+  rates: dict[tuple[str, str, str, str], float] = dataclasses.field(default_factory=dict)  # + recipe: its best rate
 
 
 def plan_from_tuning(settings, base, tuned: dict[Run, runner.Result]) -> Plan:
@@ -265,8 +269,13 @@ def plan_from_tuning(settings, base, tuned: dict[Run, runner.Result]) -> Plan:
   lecun = {arm: choose(results, settings, recipes=('lecun-none',))[1] for arm, results in by_arm.items()}
   member_steps = sum(run.steps for run in tuned)
   seconds_per_step = sum(r.wall_s for r in tuned.values()) / max(member_steps, 1)
+  rates = {
+    (*arm, recipe): choose(results, settings, recipes=(recipe,))[1]
+    for arm, results in by_arm.items()
+    for recipe in dict.fromkeys(run.recipe for run in results)
+  }
   cuts: list[str] = []
-  plan = Plan(choice, lecun, cuts, 0.0)
+  plan = Plan(choice, lecun, cuts, 0.0, rates=rates)
   for count in range(len(CUTS) + 1):
     plan.cuts = list(CUTS[:count])
     rest = [run for stage in STAGES[1:] for run in stage_runs(stage, settings, base, plan, assume_budget=True)]
@@ -316,6 +325,12 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
       probe = Run(data, 'plain-wide', 'he-none', 'all', depth, width, 1e-3, budget, 0)
       wide = width_for(probe, target, base, range(width, 2 * width + 1))
       add(data, 'plain-wide', 'all', seeds, budget, at_width=wide)
+      if settings.factorial:  # every other block x recipe x skips arm, each at its recipe's best rate
+        for block, recipe, skips in itertools.product(TUNED_BLOCKS, settings.recipes, SKIPS):
+          if block in PRIMARY_BLOCKS and recipe == _chosen(plan, data, block, skips)[0]:
+            continue  # a primary arm, at B with the primary tier's seeds
+          add(data, block, skips, seeds, budget, recipe=recipe, lr=plan.rates[(data, block, skips, recipe)])
+        continue
       if CUTS[1] in plan.cuts and data != settings.datasets[0]:
         continue
       for block, skips in itertools.product(PRIMARY_BLOCKS, SKIPS):

@@ -141,6 +141,20 @@ def test_stages_follow_the_plan_and_the_cuts_apply_in_order(tfds_dir):
     assert abs(protocol.param_count(run, base) / own - 1) < settings.depth_param_tolerance
   settings.budget_minutes = 1e9
   assert protocol.plan_from_tuning(settings, base, tuned).cuts == []
+  settings.factorial = True  # a GPU's secondary stage: the 20 other arms of each dataset, each at its recipe's rate
+  # he-group does best at the smallest rate, every other recipe at the largest
+  plan = protocol.plan_from_tuning(
+    settings,
+    base,
+    _tuned(settings, base, lambda run: 0.5 + run.learning_rate * (-1 if run.recipe == 'he-group' else 1)),
+  )
+  plan.budget = 1000
+  factorial = protocol.stage_runs('secondary', settings, base, plan)
+  arms = {(run.data, run.block, run.recipe, run.skips) for run in factorial if run.block != 'plain-wide'}
+  assert len(arms) == 2 * (3 * 4 * 2 - 4) and {run.seed for run in factorial} == set(range(5))
+  for run in factorial:
+    assert run.learning_rate == (3e-4 if run.recipe == 'he-group' else 1e-2), run
+  assert not arms & {(run.data, run.block, run.recipe, run.skips) for run in primary}
 
 
 def test_image_scores_on_hand_made_masks():

@@ -1,0 +1,32 @@
+"""The pre-registered study (docs/ablation/PROTOCOL.md) as a GPU runs it: the whole factorial, 10 seeds.
+
+  python experiments/ablate.py --config=experiments/configs/ablate_study_gpu.py --workdir=runs/ablate_study_gpu
+
+The CPU study's stages and settings (`ablate_study.py`) at 64x64 (the `size64` datasets, as
+the earlier grid), with every tier at 10 seeds, the secondary stage as the whole factorial
+(every block x recipe x skips arm at its recipe's best rate: `protocol.section().factorial`)
+and no compute cuts. Populations vmap their members on an accelerator (`runtime.members`
+'auto'). Tables to docs/ablation/study_gpu64/, resumable like the CPU study's. The 128x128
+study is the same with `data.image_size = 128` and the full-size datasets
+('synthetic_roads', 'synthetic_cells') in `ablation.protocol.datasets`.
+"""
+
+import pathlib
+
+import ml_collections
+
+from resunet_jax import ablation
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the GPU study config."""
+  config = ablation.grid.cpu_config()
+  config.data.image_size = 64
+  settings = config.ablation.protocol = ablation.protocol.section()
+  settings.datasets = ('synthetic_roads/size64', 'synthetic_cells/size64')
+  settings.primary_seeds = 10
+  settings.secondary_seeds = 10
+  settings.factorial = True
+  settings.budget_minutes = float('inf')
+  settings.output = str(pathlib.Path(__file__).resolve().parents[2] / 'docs/ablation/study_gpu64')
+  return config
