@@ -159,28 +159,58 @@ def image_scores(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 PER_IMAGE = ('dice', 'boundary_f1_1px')  # kept per image (`edges(per_image=True)`): the bootstrap's resampling unit
 
 
-def edges(loaded: restore.LoadedRun, role: str = 'test', *, per_image: bool = False) -> dict:
+WIDTH_BINS = ((1, '1_2px'), (2, '3_4px'), (3, '5px'))  # ridge distance d (a line's centre) -> width bin
+
+
+def width_counts(prediction: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+  """True foreground pixels of each width bin and those of them predicted: `true_<bin>`, `hit_<bin>`.
+
+  A pixel's width is estimated from the mask alone: d, the largest Euclidean distance to the
+  background within 2 px of it (the ridge of the stroke it lies on), gives 1-2 px strokes d 1,
+  3-4 px strokes d 2 and 5 px or wider d >= 3 (a 2 px stroke has no pixel farther than 1 from
+  the background, so 1 and 2 px cannot be told apart this way).
+  """
+  t, p = truth.astype(bool), prediction.astype(bool)
+  ridge = ndimage.maximum_filter(ndimage.distance_transform_edt(t), size=5)
+  out = {}
+  for d, name in WIDTH_BINS:
+    band = t & ((ridge >= d) if d == WIDTH_BINS[-1][0] else (np.round(ridge) == d))
+    out[f'true_{name}'], out[f'hit_{name}'] = int(band.sum()), int((band & p).sum())
+  return out
+
+
+def edges(loaded: restore.LoadedRun, role: str = 'test', *, per_image: bool = False, widths: bool = False) -> dict:
   """Means over the split's images of `image_scores` (HD95: the median over images with both a
   non-empty prediction and truth; `empty`: the rate of empty predictions).
 
   With `per_image`, also `<name>_per_image` for each of `PER_IMAGE`: the list of the images'
   values in the order of their ids (rounded to 6 digits), so that runs pair image by image
-  (the hierarchical bootstrap over seeds, then images).
+  (the hierarchical bootstrap over seeds, then images). With `widths` (thin structures such as
+  roads), also `recall_width_<bin>`: the share of the split's true foreground pixels of each
+  width bin (`width_counts`) that the model predicts, pooled over images.
   """
   eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
-  rows, ids, valid = [], [], []
+  rows, counts, ids, valid = [], [], [], []
   for batch, out in evaluation.map_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=role):
     for prediction, truth in zip(out['predictions'], batch['mask'], strict=True):
       rows.append(image_scores(prediction == 1, truth == 1))
+      if widths:
+        counts.append(width_counts(prediction == 1, truth == 1))
     ids.extend(str(i) for i in batch['id'])
     valid.append(batch['valid'])
   table = {name: np.asarray([row[name] for row in rows]) for name in rows[0]}
+  if widths:
+    table.update({name: np.asarray([row[name] for row in counts]) for name in counts[0]})
   table['valid'] = np.concatenate(valid)
-  per_image = evaluation.gather_rows(table, ids)
-  out = {name: float(np.nanmean(per_image[name])) for name in rows[0] if name != 'hd95'}
-  hd95 = per_image['hd95'][~np.isnan(per_image['hd95'])]
+  gathered = evaluation.gather_rows(table, ids)
+  out = {name: float(np.nanmean(gathered[name])) for name in rows[0] if name != 'hd95'}
+  hd95 = gathered['hd95'][~np.isnan(gathered['hd95'])]
   out['hd95_median'] = float(np.median(hd95)) if hd95.size else float('nan')
+  if widths:
+    for _, name in WIDTH_BINS:
+      true = int(gathered[f'true_{name}'].sum())
+      out[f'recall_width_{name}'] = float(gathered[f'hit_{name}'].sum()) / true if true else float('nan')
   if per_image:
-    order = np.argsort(per_image['id'], kind='stable')
-    out.update({f'{name}_per_image': [round(float(v), 6) for v in per_image[name][order]] for name in PER_IMAGE})
+    order = np.argsort(gathered['id'], kind='stable')
+    out.update({f'{name}_per_image': [round(float(v), 6) for v in gathered[name][order]] for name in PER_IMAGE})
   return out

@@ -429,9 +429,9 @@ def constant_dice(run_config) -> float:
 
 
 def measure(loaded, run_config) -> dict:
-  """The study's per-run measures (`measures.edges` with per-image values; `measures.updates`
-  without long skips)."""
-  out = measures.edges(loaded, 'test', per_image=True)
+  """The study's per-run measures (`measures.edges` with per-image values, and recall by width
+  on roads; `measures.updates` without long skips)."""
+  out = measures.edges(loaded, 'test', per_image=True, widths='roads' in run_config.data.name)
   if '1' not in run_config.model.skips:
     out.update(measures.updates(loaded, run_config))
   return out

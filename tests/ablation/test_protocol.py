@@ -313,7 +313,10 @@ def test_edges_keep_every_test_image(trained_run):
 
   workdir, _ = trained_run
   loaded = restore.load_run(workdir, 'latest', 'stock')
-  out = measures.edges(loaded, 'test', per_image=True)
+  out = measures.edges(loaded, 'test', per_image=True, widths=True)
+  recalls = [out[f'recall_width_{name}'] for _, name in measures.WIDTH_BINS]
+  assert any(np.isfinite(recalls)) and all(0 <= r <= 1 for r in recalls if np.isfinite(r))
+  assert not any(key.endswith('_per_image') or key.startswith('recall') for key in measures.edges(loaded, 'test'))
   for name in measures.PER_IMAGE:
     values = out[f'{name}_per_image']
     assert len(values) == 16  # the small dataset's test split
@@ -369,3 +372,20 @@ def test_constant_dice_is_the_empty_prediction_scored_by_the_metric(tfds_dir, tm
   # The empty prediction scores 1 on each of the 3 empty masks and 0 on the 2 others (`measures.image_scores`).
   assert measures.image_scores(np.zeros((16, 16), bool), np.zeros((16, 16), bool))['dice'] == 1.0
   assert protocol.constant_dice(protocol.base_config(config)) == pytest.approx(3 / 5)
+
+
+def test_width_counts_bin_strokes_by_their_width():
+  from PIL import Image, ImageDraw
+
+  def stroke(width, row):
+    image = Image.new('L', (48, 48))
+    ImageDraw.Draw(image).line([(2, row), (45, row)], fill=1, width=width)
+    return np.asarray(image) > 0
+
+  for width, name in ((1, '1_2px'), (2, '1_2px'), (3, '3_4px'), (4, '3_4px'), (5, '5px'), (6, '5px')):
+    truth = stroke(width, 24)
+    counts = measures.width_counts(truth, truth)
+    assert counts[f'true_{name}'] == counts[f'hit_{name}'] == truth.sum(), width
+  thin, wide = stroke(1, 8), stroke(5, 30)
+  counts = measures.width_counts(thin, thin | wide)  # the thin road found, the wide one missed
+  assert counts['hit_1_2px'] == counts['true_1_2px'] == thin.sum() and counts['hit_5px'] == 0 < counts['true_5px']
