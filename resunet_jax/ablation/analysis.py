@@ -341,7 +341,7 @@ def markdown(rows: Sequence[dict], *, progress: dict[str, tuple[int, int | None]
     *(f'| {stage} | {done} | {"-" if planned is None else planned} |' for stage, (done, planned) in progress.items()),
     '',
   ]
-  if plan:
+  if 'cuts' in plan:
     lines += [
       f'Cuts (PROTOCOL.md, "Compute budget"): {"; ".join(plan.get("cuts") or []) or "none"}; '
       f'projected rest after tuning: {plan.get("projected_minutes", float("nan")):.0f} min. '
@@ -377,7 +377,7 @@ def markdown(rows: Sequence[dict], *, progress: dict[str, tuple[int, int | None]
     if failed:
       lines += [
         'Runs that failed to train (final validation Dice not 0.05 above the constant all-background '
-        "prediction's, PROTOCOL.md amendment 5): "
+        "prediction's: PROTOCOL.md amendment 5, made after 72 of the tuning runs had been seen): "
         + '; '.join(f'{stage} `{arm}`: {f}/{n}' for (stage, _, arm), (f, n) in failed)
         + '.',
         '',
