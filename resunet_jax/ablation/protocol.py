@@ -428,10 +428,10 @@ def constant_dice(run_config) -> float:
 # ---- training ----
 
 
-def measure(loaded, run_config) -> dict:
-  """The study's per-run measures (`measures.edges` with per-image values, and recall by width
-  on roads; `measures.updates` without long skips)."""
-  out = measures.edges(loaded, 'test', per_image=True, widths='roads' in run_config.data.name)
+def measure(loaded, run_config, *, per_image: bool = True) -> dict:
+  """The study's per-run measures (`measures.edges`, with per-image values unless not
+  `per_image`, and recall by width on roads; `measures.updates` without long skips)."""
+  out = measures.edges(loaded, 'test', per_image=per_image, widths='roads' in run_config.data.name)
   if '1' not in run_config.model.skips:
     out.update(measures.updates(loaded, run_config))
   return out
@@ -497,7 +497,13 @@ def train(
         first = ordered[0]
         bar.set_postfix_str(f'{first.data.split("/")[0]} {first.arm} {first.recipe} {first.steps} steps')
         results = runner.run_population(
-          population_config, [r.config(base) for r in ordered], root, knockouts=knockouts, measure=measure
+          population_config,
+          [r.config(base) for r in ordered],
+          root,
+          knockouts=knockouts,
+          measure=measure
+          if knockouts == 'study'
+          else functools.partial(measure, per_image=False),  # tune, pilot: no test use
         )
         out.update(zip(ordered, results, strict=True))
         if saved is not None:
