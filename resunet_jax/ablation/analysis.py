@@ -59,8 +59,9 @@ def tuning_seeds(rows: Sequence[dict]) -> set[int]:
   return {row['seed'] for row in rows if row['stage'] == 'tune'}
 
 
-def _by_seed(rows, *, stage, data, block, skips, key, depth=None, recipe=None):
-  """seed -> `key` of one arm's rows; the tuning seeds are left out of every stage but 'tune'."""
+def _by_seed(rows, *, stage, data, block, skips, key, depth=None, recipe=None, value=float):
+  """seed -> `value(row[key])` of one arm's rows; the tuning seeds are left out of every stage
+  but 'tune'."""
   tuning = tuning_seeds(rows) if stage != 'tune' else set()
   out = {}
   for row in rows:
@@ -69,7 +70,7 @@ def _by_seed(rows, *, stage, data, block, skips, key, depth=None, recipe=None):
     if (depth is not None and row['depth'] != depth) or (recipe is not None and row['recipe'] != recipe):
       continue
     if key in row and row['seed'] not in tuning:
-      out[row['seed']] = float(row[key])
+      out[row['seed']] = value(row[key])
   return out
 
 
@@ -463,23 +464,12 @@ def seed_bootstrap(
 
 def per_image_differences(rows, *, stage, data, skips, key='dice_per_image') -> np.ndarray:
   """`[seeds, images]` residual minus plain per-image values, over the seeds both arms have."""
-  residual = _by_seed_list(rows, stage, data, RESIDUAL, skips, key)
-  plain = _by_seed_list(rows, stage, data, PLAIN, skips, key)
+  residual = _by_seed(rows, stage=stage, data=data, block=RESIDUAL, skips=skips, key=key, value=list)
+  plain = _by_seed(rows, stage=stage, data=data, block=PLAIN, skips=skips, key=key, value=list)
   seeds = sorted(set(residual) & set(plain))
   if not seeds:
     return np.zeros((0, 0))
   return np.asarray([np.asarray(residual[s]) - np.asarray(plain[s]) for s in seeds])
-
-
-def _by_seed_list(rows, stage, data, block, skips, key) -> dict[int, list]:
-  tuning = tuning_seeds(rows)
-  return {
-    row['seed']: row[key]
-    for row in rows
-    if (row['stage'], row['data'], row['block'], row['skips']) == (stage, data, block, skips)
-    and key in row
-    and row['seed'] not in tuning
-  }
 
 
 def endpoint_bootstrap(rows, claim: int, data: str) -> tuple[float, float]:
@@ -509,7 +499,7 @@ def endpoint_bootstrap(rows, claim: int, data: str) -> tuple[float, float]:
   for _ in range(BOOTSTRAP_REPLICATES // 4):
     drawn = rng.choice(seeds, len(seeds))
     sample = [dict(row, seed=i) for i, s in enumerate(drawn) for row in picked if row['seed'] == s]
-    estimate, _, _ = edge_regression([dict(row, stage='primary') for row in sample], data)
+    estimate, _, _ = edge_regression(sample, data)
     if math.isfinite(estimate):
       estimates.append(estimate)
   if not estimates:
