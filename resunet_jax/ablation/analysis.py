@@ -42,6 +42,7 @@ CLAIMS = {
   4: 'residual connections allow deeper networks',
 }
 RESIDUAL, PLAIN = 'identity', 'plain'
+SKIPS = ('all', 'none')
 
 
 def short(data: str) -> str:
@@ -74,10 +75,10 @@ def _by_seed(rows, *, stage, data, block, skips, key, depth=None, recipe=None, v
   return out
 
 
-def paired(rows, *, stage, data, skips, key, depth=None, recipe=None) -> list[float]:
-  """Per-seed `key` of the residual arm minus the plain arm, over the seeds both have."""
-  residual = _by_seed(rows, stage=stage, data=data, block=RESIDUAL, skips=skips, key=key, depth=depth, recipe=recipe)
-  plain = _by_seed(rows, stage=stage, data=data, block=PLAIN, skips=skips, key=key, depth=depth, recipe=recipe)
+def paired(rows, *, stage, data, skips, key, depth=None, recipe=None, value=float) -> list[float]:
+  """Per-seed `value(key)` of the residual arm minus the plain arm, over the seeds both have."""
+  picked = dict(stage=stage, data=data, skips=skips, key=key, depth=depth, recipe=recipe, value=value)
+  residual, plain = _by_seed(rows, block=RESIDUAL, **picked), _by_seed(rows, block=PLAIN, **picked)
   return [residual[s] - plain[s] for s in sorted(set(residual) & set(plain))]
 
 
@@ -91,10 +92,11 @@ def claim2(rows, data) -> decision.Endpoint:
   return decision.Endpoint.paired(f'claim 2 / {short(data)}', differences, DELTAS[2])
 
 
-def edge_regression(rows, data) -> tuple[float, float, int]:
-  """Claim 3's OLS fit over the primary all-skip runs of both arms: boundary_f1_1px on an
-  intercept, the run's Dice (the same per-image scores, `measures.edges`) and a residual
-  indicator. Returns the residual coefficient, its standard error and the residual df."""
+def edge_regression(rows, data, key: str = 'boundary_f1_1px') -> tuple[float, float, int]:
+  """Claim 3's OLS fit over the primary all-skip runs of both arms: `key` (boundary F1 at 1 px;
+  other tolerances are secondary) on an intercept, the run's Dice (the same per-image scores,
+  `measures.edges`) and a residual indicator. Returns the residual coefficient, its standard
+  error and the residual df."""
   picked = [
     row
     for row in rows
@@ -102,13 +104,13 @@ def edge_regression(rows, data) -> tuple[float, float, int]:
     and row['data'] == data
     and row['skips'] == 'all'
     and row['block'] in (RESIDUAL, PLAIN)
-    and 'boundary_f1_1px' in row
+    and key in row
   ]
   n = len(picked)
   if n < 4:
     return float('nan'), float('nan'), 0
   x = np.asarray([[1.0, row['dice'], float(row['block'] == RESIDUAL)] for row in picked])
-  y = np.asarray([row['boundary_f1_1px'] for row in picked])
+  y = np.asarray([row[key] for row in picked])
   coef, *_ = np.linalg.lstsq(x, y, rcond=None)
   df = n - 3
   sigma2 = float(np.sum((y - x @ coef) ** 2)) / df
@@ -318,15 +320,23 @@ def pilot_table(rows: Sequence[dict], data: str) -> list[str]:
   return _table(['arm', *(f'{b} steps: val / test Dice' for b in budgets)], body)
 
 
-def markdown(rows: Sequence[dict], *, progress: dict[str, tuple[int, int | None]], plan: dict, final: bool) -> str:
+def markdown(
+  rows: Sequence[dict],
+  *,
+  progress: dict[str, tuple[int, int | None]],
+  plan: dict,
+  final: bool,
+  figures: Sequence[str] = (),
+) -> str:
   """The study's report.md from its rows.
 
   Args:
     rows: the study's results.csv rows (`protocol.read_rows`).
     progress: stage -> (runs done, runs planned or None before the plan makes them).
     plan: plan.json's content (choices, cuts, B), or {} before the tuning stage ends.
-    final: every stage is complete. Verdicts are printed only then (the protocol's stopping
-      rule: no interim analysis).
+    final: the primary and depth stages are complete. Verdicts are printed only then (the
+      protocol's stopping rule: no interim analysis).
+    figures: file names of the figures beside the report (`plots.study_figures`).
   """
   trained = [row for row in rows if row['stage'] != 'initial']
   hours = sum(row.get('wall_s', 0.0) for row in {row['run_id']: row for row in trained}.values()) / 3600
@@ -350,7 +360,18 @@ def markdown(rows: Sequence[dict], *, progress: dict[str, tuple[int, int | None]
       '',
     ]
   if final:
-    lines += ['## Verdicts', '', *verdict_lines(rows), '', *knockout_lines(rows)]
+    lines += [
+      '## Verdicts',
+      '',
+      *verdict_lines(rows),
+      '',
+      '## Secondary analyses (effects and intervals, no verdicts)',
+      '',
+      *secondary_lines(rows),
+      *knockout_lines(rows),
+      *(f'![{name}]({name})' for name in figures),
+      '',
+    ]
   else:
     lines += [
       '## Verdicts',
@@ -546,6 +567,180 @@ def knockout_lines(rows: Sequence[dict]) -> list[str]:
         'per run the knock-out with the best validation Dice, scored on test):',
         '',
         *_table(['knock-out', 'test Dice change'], body),
+        '',
+      ]
+  return lines
+
+
+# ---- secondary analyses (PROTOCOL.md: effects and intervals, never a verdict word) ----
+
+
+OTHER_TOLERANCES = (0, 2)  # boundary F1 tolerances (px) beside the primary 1 px
+
+
+def _difference(a: dict[int, float], b: dict[int, float]) -> stats.Interval:
+  """The t-interval of `a - b` over the seeds both have."""
+  return stats.t_interval(a[s] - b[s] for s in sorted(set(a) & set(b)))
+
+
+def _runs(rows, data: str) -> list[dict]:
+  """The trained runs at B of one dataset (stages 'primary' and 'secondary'); a secondary row
+  that repeats a primary run (the same config, e.g. 'plain-wide' under amendment 4) is left out."""
+  primary = {row['run_id'] for row in rows if (row['stage'], row['data']) == ('primary', data)}
+  return [
+    row
+    for row in rows
+    if row['data'] == data
+    and (row['stage'] == 'primary' or (row['stage'] == 'secondary' and row['run_id'] not in primary))
+  ]
+
+
+def _median(values) -> float:
+  finite = [v for v in values if math.isfinite(v)]
+  return float(np.median(finite)) if finite else float('nan')
+
+
+def arm_table(rows: Sequence[dict], data: str) -> list[str]:
+  """Every arm trained at B on one dataset, seeds pooled: runs and failures, test Dice (and over
+  the runs that trained where some failed), boundary F1 at 1 px, HD95 (the median of the runs'
+  medians over non-empty predictions) with the empty-prediction rate beside it."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in _runs(rows, data):
+    groups.setdefault((row['stage'], row['arm'], row['recipe'], row['learning_rate']), []).append(row)
+  body = []
+  for (stage, arm, recipe, rate), members in groups.items():
+    failed = sum(int(row.get('failed', 0)) for row in members)
+    trained = [row['test_dice'] for row in members if not row.get('failed', 0)]
+    body.append(
+      [
+        stage,
+        f'`{arm}`',
+        recipe,
+        f'{rate:g}',
+        f'{len(members)} ({failed})',
+        f'{members[0].get("params", 0):,}',
+        stats.t_interval(row['test_dice'] for row in members).format(3),
+        stats.t_interval(trained).format(3) if failed else 'as left',
+        stats.t_interval(row['boundary_f1_1px'] for row in members if 'boundary_f1_1px' in row).format(3),
+        _fmt(_median(row.get('hd95_median', np.nan) for row in members), 2),
+        _fmt(float(np.mean([row.get('empty', np.nan) for row in members])), 3),
+      ]
+    )
+  header = [
+    'stage', 'arm', 'recipe', 'lr', 'runs (failed)', 'params', 'test Dice [95% t-CI]', 'over trained runs',
+    'boundary F1 1 px', 'HD95 median (px)', 'empty rate',
+  ]  # fmt: skip
+  return _table(header, body) if body else []
+
+
+def secondary_effects(rows: Sequence[dict], data: str) -> dict[str, stats.Interval]:
+  """The protocol's secondary comparisons on one dataset, each a paired difference over seeds
+  (t-interval) or a regression coefficient (its t-interval): the `projection` block against both
+  primary blocks, residual minus plain under 'lecun-none', the edge gain at equal Dice at 0 and
+  2 px, the error in the band around true edges and in the interior, recall of roads by width,
+  and log10 of the relative update size per block without skips."""
+  out: dict[str, stats.Interval] = {}
+
+  def arm(stage, block, skips, key, recipe=None):
+    return _by_seed(rows, stage=stage, data=data, block=block, skips=skips, key=key, recipe=recipe)
+
+  for skips in SKIPS:
+    projection = arm('secondary', 'projection', skips, 'test_dice')
+    for other in (PLAIN, RESIDUAL):
+      out[f'test Dice, projection - {other}, {skips} skips'] = _difference(
+        projection, arm('primary', other, skips, 'test_dice')
+      )
+    out[f'test Dice, identity - plain under lecun-none, {skips} skips'] = _difference(
+      arm('secondary', RESIDUAL, skips, 'test_dice', 'lecun-none'),
+      arm('secondary', PLAIN, skips, 'test_dice', 'lecun-none'),
+    )
+  for tolerance in OTHER_TOLERANCES:
+    estimate, se, df = edge_regression(rows, data, f'boundary_f1_{tolerance}px')
+    out[f'boundary F1 {tolerance} px at equal Dice (coefficient of residual), all skips'] = decision.Endpoint(
+      '', estimate, se, df, DELTAS[3]
+    ).interval()
+  keys = ['band_error', 'interior_error', *sorted({k for row in rows for k in row if k.startswith('recall_width_')})]
+  for skips in SKIPS:
+    for key in keys:
+      out[f'{key}, identity - plain, {skips} skips'] = stats.t_interval(
+        paired(rows, stage='primary', data=data, skips=skips, key=key)
+      )
+  blocks = sorted({k for row in rows for k in row if k.startswith('update/')})
+  for key in blocks:
+    out[f'log10 {key} (relative update size), identity / plain, no skips'] = stats.t_interval(
+      paired(rows, stage='primary', data=data, skips='none', key=key, value=_log10)
+    )
+  return {name: interval for name, interval in out.items() if interval.n and math.isfinite(interval.mean)}
+
+
+def _log10(value: float) -> float:
+  return math.log10(value) if value > 0 else float('nan')
+
+
+def depth_table(rows: Sequence[dict], data: str) -> list[str]:
+  """Claim 4's runs: per depth, each block's width, parameters and mean test Dice without
+  skips, and the gain (identity minus plain) with its t-interval over seeds."""
+  levels: dict[int, dict] = {}
+  for row in rows:
+    if row['data'] != data or row['skips'] != 'none' or row['stage'] not in ('primary', 'depth'):
+      continue
+    if row['block'] in (PLAIN, RESIDUAL):
+      levels.setdefault(row['depth'], {}).setdefault(row['block'], []).append(row)
+  if len(levels) < 2:
+    return []
+  gains = depth_gains(rows, data)
+  body = []
+  for depth in sorted(levels):
+    cells = [str(depth)]
+    for block in (PLAIN, RESIDUAL):
+      members = levels[depth].get(block, [])
+      params = f'{members[0]["params"]:,}' if members and 'params' in members[0] else '-'
+      width = str(members[0]['width']) if members else '-'
+      cells += [width, params, stats.t_interval(row['test_dice'] for row in members).format(3)]
+    cells.append(stats.t_interval(by[depth] for by in gains.values() if depth in by).format(3))
+    body.append(cells)
+  header = ['depth', 'plain width', 'plain params', 'plain test Dice', 'identity width', 'identity params',
+            'identity test Dice', 'gain (identity - plain)']  # fmt: skip
+  return _table(header, body)
+
+
+def validity_line(rows: Sequence[dict], data: str) -> str:
+  """Claim 2's validity check as numbers: each no-skip tuning arm's measure, failed or trained."""
+  check = validity(rows, data)
+  failed = ', '.join(f'{arm} {value:+.2f}' for arm, value in check.failed.items()) or 'none'
+  trained = ', '.join(f'{arm} {value:+.2f}' for arm, value in check.trained.items()) or 'none'
+  verdict = 'passes' if check.valid else 'fails'
+  return (
+    f"Claim 2's validity check on {short(data)} {verdict}: the measure (log10 gradient RMS enc_0 / dec_0 at "
+    f'initialisation, tuning seed) of the arms that failed to train: {failed}; of those that trained: {trained}.'
+  )
+
+
+def secondary_lines(rows: Sequence[dict]) -> list[str]:
+  """The report's secondary section: per dataset the arms at B, the depth table and the
+  secondary effects (no verdicts), with claim 2's validity check."""
+  lines = []
+  for data in datasets(rows):
+    name = short(data)
+    lines += [validity_line(rows, data), '']
+    table = arm_table(rows, data)
+    if table:
+      lines += [
+        f'Arms trained at B on {name} (seeds pooled; failures counted, PROTOCOL.md amendment 5):',
+        '',
+        *table,
+        '',
+      ]
+    table = depth_table(rows, data)
+    if table:
+      lines += [f'Depth without skips on {name} (claim 4; depth 4 from the primary stage):', '', *table, '']
+    effects = secondary_effects(rows, data)
+    if effects:
+      body = [[label, interval.format(3)] for label, interval in effects.items()]
+      lines += [
+        f'Secondary effects on {name} (95% t-intervals over seeds; no verdicts):',
+        '',
+        *_table(['comparison', 'effect [95% CI] (n)'], body),
         '',
       ]
   return lines

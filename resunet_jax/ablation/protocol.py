@@ -10,9 +10,10 @@ Stages, each reading the results of the ones before it:
   pilot      the primary arms at their choice, `pilot_seeds` seeds, every budget; `plateau`
              fixes the budget B
   primary    the primary arms (`plain`, `identity`) x skips, `primary_seeds` seeds at B
-  secondary  `projection`, `plain-wide` and the primary arms under 'lecun-none', at B
   depth      the no-skip primary arms at the other depths (claim 4), width set per depth so
              that the parameter count stays near the depth-4 network's, at B
+  secondary  `projection`, `plain-wide` and the primary arms under 'lecun-none', at B (after depth:
+             the verdicts need only primary and depth, PROTOCOL.md's stopping rule)
 
 A run is a config (`Run.config`); its folder is the hash of that config (`runner.run_dir`), so
 a run asked for by two stages (the pilot's shortest budget is the tuning run) trains once, and
@@ -46,7 +47,7 @@ import numpy as np
 
 from resunet_jax import configs, models
 from resunet_jax import data as data_lib
-from resunet_jax.ablation import analysis, grid, measures, runner, stats
+from resunet_jax.ablation import analysis, grid, measures, plots, runner, stats
 from resunet_jax.errors import UserError
 from resunet_jax.training import loop, reporting
 
@@ -64,7 +65,8 @@ BLOCKS = {  # name -> model fields; 'plain-wide' is 'plain' at another base widt
 PRIMARY_BLOCKS = ('plain', 'identity')
 TUNED_BLOCKS = ('plain', 'projection', 'identity')
 SKIPS = ('all', 'none')
-STAGES = ('tune', 'pilot', 'primary', 'secondary', 'depth')
+STAGES = ('tune', 'pilot', 'primary', 'depth', 'secondary')  # the order they run in
+VERDICT_STAGES = ('primary', 'depth')  # the verdicts need these complete; 'secondary' carries none
 CUTS = (
   'pilot: the longest budget on one seed',
   "secondary: the 'lecun-none' arms on the first dataset only",
@@ -550,7 +552,8 @@ def run(
     for name in settings.datasets
   }
 
-  def save(final: bool = False) -> None:
+  def save() -> None:  # verdicts once the primary and depth stages are complete (the stopping rule)
+    final = all(len(stages.get(name, {})) == planned.get(name, -1) for name in VERDICT_STAGES)
     write(stages, plan, config, output, command=command, planned=planned, final=final, baselines=baselines)
 
   def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str) -> dict[Run, runner.Result]:
@@ -581,7 +584,7 @@ def run(
       print(f'plateau budget B = {plan.budget} steps')
     for name in STAGES[2:]:
       stage(name, stage_runs(name, settings, base, plan), knockouts='study')
-    save(final=True)
+    save()
   return stages, plan
 
 
@@ -730,8 +733,9 @@ def write(
   baselines: dict[str, float] | None = None,
 ) -> dict[str, pathlib.Path]:
   """Writes the study's `results.csv` (every stage's rows so far), `plan.json` (once the
-  tuning stage has made the plan) and `report.md` (`analysis.markdown`: verdicts only when
-  `final`) into the folder `output`, each file replaced atomically.
+  tuning stage has made the plan) and `report.md` (`analysis.markdown`: verdicts, secondary
+  analyses and the figures of `plots.study_figures` only when `final`) into the folder
+  `output`, each table replaced atomically.
 
   Args:
     planned: stage -> its number of runs, for the stages started so far.
@@ -771,8 +775,10 @@ def write(
     stage: (len(stages.get(stage, {})), (planned or {}).get(stage)) for stage in ('tune', 'initial', *STAGES[1:])
   }
   rows_back = read_rows(paths['results'])  # the report is what a reader recomputes from the table
-  replace(
-    paths['report'],
-    analysis.markdown(rows_back, progress=progress, plan=summary or {'command': command}, final=final) + '\n',
+  figures = plots.study_figures(rows_back, output) if final else []
+  text = analysis.markdown(
+    rows_back, progress=progress, plan=summary or {'command': command}, final=final, figures=figures
   )
+  replace(paths['report'], text + '\n')
+  paths.update({name.removesuffix('.png'): output / name for name in figures})
   return paths

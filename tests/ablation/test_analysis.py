@@ -23,7 +23,10 @@ def _row(stage, data, block, skips, seed, *, recipe='he-group', depth=4, **value
     'skips': skips,
     'depth': depth,
     'seed': seed,
-    'run_id': f'{stage}{data}{block}{skips}{seed}{recipe}{depth}',
+    'run_id': f'{stage}{data}{block}{skips}{seed}{recipe}{depth}{values.get("learning_rate", "")}',
+    'learning_rate': 1e-3,
+    'width': 8,
+    'params': 1000 + 50 * (block != 'plain'),
     **values,
   }
 
@@ -63,7 +66,9 @@ def _rows(effects, noise=0.01, fail=None, seed=0):
         failed = fail is not None and (block, recipe) == fail[0]
         for lr in (3e-4, 1e-3):
           dice = 0.075 if failed else 0.5 + lr  # a failed run: no better than the constant prediction
-          rows.append(_row('tune', data, block, 'none', 1000, recipe=recipe, val_dice=dice, failed=int(failed)))
+          rows.append(
+            _row('tune', data, block, 'none', 1000, recipe=recipe, val_dice=dice, failed=int(failed), learning_rate=lr)
+          )
         measure = fail[1] if failed else -1.0 + 0.1 * protocol.TUNED_BLOCKS.index(block)
         rows.append(_row('initial', data, block, 'none', 1000, recipe=recipe, log10_grad_ratio=measure))
   return rows
@@ -175,3 +180,57 @@ def test_knockout_effects_choose_on_validation_and_score_on_test():
   assert 'skip 00' not in effects and effects['chosen skip'].mean == pytest.approx(-0.3)
   assert effects['residual -enc_0'].mean == pytest.approx(-0.1) and effects['residual all'].mean == pytest.approx(-0.7)
   assert effects['chosen residual'].mean == pytest.approx(-0.1) and effects['chosen residual'].n == 2
+
+
+def test_secondary_effects_pair_each_comparison_by_seed_across_stages():
+  d = 'd'
+  rows = [_row('tune', d, 'plain', 'all', 1000, val_dice=0.5)]
+  for s in range(5):
+    rows += [
+      _row('primary', d, 'plain', 'all', s, test_dice=0.6 + 0.01 * s, band_error=0.2, interior_error=0.05,
+           recall_width_1_2px=0.4, params=100, width=8, failed=0),
+      _row('primary', d, 'identity', 'all', s, test_dice=0.65 + 0.01 * s, band_error=0.15, interior_error=0.05,
+           recall_width_1_2px=0.5, params=110, width=8, failed=0),
+      _row('secondary', d, 'projection', 'all', s, test_dice=0.62 + 0.01 * s, failed=0),
+      _row('secondary', d, 'plain', 'all', s, recipe='lecun-none', test_dice=0.5, failed=0),
+      _row('secondary', d, 'identity', 'all', s, recipe='lecun-none', test_dice=0.58, failed=0),
+      _row('primary', d, 'plain', 'none', s, test_dice=0.1, failed=1, **{'update/enc_0': 0.01}),
+      _row('primary', d, 'identity', 'none', s, test_dice=0.3, failed=0, **{'update/enc_0': 0.1}),
+    ]  # fmt: skip
+  rows.append(_row('secondary', d, 'projection', 'all', 1000, test_dice=0.0, failed=0))  # a tuning seed: left out
+  effects = analysis.secondary_effects(rows, d)
+  assert effects['test Dice, projection - plain, all skips'].mean == pytest.approx(0.02)
+  assert effects['test Dice, projection - plain, all skips'].n == 5
+  assert effects['test Dice, projection - identity, all skips'].mean == pytest.approx(-0.03)
+  assert effects['test Dice, identity - plain under lecun-none, all skips'].mean == pytest.approx(0.08)
+  assert effects['band_error, identity - plain, all skips'].mean == pytest.approx(-0.05)
+  assert effects['interior_error, identity - plain, all skips'].mean == pytest.approx(0.0)
+  assert effects['recall_width_1_2px, identity - plain, all skips'].mean == pytest.approx(0.1)
+  assert effects['log10 update/enc_0 (relative update size), identity / plain, no skips'].mean == pytest.approx(1.0)
+  assert 'test Dice, projection - plain, none skips' not in effects  # no projection runs without skips
+
+
+def test_the_arm_table_counts_failures_and_leaves_out_repeated_runs():
+  rows = [
+    _row('primary', 'd', 'plain', 'none', s, test_dice=dice, failed=int(dice < 0.2), params=100, learning_rate=1e-3)
+    for s, dice in enumerate((0.1, 0.5, 0.6))
+  ]
+  repeat = dict(rows[0], stage='secondary', arm='plain-wide')  # the same run asked for by another stage
+  table = analysis.arm_table([*rows, repeat], 'd')
+  assert len(table) == 3  # header, rule, one arm: the repeat is not a row of its own
+  cells = [cell.strip() for cell in table[2].split('|')]
+  assert cells[5] == '3 (1)' and cells[7].startswith('0.400') and cells[8].startswith('0.550')
+
+
+def test_the_final_report_adds_secondary_analyses_and_figures_only_when_final(tmp_path):
+  from resunet_jax.ablation import plots  # matplotlib: only this test needs it
+
+  rows = _rows({1: 0.1, 2: 2.0, 3: 0.05, 4: 0.02})
+  figures = plots.study_figures(rows, tmp_path)
+  assert figures == ['robustness.png', 'primary_runs.png', 'depth_gain.png']
+  assert all((tmp_path / name).stat().st_size > 1000 for name in figures)
+  final = analysis.markdown(rows, progress={}, plan={}, final=True, figures=figures)
+  assert '## Secondary analyses' in final and '![depth_gain.png](depth_gain.png)' in final
+  assert "Claim 2's validity check on roads passes" in final and 'Depth without skips on roads' in final
+  interim = analysis.markdown(rows, progress={}, plan={}, final=False)
+  assert 'Secondary analyses' not in interim and '**supported**' not in interim

@@ -242,11 +242,12 @@ def test_a_results_row_gives_back_the_whole_result(tmp_path):
     protocol.read_rows(tmp_path / 'results.csv')
 
 
-def _fake_population(calls, fail_after=None):
-  """`runner.run_population` without training: Dice from the recipe and rate, result.json as the real one."""
+def _fake_population(calls, fail_after=None, fail_if=lambda run_config: False):
+  """`runner.run_population` without training: Dice from the recipe and rate, result.json as the real one.
+  It raises after `fail_after` populations, or at a population with a run that `fail_if`."""
 
   def run_population(config, runs, root, *, knockouts, measure):
-    if fail_after is not None and len(calls) >= fail_after:
+    if (fail_after is not None and len(calls) >= fail_after) or any(fail_if(run) for run in runs):
       raise RuntimeError('killed')
     calls.append(len(runs))
     out = []
@@ -283,6 +284,17 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
     protocol.run(config, tmp_path / 'first', command='c')
   assert len(protocol.read_rows(output / 'results.csv')) == sum(calls) > 0  # every finished population is kept
   assert 'None yet' in (output / 'report.md').read_text()  # no interim verdicts
+
+  def secondary(run_config):  # projection runs at B (6 steps) belong to the secondary stage only
+    return run_config.model.shortcut == 'projection' and int(run_config.train.num_steps) == 6
+
+  monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_if=secondary))
+  with pytest.raises(RuntimeError, match='killed'):
+    protocol.run(config, tmp_path / 'first', command='c')
+  rows = protocol.read_rows(output / 'results.csv')
+  assert not any(row['stage'] == 'secondary' for row in rows) and any(row['stage'] == 'depth' for row in rows)
+  report = (output / 'report.md').read_text()  # primary and depth complete: the verdicts, before the secondary stage
+  assert 'None yet' not in report and '## Secondary analyses' in report and (output / 'depth_gain.png').exists()
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls))
   stages, plan = protocol.run(config, tmp_path / 'second', command='c')  # an empty workdir: the table seeds it
   trained = sum(calls)
