@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 64
   settings = config.ablation.protocol = ablation.protocol.section()
   settings.datasets = ('synthetic_roads/size64', 'synthetic_cells/size64')
+  settings.boundary = ('synthetic_cells/size64', 'synthetic_cells/three_class_size64')
   settings.primary_seeds = 10
   settings.secondary_seeds = 10
   settings.factorial = True

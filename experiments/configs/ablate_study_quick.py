@@ -32,4 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
   settings.other_depths = (3,)
   settings.depth_param_tolerance = 0.5
   settings.budget_minutes = 1e6
+  settings.boundary = ('synthetic_roads/small', 'synthetic_cells/three_class_small')  # roads' choices: the only dataset
   return config

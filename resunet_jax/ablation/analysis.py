@@ -51,8 +51,9 @@ def short(data: str) -> str:
 
 
 def datasets(rows: Sequence[dict]) -> list[str]:
-  """The datasets of the study, in order of first appearance."""
-  return list(dict.fromkeys(row['data'] for row in rows))
+  """The datasets of the study's endpoints, in order of first appearance (not the 'boundary'
+  stage's three-class data: a secondary analysis, `boundary_lines`)."""
+  return list(dict.fromkeys(row['data'] for row in rows if row['stage'] != 'boundary'))
 
 
 def tuning_seeds(rows: Sequence[dict]) -> set[int]:
@@ -716,6 +717,37 @@ def validity_line(rows: Sequence[dict], data: str) -> str:
   )
 
 
+def boundary_lines(rows: Sequence[dict]) -> list[str]:
+  """Claim 3's boundary class (PROTOCOL.md amendment 6, stage 'boundary'): each primary
+  all-skip arm's mean test Dice per class on the three-class data, and identity minus plain
+  per class, paired by seed (no verdict)."""
+  picked = [row for row in rows if row['stage'] == 'boundary']
+  classes = sorted({key for row in picked for key in row if key.startswith('class_dice_')})
+  if not picked or not classes:
+    return []
+  data = picked[0]['data']
+  body = []
+  for key in classes:
+    by = {
+      block: _by_seed(rows, stage='boundary', data=data, block=block, skips='all', key=key)
+      for block in (PLAIN, RESIDUAL)
+    }
+    body.append(
+      [
+        key.removeprefix('class_dice_'),
+        *(stats.t_interval(by[block].values()).format(3) for block in (PLAIN, RESIDUAL)),
+        _difference(by[RESIDUAL], by[PLAIN]).format(3),
+      ]
+    )
+  return [
+    f'Claim 3, the boundary class (PROTOCOL.md amendment 6): `{data}`, the primary arms with all skips at '
+    "the cells' chosen recipes and rates, test Dice per class (2: cell boundary; 95% t-intervals over seeds):",
+    '',
+    *_table(['class', 'plain', 'identity', 'identity - plain'], body),
+    '',
+  ]
+
+
 def secondary_lines(rows: Sequence[dict]) -> list[str]:
   """The report's secondary section: per dataset the arms at B, the depth table and the
   secondary effects (no verdicts), with claim 2's validity check."""
@@ -743,4 +775,4 @@ def secondary_lines(rows: Sequence[dict]) -> list[str]:
         *_table(['comparison', 'effect [95% CI] (n)'], body),
         '',
       ]
-  return lines
+  return lines + boundary_lines(rows)

@@ -8,7 +8,11 @@
 - `updates`: each block's relative change from initialisation to the final weights, the
   optimiser's relative update size per block.
 
-All are binary-foreground measures (class 1 against the rest), as the study's datasets are.
+- `class_dice`: each class's mean test Dice, for the three-class cells data (claim 3's
+  boundary class, PROTOCOL.md amendment 6).
+
+All but `class_dice` are binary-foreground measures (class 1 against the rest), as the study's
+primary datasets are.
 """
 
 from __future__ import annotations
@@ -214,3 +218,13 @@ def edges(loaded: restore.LoadedRun, role: str = 'test', *, per_image: bool = Fa
     order = np.argsort(gathered['id'], kind='stable')
     out.update({f'{name}_per_image': [round(float(v), 6) for v in gathered[name][order]] for name in PER_IMAGE})
   return out
+
+
+def class_dice(loaded: restore.LoadedRun, role: str = 'test') -> dict[str, float]:
+  """`class_dice_<k>`: class k's Dice per image (`metrics.class_scores`: 1 where the class is
+  absent from both), averaged over the split's images; for `synthetic_cells/three_class_*`
+  class 2 is the cell boundary, the 1-2 px borders between touching cells included."""
+  eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
+  per_image, _ = evaluation.evaluate_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=role)
+  means = np.asarray(per_image['class_dice'], np.float64).mean(0)
+  return {f'class_dice_{k}': float(value) for k, value in enumerate(means)}

@@ -66,6 +66,7 @@ PRIMARY_BLOCKS = ('plain', 'identity')
 TUNED_BLOCKS = ('plain', 'projection', 'identity')
 SKIPS = ('all', 'none')
 STAGES = ('tune', 'pilot', 'primary', 'depth', 'secondary')  # the order they run in
+ADDED_STAGES = ('boundary',)  # PROTOCOL.md amendment 6: after the others, outside the projection and the cuts
 VERDICT_STAGES = ('primary', 'depth')  # the verdicts need these complete; 'secondary' carries none
 CUTS = (
   'pilot: the longest budget on one seed',
@@ -96,6 +97,9 @@ def section() -> ml_collections.ConfigDict:
   # The secondary stage as the whole factorial: every block x recipe x skips arm that is not a
   # primary one, at its recipe's best rate (a GPU's study; the CPU study keeps the protocol's tiers).
   c.factorial = False
+  # Claim 3's boundary class (PROTOCOL.md amendment 6): (the binary dataset whose chosen recipes
+  # and rates the primary all-skip arms take, its three-class twin); () for no 'boundary' stage.
+  c.boundary = ()
   # The folder of the study's tables (results.csv, plan.json), kept current after every
   # population; '' is the sweep folder. A run that its results.csv lists is read back from
   # its row, not trained again: committed tables carry a study over to a fresh clone.
@@ -303,9 +307,11 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
   runs: list[Run] = []
 
   def add(data, block, skips, seeds, steps, *, recipe=None, lr=None, at_depth=depth, at_width=width):
-    chosen_recipe, chosen_lr = _chosen(plan, data, block, skips)
+    if recipe is None or lr is None:
+      chosen_recipe, chosen_lr = _chosen(plan, data, block, skips)
+      recipe, lr = recipe or chosen_recipe, lr or chosen_lr
     for seed in seeds:
-      runs.append(Run(data, block, recipe or chosen_recipe, skips, at_depth, at_width, lr or chosen_lr, steps, seed))
+      runs.append(Run(data, block, recipe, skips, at_depth, at_width, lr, steps, seed))
 
   if stage == 'pilot':
     seeds = range(settings.tune_seed, settings.tune_seed + settings.pilot_seeds)
@@ -354,8 +360,14 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
             )
         for block in PRIMARY_BLOCKS:
           add(data, block, 'none', range(settings.secondary_seeds), budget, at_depth=other, at_width=at_width)
+  elif stage == 'boundary':
+    if settings.boundary:
+      binary, three_class = settings.boundary
+      for block in PRIMARY_BLOCKS:
+        recipe, lr = _chosen(plan, binary, block, 'all')
+        add(three_class, block, 'all', range(settings.secondary_seeds), budget, recipe=recipe, lr=lr)
   else:
-    raise ValueError(f'unknown stage {stage!r}; one of {STAGES}')
+    raise ValueError(f'unknown stage {stage!r}; one of {STAGES + ADDED_STAGES}')
   return runs
 
 
@@ -439,6 +451,12 @@ def measure(loaded, run_config, *, per_image: bool = True) -> dict:
   return out
 
 
+def measure_classes(loaded, run_config) -> dict:
+  """The 'boundary' stage's measures: each class's mean test Dice (`measures.class_dice`)."""
+  del run_config
+  return measures.class_dice(loaded, 'test')
+
+
 def train(
   runs: Sequence[Run],
   base,
@@ -453,6 +471,8 @@ def train(
   """Trains (or reads back) `runs`, those of one architecture and budget as one population.
 
   Args:
+    knockouts: False (tune, pilot: `measure` without per-image lists, no test-split use), 'study'
+      (the study's knock-outs and `measure`), or 'classes' (no knock-outs, `measure_classes`).
     committed: run_id -> a row of an earlier results.csv (`read_rows`): such a run's
       `result.json` is written from its row (`result_from_row`) instead of training it.
     into: the dict the results go into (a new one by default), filled population by population.
@@ -502,10 +522,11 @@ def train(
           population_config,
           [r.config(base) for r in ordered],
           root,
-          knockouts=knockouts,
-          measure=measure
-          if knockouts == 'study'
-          else functools.partial(measure, per_image=False),  # tune, pilot: no test use
+          knockouts=knockouts if knockouts != 'classes' else False,
+          measure={'study': measure, 'classes': measure_classes}.get(
+            knockouts,
+            functools.partial(measure, per_image=False),  # tune, pilot: no test use
+          ),
         )
         out.update(zip(ordered, results, strict=True))
         if saved is not None:
@@ -539,7 +560,7 @@ def run(
   root.mkdir(parents=True, exist_ok=True)
   output = output_dir(config, root)
   table = read_rows(output / 'results.csv')
-  committed = {row['run_id']: row for row in table if row['stage'] in STAGES}
+  committed = {row['run_id']: row for row in table if row['stage'] in STAGES + ADDED_STAGES}
   initial = {row['run_id']: row for row in table if row['stage'] == 'initial'}
   if config.ablation.compilation_cache:
     runner._use_compilation_cache(root / 'compilation_cache')  # noqa: SLF001
@@ -584,6 +605,8 @@ def run(
       print(f'plateau budget B = {plan.budget} steps')
     for name in STAGES[2:]:
       stage(name, stage_runs(name, settings, base, plan), knockouts='study')
+    if settings.boundary:  # claim 3's boundary class: test metrics per class, no knock-outs
+      stage('boundary', stage_runs('boundary', settings, base, plan), knockouts='classes')
     save()
   return stages, plan
 
@@ -772,7 +795,8 @@ def write(
     }
     replace(paths['plan'], json.dumps(summary, indent=1) + '\n')
   progress = {
-    stage: (len(stages.get(stage, {})), (planned or {}).get(stage)) for stage in ('tune', 'initial', *STAGES[1:])
+    stage: (len(stages.get(stage, {})), (planned or {}).get(stage))
+    for stage in ('tune', 'initial', *STAGES[1:], *(s for s in ADDED_STAGES if s in stages))
   }
   rows_back = read_rows(paths['results'])  # the report is what a reader recomputes from the table
   figures = plots.study_figures(rows_back, output) if final else []

@@ -234,3 +234,18 @@ def test_the_final_report_adds_secondary_analyses_and_figures_only_when_final(tm
   assert "Claim 2's validity check on roads passes" in final and 'Depth without skips on roads' in final
   interim = analysis.markdown(rows, progress={}, plan={}, final=False)
   assert 'Secondary analyses' not in interim and '**supported**' not in interim
+
+
+def test_the_boundary_class_is_reported_per_class_and_paired_by_seed_without_a_verdict():
+  rows = _rows({1: 0.1, 2: 2.0, 3: 0.05, 4: 0.02})
+  three = 'synthetic_cells/three_class_size32'
+  for s in range(5):
+    rows += [
+      _row('boundary', three, 'plain', 'all', s, class_dice_0=0.9, class_dice_1=0.6, class_dice_2=0.3 + 0.01 * s),
+      _row('boundary', three, 'identity', 'all', s, class_dice_0=0.9, class_dice_1=0.6, class_dice_2=0.35 + 0.01 * s),
+    ]
+  assert analysis.datasets(rows) == list(DATASETS) and len(analysis.decisions(rows)) == 8  # no endpoint of its own
+  lines = analysis.boundary_lines(rows)
+  (row,) = [line for line in lines if line.startswith('| 2 |')]
+  assert row.split('|')[4].strip().startswith('0.050 [0.050, 0.050]')
+  assert '\n'.join(lines) in analysis.markdown(rows, progress={}, plan={}, final=True)

@@ -302,12 +302,20 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   trained_ids = {row['run_id'] for row in protocol.read_rows(output / 'results.csv') if row['stage'] != 'initial'}
   assert trained == len(trained_ids)  # each run trained once
   assert (
-    set(stages) == {*protocol.STAGES, 'initial'} and plan.budget == 6 and json.loads((output / 'plan.json').read_text())
+    set(stages) == {*protocol.STAGES, *protocol.ADDED_STAGES, 'initial'}
+    and plan.budget == 6
+    and json.loads((output / 'plan.json').read_text())
   )
   # initial: 3 blocks x 2 recipes at the tuning seed; plain and identity under 'lecun-none' and their choice
   assert sorted(initialised) == [0] * 4 + [1] * 4 + [1000] * 6
   rows = protocol.read_rows(output / 'results.csv')
   assert sum(row['stage'] == 'initial' for row in rows) == len(initialised)
+  boundary = [row for row in rows if row['stage'] == 'boundary']  # amendment 6: the primary all-skip arms, 3 classes
+  assert sorted(row['block'] for row in boundary) == ['identity', 'plain']
+  for row in boundary:
+    (chosen,) = [r for r in rows if (r['stage'], r['arm'], r['seed']) == ('primary', row['arm'], 0)]
+    assert row['data'] == 'synthetic_cells/three_class_small' and row['steps'] == 6
+    assert (row['recipe'], row['learning_rate']) == (chosen['recipe'], chosen['learning_rate'])
   report = (output / 'report.md').read_text()
   verdicts = analysis.decisions(rows)
   assert len(verdicts) == 4 and 'None yet' not in report  # 4 claims x 1 dataset, once every stage is done
@@ -401,3 +409,24 @@ def test_width_counts_bin_strokes_by_their_width():
   thin, wide = stroke(1, 8), stroke(5, 30)
   counts = measures.width_counts(thin, thin | wide)  # the thin road found, the wide one missed
   assert counts['hit_1_2px'] == counts['true_1_2px'] == thin.sum() and counts['hit_5px'] == 0 < counts['true_5px']
+
+
+def test_class_dice_scores_each_class_of_a_three_class_run(three_class_run):
+  from resunet_jax import evaluation
+  from resunet_jax.training import parallel, restore, steps
+
+  workdir, _ = three_class_run
+  loaded = restore.load_run(workdir, 'latest', 'stock')
+  out = measures.class_dice(loaded, 'test')
+  assert sorted(out) == ['class_dice_0', 'class_dice_1', 'class_dice_2']
+  eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
+  expected = {k: [] for k in range(3)}  # per image, by hand: 2|P & T| / (|P| + |T|), 1 when both are empty
+  for batch, result in evaluation.map_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role='test'):
+    for prediction, truth, valid in zip(result['predictions'], batch['mask'], batch['valid'], strict=True):
+      for k in range(3):
+        p, t = prediction == k, truth == k
+        if valid:
+          expected[k].append(1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum()))
+  assert len(expected[2]) == 16  # the small dataset's test split
+  for k in range(3):
+    assert out[f'class_dice_{k}'] == pytest.approx(np.mean(expected[k]), abs=1e-6)
