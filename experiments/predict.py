@@ -3,11 +3,14 @@ r"""Predicts masks for images of any size with a trained run (sliding-window inf
   python experiments/predict.py --workdir=W --input=PATH_OR_FOLDER --output=DIR \
     [--checkpoint=best] [--member=M] [--tile=128] [--overlap=0.5] [--tta] [--probabilities]
   python experiments/predict.py --workdir=W --input=split:test[:4] --output=DIR
+  python experiments/predict.py --exported=DIR --input=PATH_OR_FOLDER --output=OUT [--tile] [--tta]
 
 For every image writes DIR/<stem>_mask.png (class ids; 0/255 for a binary model),
 DIR/<stem>_overlay.png and, with --probabilities, DIR/<stem>_probabilities.npy ([H, W, C]
 float32). Grey and palette images are repeated to RGB and RGBA loses its alpha, as in
-training. `--input=split:SPLIT` reads a split of the run's own dataset.
+training. `--input=split:SPLIT` reads a split of the run's own dataset. `--exported=DIR` predicts
+with an artefact of experiments/export.py instead of a checkpoint, through the same sliding
+window (an ONNX artefact's fixed size is the tile), so it writes the same masks.
 """
 
 import pathlib
@@ -18,14 +21,16 @@ from resunet_jax import cli
 
 cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from resunet_jax import data, inference, runtime  # noqa: E402
+from resunet_jax import data, export, inference, runtime  # noqa: E402
 from resunet_jax.training import reporting, restore  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (or --exported).')
+_EXPORTED = flags.DEFINE_string('exported', None, 'An artefact folder of experiments/export.py (or --workdir).')
 _INPUT = flags.DEFINE_string('input', None, 'An image, a folder of images, or split:SPLIT.', required=True)
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the predictions.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
@@ -62,23 +67,47 @@ def _images(spec: str, config):
     yield file.stem, data.sources.read_image(file)
 
 
+def _model():
+  """(apply_fn, variables, mean, std, tile, run config or None, a description) of --workdir or --exported."""
+  if (_WORKDIR.value is None) == (_EXPORTED.value is None):
+    raise cli.UserError('pass either --workdir (a training run) or --exported (an artefact of experiments/export.py)')
+  if _WORKDIR.value is not None:
+    run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value)
+    mean, std = np.asarray(run.config.data.mean, np.float32), np.asarray(run.config.data.std, np.float32)
+    tile = _TILE.value or run.config.data.image_size
+    return run.apply, run.variables, mean, std, tile, run.config, f'checkpoint step {run.step}'
+  artefact = export.load(_EXPORTED.value)
+  mean, std = np.asarray(artefact.card['mean'], np.float32), np.asarray(artefact.card['std'], np.float32)
+  if artefact.tile is not None and _TILE.value not in (None, artefact.tile):
+    raise cli.UserError(f'--tile={_TILE.value}: the {artefact.card["format"]} artefact takes {artefact.tile} only')
+  tile = artefact.tile or _TILE.value or int(artefact.card['tile'])
+  # The sliding window feeds normalised tiles; the artefact normalises inside, so undo it here.
+  scale, shift = jnp.asarray(255 * std), jnp.asarray(255 * mean)
+
+  def apply(variables, tiles):
+    del variables
+    return artefact.logits(tiles * scale + shift)
+
+  return apply, {}, mean, std, tile, None, f'{artefact.card["format"]} artefact {artefact.directory}'
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --input=PATH')
-  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value)
+  apply, variables, mean, std, tile, config, source = _model()
+  if config is None and _INPUT.value.startswith('split:'):
+    raise cli.UserError("--input=split:SPLIT reads the run's dataset: use --workdir, or pass image files")
   output = pathlib.Path(_OUTPUT.value)
   try:
     output.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise cli.UserError(f'cannot create --output={output}: {e.strerror}') from None
-  mean, std = np.asarray(run.config.data.mean, np.float32), np.asarray(run.config.data.std, np.float32)
-  tile = _TILE.value or run.config.data.image_size
   count = 0
-  for stem, image in tqdm(list(_images(_INPUT.value, run.config)), unit='image'):
+  for stem, image in tqdm(list(_images(_INPUT.value, config)), unit='image'):
     normalised = (image.astype(np.float32) / 255.0 - mean) / std
     logits = inference.sliding_window(
-      run.apply,
-      run.variables,
+      apply,
+      variables,
       normalised,
       tile=tile,
       overlap=_OVERLAP.value,
@@ -93,7 +122,7 @@ def main(argv: list[str]) -> None:
     if _PROBABILITIES.value:
       np.save(output / f'{stem}_probabilities.npy', inference.probabilities(logits))
     count += 1
-  print(f'wrote masks and overlays of {count} images to {output} (checkpoint step {run.step})')
+  print(f'wrote masks and overlays of {count} images to {output} ({source})')
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ ModuleDef = Any
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2: `[B, H, W, C]` (H, W even) -> `[B, H/2, W/2, C]` (the note's pooling)."""
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
+  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))  # keywords: jax2onnx patches max_pool by keyword
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:

@@ -68,12 +68,17 @@ def _check_scale(name: str, scale, length: int, what: str) -> jax.Array | None:
 
 
 def _pad_to_multiple(x: jax.Array, multiple: int) -> tuple[jax.Array, tuple[int, int, int, int]]:
-  """Zero-pads H and W (centred) up to a multiple; returns the padded array and the crop box."""
+  """Zero-pads H and W (centred) up to a multiple; returns the padded array and the crop box.
+
+  The padded size is written as `multiple * ceil(size / multiple)` so that it stays a known
+  multiple for symbolic H and W (`jax.export` with shapes such as 'b, h, w'), where `-h % m`
+  would not let the decoder's concatenations prove that their sizes agree.
+  """
   _, height, width, _ = x.shape
-  pad_h, pad_w = -height % multiple, -width % multiple
+  pad_h = (height + multiple - 1) // multiple * multiple - height
+  pad_w = (width + multiple - 1) // multiple * multiple - width
   top, left = pad_h // 2, pad_w // 2
-  if pad_h or pad_w:
-    x = jnp.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)))
+  x = jnp.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)))  # a no-op when both are 0
   return x, (top, left, height, width)
 
 

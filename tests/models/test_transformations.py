@@ -131,15 +131,16 @@ def check_remat(name):
 
 
 def check_export(name):
-  """Exported with a symbolic batch, serialised, deserialised and run at two batch sizes."""
+  """Exported with a symbolic batch, height and width, serialised, deserialised and run at two
+  batch sizes and at an odd size (which the model pads inside, centred, and crops back)."""
   model, variables, _, _ = _setup(name)
-  (batch,) = export.symbolic_shape('b')
+  batch, height, width = export.symbolic_shape('b, h, w')
   exported = export.export(jax.jit(lambda v, x: model.apply(v, x, train=False)))(
-    variables, jax.ShapeDtypeStruct((batch, *X.shape[1:]), X.dtype)
+    variables, jax.ShapeDtypeStruct((batch, height, width, X.shape[-1]), X.dtype)
   )
   restored = export.deserialize(exported.serialize())
-  for size in (1, 2):
-    _close(restored.call(variables, X[:size]), model.apply(variables, X[:size], train=False))
+  for images in (X[:1], X, X[:1, :7, :5]):
+    _close(restored.call(variables, images), model.apply(variables, images, train=False))
 
 
 CHECKS = {name[6:]: check for name, check in globals().items() if name.startswith('check_')}

@@ -1,0 +1,145 @@
+"""Exported artefacts (resunet_jax/export.py, experiments/export.py, predict.py --exported):
+StableHLO and ONNX agree with the JAX model, run without the package, and bad artefacts get
+one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from resunet_jax import export, models
+from resunet_jax.errors import UserError
+from resunet_jax.training import restore
+
+ROOT = export.pathlib.Path(__file__).resolve().parents[1]
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+TILE = 16
+
+
+def _logits(model, variables, images):
+  """The JAX model's logits of 0..255 images, normalised as in training."""
+  normalised = (images / 255.0 - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+  return np.asarray(model.apply(variables, normalised, train=False))
+
+
+@pytest.mark.parametrize(('preset', 'classes'), [('unet', 1), ('resunet', 1), ('resunet_zhang', 1), ('resunet', 3)])
+def test_both_formats_agree_with_the_jax_model(preset, classes, tmp_path):
+  model = models.UNet(models.preset(preset, base_width=4, num_classes=classes))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, TILE, TILE, 3)), train=False)
+  rng = np.random.default_rng(0)
+  batch = rng.uniform(0, 255, (3, TILE, TILE, 3)).astype(np.float32)
+  odd = rng.uniform(0, 255, (1, 27, 19, 3)).astype(np.float32)  # not a multiple of 2**depth: padded inside
+  for fmt in export.FORMATS:
+    export.export_model(model, variables, tmp_path / fmt, fmt=fmt, mean=MEAN, std=STD, tile=TILE, preset=preset)
+    artefact = export.load(tmp_path / fmt)
+    assert artefact.card['classes'] == max(2, classes) and artefact.card['model']['num_classes'] == classes
+    assert np.abs(artefact(batch) - _logits(model, variables, batch)).max() <= 1e-4, fmt
+  assert export.load(tmp_path / 'stablehlo').tile is None  # one artefact for every size
+  assert np.abs(export.load(tmp_path / 'stablehlo')(odd) - _logits(model, variables, odd)).max() <= 1e-4
+  onnx = export.load(tmp_path / 'onnx')
+  assert onnx.tile == TILE and onnx.card['input']['height'] == TILE and onnx.card['opset'] == export.OPSET
+  with pytest.raises(UserError, match=f'takes {TILE}x{TILE} images'):
+    onnx(odd)
+
+
+def _mosaic(run_config, size=(203, 137)):
+  """A large odd-sized image made of the run's test images (uint8), its own test data."""
+  from resunet_jax import data
+
+  source = data.open_split(run_config.data, 'test')
+  tiles = [source[i]['image'] for i in range(len(source))]
+  side = tiles[0].shape[0]
+  rows = -(-size[0] // side)
+  columns = -(-size[1] // side)
+  grid = np.concatenate(
+    [np.concatenate([tiles[(r * columns + c) % len(tiles)] for c in range(columns)], 1) for r in range(rows)], 0
+  )
+  return grid[: size[0], : size[1]]
+
+
+def test_an_exported_run_predicts_the_masks_of_its_checkpoint(trained_run, commands, tmp_path):
+  workdir, env = trained_run
+  stablehlo, onnx = tmp_path / 'stablehlo', tmp_path / 'onnx'
+  result = commands.run(
+    [sys.executable, 'experiments/export.py', f'--workdir={workdir}', '--format=stablehlo', f'--output={stablehlo}'],
+    env=env,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  export.export_run(workdir, onnx, fmt='onnx')  # the library function behind the command
+  run = restore.load_run(workdir, 'best', 'stock')
+  card = json.loads((stablehlo / export.CARD).read_text())
+  assert card['checkpoint_step'] == run.step and card['training_data']['name'] == run.config.data.name
+  assert card['metrics']['validation']['step'] <= run.step and 'experiments/export.py' in card['command']
+  assert card['training_data']['backend'] == run.config.runtime.backend  # any backend's run exports through stock
+  images = tmp_path / 'images'
+  images.mkdir()
+  Image.fromarray(_mosaic(run.config)).save(images / 'mosaic.png')
+  masks = {}
+  for name, source in (
+    ('workdir', f'--workdir={workdir}'),
+    ('stablehlo', f'--exported={stablehlo}'),
+    ('onnx', f'--exported={onnx}'),
+  ):
+    out = tmp_path / f'out_{name}'
+    result = commands.run(
+      [sys.executable, 'experiments/predict.py', source, f'--input={images}', f'--output={out}'], env=env, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    masks[name] = np.asarray(Image.open(out / 'mosaic_mask.png'))
+  assert masks['workdir'].shape == (203, 137) and 0 < masks['workdir'].mean() < 255  # a real mask, not a constant
+  for name in ('stablehlo', 'onnx'):
+    assert (masks[name] == masks['workdir']).mean() >= 0.9999, name
+  loader = f'import sys; sys.path.insert(0, {str(stablehlo)!r}); import load, numpy as np; ' + (
+    'out = load.predict(np.zeros((2, 40, 24, 3), np.float32)); '
+    "assert out[0].shape == (2, 40, 24, 1) and not any(m.startswith('resunet_jax') for m in sys.modules); print('ok')"
+  )
+  result = subprocess.run([sys.executable, '-c', loader], capture_output=True, text=True, cwd=tmp_path, env=env)
+  assert result.stdout.strip() == 'ok', result.stderr[-2000:]  # jax and numpy only
+
+
+def test_bad_artefacts_get_one_line_errors(tmp_path):
+  model = models.UNet(models.preset('unet', base_width=4, depth=2))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  good = tmp_path / 'good'
+  export.export_model(model, variables, good, fmt='stablehlo', mean=MEAN, std=STD, tile=8)
+  with pytest.raises(UserError, match='not supported; use one of stablehlo, onnx'):
+    export.export_model(model, variables, tmp_path / 'x', fmt='tflite', mean=MEAN, std=STD, tile=8)
+  with pytest.raises(UserError, match='is not a folder'):
+    export.load(tmp_path / 'nowhere')
+  with pytest.raises(UserError, match='model.json is missing'):
+    export.load(tmp_path)
+  card = json.loads((good / export.CARD).read_text())
+  cases = {
+    'is not valid JSON': '{"format": ',
+    "format 'tflite' is not supported": json.dumps({**card, 'format': 'tflite'}),
+    'lacks classes, mean': json.dumps({key: v for key, v in card.items() if key not in ('classes', 'mean')}),
+    'holds no model.onnx': json.dumps({**card, 'format': 'onnx', 'file': 'model.onnx'}),
+    'says 4 channels': json.dumps({**card, 'input': {**card['input'], 'channels': 4}}),
+  }
+  for message, text in cases.items():
+    (good / export.CARD).write_text(text)
+    with pytest.raises(UserError, match=message):
+      export.load(good)
+  (good / export.CARD).write_text(json.dumps(card))
+  (good / 'model.stablehlo').write_bytes(b'not flatbuffers')
+  with pytest.raises(UserError, match='cannot be read as a jax.export artefact'):
+    export.load(good)
+
+
+def test_the_readme_orbax_snippet_restores_a_runs_parameters(trained_run):
+  workdir, _ = trained_run
+  text = (ROOT / 'README.md').read_text()
+  snippet = text.split('<!-- plain-orbax -->')[1].split('```python')[1].split('```')[0]
+  assert 'resunet_jax' not in snippet  # Orbax and JAX only
+  namespace = {}
+  exec(snippet, namespace)  # noqa: S102 (the README's own code)
+  step, params = namespace['restore_params'](str(workdir / 'checkpoints'))
+  run = restore.load_run(workdir, 'latest', 'stock')
+  assert step == run.step
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(run.state.params))
