@@ -1,14 +1,14 @@
-"""The ablation grids at the note's full width on a TPU pod (or a multi-GPU cluster).
+"""The pre-registered study (docs/ablation/PROTOCOL.md) at the note's full size on a TPU pod (or a GPU cluster).
 
   # every worker runs the same command, as in experiments/launch/tpu_pod.sh, with a --workdir
   # on storage every worker sees (e.g. a gcsfuse mount of a bucket):
-  python experiments/ablate.py --config=experiments/configs/ablate_tpu_pod.py --workdir=/mnt/shared/ablate
+  python experiments/ablate.py --config=experiments/configs/ablate_tpu_pod.py --workdir=/mnt/shared/ablate_study
 
-Base width 64 and depth 4 (the note's network), bfloat16 compute with float32 parameters and
-logits, global batch 256, the 128x128 datasets, 5,000 steps per run, 5 seeds. No
-normalisation, as in the note, so that the arms differ only in their shortcuts. Studies:
-roads {plain, residual} x {all, none, each single skip removed}; cells {plain, residual} x
-{all, none}; and the depth sweep 2..6 on roads.
+The stages and tests of the CPU study (`ablate_study.py`) on the full 128x128 datasets with the
+note's network: depth 4, base width 64 (so the equal-parameter `plain-wide` control has a
+width of its own), bfloat16 compute with float32 parameters and logits, global batch 256. Every
+block x recipe x skips arm (`factorial`), 10 seeds for every tier, no compute cuts; claim 3's
+boundary class on the three-class cells data. The tables go to the workdir (`output` = '').
 """
 
 import ml_collections
@@ -17,22 +17,25 @@ from resunet_jax import ablation, configs
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Returns the full-size ablation config."""
+  """Returns the full-size study config."""
   config = configs.base_config()
-  config.preset = 'unet'
+  config.preset = 'unet'  # the block is switched per arm
+  config.model.depth = 4
+  config.model.base_width = 64
   config.model.dtype = 'bfloat16'
   config.data.read_threads = 16
   config.data.num_workers = 8
   config.train.batch_size = 256
-  config.train.num_steps = 5000
-  config.train.eval_every = 250
-  config.train.checkpoint_every = 500
+  config.train.eval_every = 50  # claim 1's validation-Dice curve, as in the CPU study
   config.train.log_every = 50
-  config.train.warmup_steps = 250
+  config.train.warmup_steps = 20
   config.parallel.distributed = 'auto'
   config.ablation = ablation.section()
-  config.ablation.seeds = 5
-  config.ablation.studies.roads = ablation.study('synthetic_roads', skips=('all', 'none', 'drop_each'))
-  config.ablation.studies.cells = ablation.study('synthetic_cells', skips=('all', 'none'))
-  config.ablation.studies.depth = ablation.study('synthetic_roads', depths=(2, 3, 4, 5, 6))
+  settings = config.ablation.protocol = ablation.protocol.section()
+  settings.datasets = ('synthetic_roads', 'synthetic_cells')
+  settings.boundary = ('synthetic_cells', 'synthetic_cells/three_class_default')
+  settings.primary_seeds = 10
+  settings.secondary_seeds = 10
+  settings.factorial = True
+  settings.budget_minutes = float('inf')
   return config
