@@ -46,7 +46,7 @@ from resunet_jax.errors import UserError
 FORMATS = ('stablehlo', 'onnx')
 FILES = {'stablehlo': 'model.stablehlo', 'onnx': 'model.onnx'}
 CARD = 'model.json'
-PLATFORMS = ('cpu', 'cuda', 'tpu')
+PLATFORMS = ('cpu', 'cuda', 'tpu')  # StableHLO lowerings, in order of preference (the card lists those made)
 OPSET = 21
 CARD_VERSION = 1
 CHANNELS = 3  # the pipeline converts every image to RGB (grey repeated, alpha dropped)
@@ -136,7 +136,7 @@ def card(model_config, fmt: str, *, size: int | str, mean, std, tile: int, **abo
     'card_version': CARD_VERSION,
     'format': fmt,
     'file': FILES[fmt],
-    **({'opset': OPSET} if fmt == 'onnx' else {'platforms': list(PLATFORMS)}),
+    **({'opset': OPSET} if fmt == 'onnx' else {}),
     'input': {
       'name': 'images',
       'dtype': 'float32',
@@ -200,13 +200,10 @@ def export_model(
   except OSError as e:
     raise UserError(f'cannot create --output={output}: {e.strerror}') from None
   if fmt == 'stablehlo':
-    batch, height, width = jax.export.symbolic_shape('b, h, w')
-    exported = jax.export.export(jax.jit(infer), platforms=PLATFORMS)(
-      jax.ShapeDtypeStruct((batch, height, width, CHANNELS), jnp.float32)
-    )
+    exported = _to_stablehlo(infer)
     _write(output, FILES[fmt], bytes(exported.serialize()))
     _write(output, 'load.py', LOADER)
-    size = 'any'
+    size, about = 'any', {'platforms': list(exported.platforms), **about}
   else:
     size = int(tile)
     _write(output, FILES[fmt], _to_onnx(infer, size))
@@ -266,6 +263,19 @@ def export_run(
     commit=_commit(),
     command=command,
   )
+
+
+def _to_stablehlo(infer: Callable) -> jax.export.Exported:
+  """`infer` exported for symbolic batch, height and width, lowered for every platform of
+  `PLATFORMS` that this jaxlib can lower for (CPU always)."""
+  batch, height, width = jax.export.symbolic_shape('b, h, w')
+  shape = jax.ShapeDtypeStruct((batch, height, width, CHANNELS), jnp.float32)
+  for count in range(len(PLATFORMS), 1, -1):
+    try:
+      return jax.export.export(jax.jit(infer), platforms=PLATFORMS[:count])(shape)
+    except Exception:  # noqa: BLE001, S112 (a jaxlib without a platform's lowering: try fewer platforms)
+      continue
+  return jax.export.export(jax.jit(infer), platforms=PLATFORMS[:1])(shape)
 
 
 def _to_onnx(infer: Callable, size: int) -> bytes:

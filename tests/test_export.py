@@ -39,6 +39,7 @@ def test_both_formats_agree_with_the_jax_model(preset, classes, tmp_path):
     export.export_model(model, variables, tmp_path / fmt, fmt=fmt, mean=MEAN, std=STD, tile=TILE, preset=preset)
     artefact = export.load(tmp_path / fmt)
     assert artefact.card['classes'] == max(2, classes) and artefact.card['model']['num_classes'] == classes
+    assert fmt == 'onnx' or artefact.card['platforms'] == ['cpu', 'cuda', 'tpu']
     assert np.abs(artefact(batch) - _logits(model, variables, batch)).max() <= 1e-4, fmt
   assert export.load(tmp_path / 'stablehlo').tile is None  # one artefact for every size
   assert np.abs(export.load(tmp_path / 'stablehlo')(odd) - _logits(model, variables, odd)).max() <= 1e-4
