@@ -167,6 +167,24 @@ CLI = {
     1,
     "error: unknown dataset 'synthetic_rods'",
   ),
+  'export to an unknown format': (
+    'export',
+    ['--workdir=RUN', '--format=tflite', '--output=TMP/exported'],
+    1,
+    'error: --format=tflite is not supported; use one of stablehlo, onnx',
+  ),
+  'predict from a run and an artefact at once': (
+    'predict',
+    ['--workdir=RUN', '--exported=BARE', '--input=BARE', '--output=TMP/out'],
+    1,
+    'error: pass either --workdir',
+  ),
+  'predict from a folder that is not an artefact': (
+    'predict',
+    ['--exported=BARE', '--input=BARE', '--output=TMP/out'],
+    1,
+    'error: BARE/model.json is missing',
+  ),
   'output not writable': (
     'predict',
     ['--workdir=RUN', '--input=split:test[:1]', '--output=/proc/forbidden'],
