@@ -705,6 +705,43 @@ def depth_table(rows: Sequence[dict], data: str) -> list[str]:
   return _table(header, body)
 
 
+def gradient_table(rows: Sequence[dict], data: str) -> list[str]:
+  """Claim 2's absolute figures: per block, the mean log10 gradient RMS at initialisation of each
+  primary block without skips under each recipe measured (stage 'initial', the primary seeds),
+  and the mean log10 relative update size of the trained primary runs without skips."""
+  tuning = tuning_seeds(rows)
+  initial = [
+    row
+    for row in rows
+    if (row['stage'], row['data'], row['skips']) == ('initial', data, 'none')
+    and row['block'] in (PLAIN, RESIDUAL)
+    and row['seed'] not in tuning
+  ]
+  trained = [
+    row for row in rows if (row['stage'], row['data'], row['skips']) == ('primary', data, 'none') and row['depth'] == 4
+  ]
+  blocks = sorted({key.split('/', 1)[1] for row in initial for key in row if key.startswith('grad_rms/')})
+  if not blocks:
+    return []
+  columns = [(f'{block} {recipe} grad', 'grad_rms/', block, recipe, initial) for block, recipe in
+             dict.fromkeys((row['block'], row['recipe']) for row in initial)]  # fmt: skip
+  columns += [(f'{block} {row_recipe} update', 'update/', block, row_recipe, trained) for block, row_recipe in
+              dict.fromkeys((row['block'], row['recipe']) for row in trained)]  # fmt: skip
+  body = []
+  for name in blocks:
+    cells = [f'`{name}`']
+    for _, prefix, block, recipe, source in columns:
+      values = [
+        _log10(row[prefix + name])
+        for row in source
+        if (row['block'], row['recipe']) == (block, recipe) and prefix + name in row
+      ]
+      finite = [v for v in values if math.isfinite(v)]
+      cells.append(_fmt(float(np.mean(finite)), 2) if finite else 'n/a')
+    body.append(cells)
+  return _table(['block', *(label for label, *_ in columns)], body)
+
+
 def validity_line(rows: Sequence[dict], data: str) -> str:
   """Claim 2's validity check as numbers: each no-skip tuning arm's measure, failed or trained."""
   check = validity(rows, data)
@@ -759,6 +796,15 @@ def secondary_lines(rows: Sequence[dict]) -> list[str]:
     if table:
       lines += [
         f'Arms trained at B on {name} (seeds pooled; failures counted, PROTOCOL.md amendment 5):',
+        '',
+        *table,
+        '',
+      ]
+    table = gradient_table(rows, data)
+    if table:
+      lines += [
+        f'Claim 2 on {name} without skips, per block: mean log10 gradient RMS at initialisation (first batch, '
+        'primary seeds) and mean log10 relative update size |final - initial| / |initial| of the trained runs:',
         '',
         *table,
         '',

@@ -249,3 +249,23 @@ def test_the_boundary_class_is_reported_per_class_and_paired_by_seed_without_a_v
   (row,) = [line for line in lines if line.startswith('| 2 |')]
   assert row.split('|')[4].strip().startswith('0.050 [0.050, 0.050]')
   assert '\n'.join(lines) in analysis.markdown(rows, progress={}, plan={}, final=True)
+
+
+def test_the_gradient_table_gives_each_blocks_log_gradient_at_initialisation_and_update_size():
+  rows = [_row('tune', 'd', 'plain', 'none', 1000, val_dice=0.1)]
+  for s in range(3):
+    rows += [
+      _row('initial', 'd', 'plain', 'none', s, recipe='lecun-none', **{'grad_rms/enc_0': 1e-3, 'grad_rms/dec_0': 1e-1}),
+      _row(
+        'initial', 'd', 'identity', 'none', s, recipe='lecun-none', **{'grad_rms/enc_0': 1e-2, 'grad_rms/dec_0': 1e-1}
+      ),
+      _row('primary', 'd', 'plain', 'none', s, **{'update/enc_0': 1e-4, 'update/dec_0': 1e-2}),
+    ]
+  rows.append(
+    _row('initial', 'd', 'plain', 'none', 1000, recipe='lecun-none', **{'grad_rms/enc_0': 1.0})
+  )  # tuning seed
+  table = analysis.gradient_table(rows, 'd')
+  header = [cell.strip() for cell in table[0].split('|')[1:-1]]
+  assert header == ['block', 'plain lecun-none grad', 'identity lecun-none grad', 'plain he-group update']
+  body = {line.split('|')[1].strip(): [cell.strip() for cell in line.split('|')[2:-1]] for line in table[2:]}
+  assert body['`enc_0`'] == ['-3.00', '-2.00', '-4.00'] and body['`dec_0`'] == ['-1.00', '-1.00', '-2.00']
