@@ -321,6 +321,35 @@ def pilot_table(rows: Sequence[dict], data: str) -> list[str]:
   return _table(['arm', *(f'{b} steps: val / test Dice' for b in budgets)], body)
 
 
+PLATEAU_TOLERANCE = 0.01  # PROTOCOL.md: B is the first budget within this of the longest's mean validation Dice
+
+
+def plateau(curves: dict[tuple, dict[int, list[float]]], budgets: Sequence[int], tolerance: float) -> int:
+  """The smallest budget at which every arm's mean validation Dice is within `tolerance` of
+  (or above) its mean at the longest budget.
+
+  Args:
+    curves: arm -> budget -> final validation Dice of each of its pilot runs.
+  """
+  longest = max(budgets)
+  for budget in sorted(budgets):
+    if all(np.mean(by[budget]) >= np.mean(by[longest]) - tolerance for by in curves.values()):
+      return budget
+  return longest
+
+
+def pilot_plateau(rows: Sequence[dict]) -> int | None:
+  """The budget the plateau rule gives on the pilot's rows (every dataset's primary arms), before
+  any cut; None without pilot rows."""
+  pilot = [row for row in rows if row['stage'] == 'pilot']
+  if not pilot:
+    return None
+  curves: dict[tuple, dict[int, list[float]]] = {}
+  for row in pilot:
+    curves.setdefault((row['data'], row['arm']), {}).setdefault(row['steps'], []).append(row['val_dice'])
+  return plateau(curves, sorted({row['steps'] for row in pilot}), PLATEAU_TOLERANCE)
+
+
 def markdown(
   rows: Sequence[dict],
   *,
@@ -357,7 +386,13 @@ def markdown(
     lines += [
       f'Cuts (PROTOCOL.md, "Compute budget"): {"; ".join(plan.get("cuts") or []) or "none"}; '
       f'projected rest after tuning: {plan.get("projected_minutes", float("nan")):.0f} min. '
-      f'Plateau budget B: {plan.get("budget") or "not fixed yet (the pilot is not complete)"}.',
+      f'Plateau budget B: {plan.get("budget") or "not fixed yet (the pilot is not complete)"}'
+      + (
+        f' (the plateau rule alone gives {pilot_plateau(rows)} steps; cut 4 caps it, so B is not a plateau)'
+        if plan.get('budget') and pilot_plateau(rows) not in (None, plan.get('budget'))
+        else ''
+      )
+      + '.',
       '',
     ]
   if final:

@@ -206,6 +206,9 @@ def width_for(run: Run, target: int, base: ml_collections.ConfigDict, widths: It
 # ---- choices made from results ----
 
 
+plateau = analysis.plateau  # the plateau rule, shared with the report
+
+
 def final_validation(result: runner.Result) -> float:
   """The last validation Dice of a run (its final weights)."""
   return float(result.curve[-1][1]) if result.curve else float('nan')
@@ -225,20 +228,6 @@ def choose(results: dict[Run, runner.Result], settings, recipes: Sequence[str] |
   tied = [run for run, score in candidates if score >= best - settings.tie]
   pick = min(tied, key=lambda run: (run.learning_rate, order.index(run.recipe)))
   return pick.recipe, pick.learning_rate
-
-
-def plateau(curves: dict[tuple, dict[int, list[float]]], budgets: Sequence[int], tolerance: float) -> int:
-  """The smallest budget at which every arm's mean validation Dice is within `tolerance` of
-  (or above) its mean at the longest budget.
-
-  Args:
-    curves: arm -> budget -> final validation Dice of each of its pilot runs.
-  """
-  longest = max(budgets)
-  for budget in sorted(budgets):
-    if all(np.mean(by[budget]) >= np.mean(by[longest]) - tolerance for by in curves.values()):
-      return budget
-  return longest
 
 
 # ---- the stages ----

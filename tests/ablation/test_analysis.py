@@ -269,3 +269,17 @@ def test_the_gradient_table_gives_each_blocks_log_gradient_at_initialisation_and
   assert header == ['block', 'plain lecun-none grad', 'identity lecun-none grad', 'plain he-group update']
   body = {line.split('|')[1].strip(): [cell.strip() for cell in line.split('|')[2:-1]] for line in table[2:]}
   assert body['`enc_0`'] == ['-3.00', '-2.00', '-4.00'] and body['`dec_0`'] == ['-1.00', '-1.00', '-2.00']
+
+
+def test_the_report_says_when_the_budget_cap_is_not_a_plateau():
+  rows = [
+    _row('pilot', 'd', 'plain', 'none', seed, steps=steps, val_dice=dice, test_dice=dice)
+    for seed in (1000, 1001)
+    for steps, dice in ((300, 0.1), (1000, 0.3), (3000, 0.5))
+  ]
+  assert analysis.pilot_plateau(rows) == 3000
+  text = analysis.markdown(rows, progress={}, plan={'cuts': [], 'budget': 1000}, final=False)
+  assert 'the plateau rule alone gives 3000 steps; cut 4 caps it, so B is not a plateau' in text
+  flat = [dict(row, val_dice=0.5) for row in rows]
+  assert analysis.pilot_plateau(flat) == 300
+  assert 'rule alone' not in analysis.markdown(flat, progress={}, plan={'cuts': [], 'budget': 300}, final=False)
