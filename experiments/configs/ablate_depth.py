@@ -3,7 +3,8 @@
   python experiments/ablate.py --config=experiments/configs/ablate_depth.py
 
 {plain, residual} x depth 2..6 with all skips x 3 seeds on `synthetic_roads/size64` (30 runs,
-about 45 minutes on a 2-core CPU), with the default grid's settings (`resunet_jax.ablation.grid.cpu_config`). At 64x64, depth 6 reaches a 1x1 bottleneck.
+about 45 minutes on a 2-core CPU), with the default grid's settings
+(`resunet_jax.ablation.grid.cpu_config`). At 64x64, depth 6 reaches a 1x1 bottleneck.
 """
 
 import ml_collections

@@ -568,7 +568,9 @@ def run(
 
   def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str) -> dict[Run, runner.Result]:
     stages[name], planned[name] = {}, len(set(runs))
-    return train(runs, base, root, knockouts=knockouts, label=name, committed=committed, into=stages[name], saved=save)
+    out = train(runs, base, root, knockouts=knockouts, label=name, committed=committed, into=stages[name], saved=save)
+    save()  # also when every run was read back: the report follows the code that reads the table
+    return out
 
   with runner.sigterm_stops():  # SIGTERM: the study stops after (or inside) the current population
     stage('tune', tune_runs(settings, base), knockouts=False)

@@ -295,6 +295,10 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   assert not any(row['stage'] == 'secondary' for row in rows) and any(row['stage'] == 'depth' for row in rows)
   report = (output / 'report.md').read_text()  # primary and depth complete: the verdicts, before the secondary stage
   assert 'None yet' not in report and '## Secondary analyses' in report and (output / 'depth_gain.png').exists()
+  (output / 'report.md').unlink()  # stopped again before any new run finishes: the report is still rewritten
+  with pytest.raises(RuntimeError, match='killed'):
+    protocol.run(config, tmp_path / 'first', command='c')
+  assert (output / 'report.md').read_text() == report
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls))
   stages, plan = protocol.run(config, tmp_path / 'second', command='c')  # an empty workdir: the table seeds it
   trained = sum(calls)
@@ -323,8 +327,10 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
     assert f'| {verdict.claim}: {analysis.CLAIMS[verdict.claim]} | roads |' in report
     assert f'**{verdict.label}**' in report
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=0))  # nothing left to train
+  (output / 'report.md').unlink()
   again, _ = protocol.run(config, tmp_path / 'third', command='c')
   assert (output / 'results.csv').read_text() == table
+  assert (output / 'report.md').read_text() == report  # rewritten, by the code that reads the table
   assert again == stages and len(initialised) == 14  # nothing measured again either
 
 
