@@ -22,12 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the GPU study config."""
   config = ablation.grid.cpu_config()
   config.data.image_size = 64
-  settings = config.ablation.protocol = ablation.protocol.section()
-  settings.datasets = ('synthetic_roads/size64', 'synthetic_cells/size64')
-  settings.boundary = ('synthetic_cells/size64', 'synthetic_cells/three_class_size64')
-  settings.primary_seeds = 10
-  settings.secondary_seeds = 10
-  settings.factorial = True
-  settings.budget_minutes = float('inf')
+  settings = config.ablation.protocol = ablation.protocol.factorial_section(
+    ('synthetic_roads/size64', 'synthetic_cells/size64'),
+    ('synthetic_cells/size64', 'synthetic_cells/three_class_size64'),
+  )
   settings.output = str(pathlib.Path(__file__).resolve().parents[2] / 'docs/ablation/study_gpu64')
   return config

@@ -31,11 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_steps = 20
   config.parallel.distributed = 'auto'
   config.ablation = ablation.section()
-  settings = config.ablation.protocol = ablation.protocol.section()
-  settings.datasets = ('synthetic_roads', 'synthetic_cells')
-  settings.boundary = ('synthetic_cells', 'synthetic_cells/three_class_default')
-  settings.primary_seeds = 10
-  settings.secondary_seeds = 10
-  settings.factorial = True
-  settings.budget_minutes = float('inf')
+  config.ablation.protocol = ablation.protocol.factorial_section(
+    ('synthetic_roads', 'synthetic_cells'), ('synthetic_cells', 'synthetic_cells/three_class_default')
+  )
   return config

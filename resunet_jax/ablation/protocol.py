@@ -107,6 +107,19 @@ def section() -> ml_collections.ConfigDict:
   return c
 
 
+def factorial_section(datasets: Sequence[str], boundary: tuple[str, str]) -> ml_collections.ConfigDict:
+  """The protocol section of an accelerator's study: the whole factorial, 10 seeds in every tier,
+  no compute cuts, on `datasets`, with claim 3's `boundary` stage."""
+  c = section()
+  c.datasets = tuple(datasets)
+  c.boundary = tuple(boundary)
+  c.primary_seeds = 10
+  c.secondary_seeds = 10
+  c.factorial = True
+  c.budget_minutes = float('inf')
+  return c
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training run of the study."""
