@@ -216,9 +216,22 @@ def _open_image(path: pathlib.Path, kind: str) -> Image.Image:
     raise DataError(f'cannot read {kind} {path}: {e}; replace or remove the file') from None
 
 
+WIDE_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F')  # 16-bit, 32-bit integer and float pixels
+
+
 def read_image(path: pathlib.Path) -> np.ndarray:
-  """An image file as uint8 `[H, W, 3]` (grey, palette and RGBA converted to RGB)."""
+  """An image file as uint8 `[H, W, 3]` (grey, palette and RGBA converted to RGB).
+
+  Raises:
+    DataError: an unreadable file, or 16-bit, 32-bit or float pixels, which converting to 8-bit
+      would saturate (a 12-bit microscopy image becomes almost white) without a word.
+  """
   with _open_image(path, 'image') as image:
+    if image.mode in WIDE_MODES:
+      raise DataError(
+        f'image {path} has {image.mode} pixels (more than 8 bits); only 8-bit images are read so far: '
+        'scale it to 0..255 and save it as 8-bit'
+      )
     try:
       return np.asarray(image.convert('RGB'))
     except (OSError, ValueError) as e:
