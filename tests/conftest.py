@@ -4,9 +4,9 @@ from one preloaded interpreter (`commands`); the environment of every test.
 
 Set before JAX is imported, so this process, both xdist workers and every command they start
 inherit it: one persistent JAX compilation cache, fresh for each session (the commands compile
-the same few quick runs dozens of times), and no relaunch with the CPU process settings
-(`resunet_jax.cpu.hostmem`: it would start each command twice; tests/cpu/test_hostmem.py
-starts it on purpose).
+the same few quick runs dozens of times), LLVM's optimiser off (`commands.FAST_COMPILE`), and no
+relaunch with the CPU process settings (`resunet_jax.cpu.hostmem`: it would start each command
+twice; tests/cpu/test_hostmem.py starts it on purpose).
 """
 
 import fcntl
@@ -22,6 +22,8 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 os.environ.setdefault('RESUNET_HUGE_PAGES', '0')
 
 import commands as commands_lib  # noqa: E402 (tests/commands.py)
+
+os.environ['XLA_FLAGS'] = commands_lib.fast_compile(os.environ.get('XLA_FLAGS', ''))  # before JAX starts
 import pytest  # noqa: E402
 
 from resunet_jax import data  # noqa: E402

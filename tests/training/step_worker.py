@@ -8,7 +8,7 @@ every global batch; without, one process with DEVICES devices.
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={sys.argv[3]}'
+os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={sys.argv[3]}'
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
