@@ -127,7 +127,7 @@ PLACEMENT_KEYS = {
 # Keys added after runs were recorded, with the value every earlier run had: a key at that value
 # is left out of the hash, so earlier runs keep their hashes (and finished sweeps their results).
 ADDED_KEYS = {
-  'model': {'shortcut': 'projection', 'init': 'lecun'},
+  'model': {'shortcut': 'projection', 'init': 'lecun', 'skip_kind': 'concat'},
 }
 
 

@@ -227,7 +227,11 @@ API = {
     ValueError,
     "'base_widht' \\(did you mean 'base_width'",
   ),
-  'unknown preset': (lambda: models.preset('resnet'), ValueError, 'presets: unet, resunet, resunet_zhang'),
+  'unknown preset': (
+    lambda: models.preset('resnet'),
+    ValueError,
+    'presets: unet, resunet, attention_unet, resunet_zhang',
+  ),
   'skip_scale of wrong length': (
     lambda: UNet_apply(skip_scale=jnp.ones(3)),
     ValueError,

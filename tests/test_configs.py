@@ -81,7 +81,9 @@ def test_config_hash_is_stable_and_sensitive():
   assert configs.config_hash(c) == configs.config_hash(a)
   # A key added later hashes as before at the value earlier runs had, and forks the run at another.
   d = {**configs.base_config().to_dict(), 'model': models.preset('unet').to_dict()}  # as resolved
-  legacy = {**d, 'model': {k: v for k, v in d['model'].items() if k not in ('init', 'shortcut')}}
-  assert configs.config_hash(d) == configs.config_hash(legacy)
+  legacy = {**d, 'model': {k: v for k, v in d['model'].items() if k not in ('init', 'shortcut', 'skip_kind')}}
+  assert configs.config_hash(d) == configs.config_hash(legacy)  # the study's committed run ids stay valid
   d['model']['init'] = 'he'
+  assert configs.config_hash(d) != configs.config_hash(legacy)
+  d['model'] = {**d['model'], 'init': 'lecun', 'skip_kind': 'attention'}
   assert configs.config_hash(d) != configs.config_hash(legacy)

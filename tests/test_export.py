@@ -28,7 +28,9 @@ def _logits(model, variables, images):
   return np.asarray(model.apply(variables, normalised, train=False))
 
 
-@pytest.mark.parametrize(('preset', 'classes'), [('unet', 1), ('resunet', 1), ('resunet_zhang', 1), ('resunet', 3)])
+@pytest.mark.parametrize(
+  ('preset', 'classes'), [('unet', 1), ('resunet', 1), ('attention_unet', 1), ('resunet_zhang', 1), ('resunet', 3)]
+)
 def test_both_formats_agree_with_the_jax_model(preset, classes, tmp_path):
   model = models.UNet(
     models.preset(preset, base_width=4, depth=2, num_classes=classes)

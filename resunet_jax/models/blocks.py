@@ -217,3 +217,45 @@ class ConvBlock(nn.Module):
     if branch_scale is not None:
       h = h * jnp.asarray(branch_scale, h.dtype)
     return h + shortcut
+
+
+class AttentionGate(nn.Module):
+  """The additive attention gate of Oktay et al. (2018, "Attention U-Net", eq. 1-2) on one skip.
+
+  `alpha = up(sigmoid(psi(relu(W_x(x) + W_g(g)))))` and the output is `x * alpha`: `x` the
+  skip `[B, H, W, C]`, `g` the gating signal, the decoder tensor one level below `[B, H/2, W/2,
+  C_g]`; `W_x` a 1x1 convolution with stride 2 and no bias (the skip brought to the gating
+  signal's grid, as in the paper), `W_g` and `psi` 1x1 convolutions with bias (`features`
+  intermediate channels, then one), `up` bilinear resampling of the one-channel map to `x`'s grid.
+
+  Attributes:
+    features: intermediate channels (`F_int`).
+    initializer: `ModelConfig.init` name of the kernels' initialiser.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    layers: the layer set (`models.layers`); its `conv` builds the three convolutions.
+  """
+
+  features: int
+  initializer: str = 'lecun'
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  layers: layers_lib.Layers = layers_lib.STOCK
+
+  @nn.compact
+  def __call__(self, x: jax.Array, g: jax.Array, opened: jax.Array | None = None) -> jax.Array:
+    """`x` gated by `g`; `opened` (a scalar in [0, 1], apply-time) moves the gate towards ones:
+    `alpha + opened * (1 - alpha)`, so 1 passes the plain skip (the gate's knock-out)."""
+    common = {
+      'kernel_size': (1, 1),
+      'dtype': self.dtype,
+      'param_dtype': self.param_dtype,
+      'kernel_init': KERNEL_INITS[self.initializer],
+    }
+    theta = self.layers.conv(self.features, strides=(2, 2), use_bias=False, name='W_x', **common)(x)
+    phi = self.layers.conv(self.features, name='W_g', **common)(g)
+    q = self.layers.conv(1, name='psi', **common)(nn.relu(theta + phi))
+    alpha = jax.image.resize(nn.sigmoid(q.astype(jnp.float32)), (*x.shape[:3], 1), 'bilinear')
+    if opened is not None:
+      alpha = alpha + opened * (1 - alpha)
+    return x * alpha.astype(x.dtype)

@@ -107,6 +107,7 @@ class UNet(nn.Module):
     residual_scale: jax.Array | None = None,
     branch_scale: jax.Array | None = None,
     skip_fill: Sequence[jax.Array] | None = None,
+    gate_open: jax.Array | None = None,
   ) -> jax.Array:
     """Maps images to per-pixel logits.
 
@@ -130,6 +131,10 @@ class UNet(nn.Module):
         channels): what `skip_scale` scales towards. The decoder then reads
         `s * skip + (1 - s) * fill` (broadcast over batch and pixels), so a 0 replaces the skip
         by the fill, e.g. its mean over the training set (a mean-ablation), instead of by zeros.
+      gate_open: `[depth]` values in [0, 1], level 0 first, for `skip_kind='attention'`: each
+        level's attention gate becomes `alpha + open * (1 - alpha)`, so 1 replaces the gate by
+        ones and passes the plain skip (the gate's knock-out, on the trained weights). None
+        means all zeros (the gates as trained). `skip_scale` then scales the gated skip.
 
     Returns:
       logits: `[B, H, W, num_classes]` float32.
@@ -138,6 +143,9 @@ class UNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'UNet expects NHWC images [B, H, W, C]; got shape {x.shape}')
     skip_scale = _check_scale('skip_scale', skip_scale, cfg.depth, 'level')
+    if gate_open is not None and cfg.skip_kind != 'attention':
+      raise ValueError(f'gate_open was given but the model has skip_kind={cfg.skip_kind!r} (no gates to open)')
+    gate_open = _check_scale('gate_open', gate_open, cfg.depth, 'level')
     names = block_names(cfg)
     if residual_scale is not None and not cfg.residual:
       raise ValueError('residual_scale was given but the model has residual=False (no shortcuts to scale)')
@@ -189,6 +197,16 @@ class UNet(nn.Module):
 
     for index, level in enumerate(reversed(range(cfg.depth)), start=cfg.depth + 1):
       skip = skips[level] if cfg.skip_levels[level] else None
+      if skip is not None and cfg.skip_kind == 'attention':
+        gate = blocks.AttentionGate(
+          features=max(1, widths[level] // 2),
+          initializer=cfg.init,
+          dtype=cfg.compute_dtype,
+          param_dtype=cfg.params_dtype,
+          layers=self.layers,
+          name=f'gate_{level}',
+        )
+        skip = gate(skip, h, None if gate_open is None else gate_open[level].astype(jnp.float32))
       if skip is not None and skip_scale is not None:
         scale = skip_scale[level].astype(skip.dtype)
         skip = skip * scale

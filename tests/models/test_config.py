@@ -50,7 +50,9 @@ def test_unknown_field_names_valid_fields(build):
 
 
 def test_unknown_preset_lists_presets():
-  with pytest.raises(ValueError, match=r"unknown model preset 'resnet'.*presets: unet, resunet, resunet_zhang"):
+  with pytest.raises(
+    ValueError, match=r"unknown model preset 'resnet'.*presets: unet, resunet, attention_unet, resunet_zhang"
+  ):
     models.preset('resnet')
 
 

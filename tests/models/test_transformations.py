@@ -20,7 +20,10 @@ TINY = {'base_width': 4, 'depth': 2}
 # The three presets, and every other switch value at least once beside them (a pairwise cover).
 CONFIGS = {
   'unet': models.preset('unet', **TINY),  # nearest, no norm, postact, max-pool, all skips
-  'resunet': models.preset('resunet', upsample='bilinear', norm='layer', skips='10', init='glorot', **TINY),
+  'resunet': models.preset(
+    'resunet', upsample='bilinear', norm='layer', skips='10', init='glorot', skip_kind='attention', **TINY
+  ),
+  'attention_unet': models.preset('attention_unet', **TINY),  # attention gates on every skip
   'resunet_zhang': models.preset('resunet_zhang', **TINY),  # batch norm, preact, stride
   'transpose_group_remat': models.preset(
     'resunet',
@@ -155,7 +158,7 @@ def test_transformation_goes_through_the_stock_model(config, transformation):
 def test_the_configs_cover_every_preset_and_switch_value():
   covered = {
     field: {getattr(c, field) for c in CONFIGS.values()}
-    for field in ('norm', 'upsample', 'block', 'downsample', 'residual', 'remat', 'shortcut', 'init')
+    for field in ('norm', 'upsample', 'block', 'downsample', 'residual', 'remat', 'shortcut', 'init', 'skip_kind')
   }
   assert covered == {
     'norm': set(models.config.NORMS),
@@ -166,6 +169,7 @@ def test_the_configs_cover_every_preset_and_switch_value():
     'remat': {False, True},
     'shortcut': set(models.config.SHORTCUTS),
     'init': set(models.config.INITS),
+    'skip_kind': set(models.config.SKIP_KINDS),
   }
-  assert {'unet', 'resunet', 'resunet_zhang'} <= set(CONFIGS)
+  assert set(models.PRESETS) <= set(CONFIGS)
   assert {c.skips for c in CONFIGS.values()} >= {'all', 'none', '10'}

@@ -39,6 +39,7 @@ def _abstract_params(config, hw):
     ('resunet', 128, 33_122_881),
     ('resunet_identity', 128, 33_158_017),
     ('resunet_zhang', 224, 8_220_993),
+    ('attention_unet', 128, 31_902_149),  # 'unet' + 523,204 for the four gates (models.config.PRESETS)
   ],
 )
 def test_preset_parameter_counts_are_pinned(name, size, expected):
@@ -314,3 +315,43 @@ def test_remat_gives_the_same_output_and_gradients():
   assert jax.tree.structure(remat_variables) == jax.tree.structure(variables)
   np.testing.assert_allclose(value, value_remat, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_remat)
+
+
+def test_the_attention_gate_by_hand():
+  """Oktay et al.'s eq. 1-2 on a 2x2 skip and its 1x1 gating signal: W_x (stride 2, no bias)
+  reads the top-left pixel, the one-channel map is resampled to every pixel of the skip."""
+  gate = models.blocks.AttentionGate(features=1)
+  x = jnp.asarray([[[[1.0], [2.0]], [[3.0], [4.0]]]])  # [1, 2, 2, 1]
+  g = jnp.asarray([[[[0.5]]]])  # [1, 1, 1, 1]
+  params = {
+    'W_x': {'kernel': jnp.full((1, 1, 1, 1), 2.0)},
+    'W_g': {'kernel': jnp.full((1, 1, 1, 1), -4.0), 'bias': jnp.asarray([0.5])},
+    'psi': {'kernel': jnp.full((1, 1, 1, 1), 3.0), 'bias': jnp.asarray([-1.0])},
+  }
+  assert jax.tree.map(jnp.shape, gate.init(KEY, x, g)['params']) == jax.tree.map(jnp.shape, params)
+  q = 3.0 * max(2.0 * 1.0 + (-4.0 * 0.5 + 0.5), 0.0) - 1.0  # psi(relu(W_x x_00 + W_g g + b_g)) = 0.5
+  alpha = 1 / (1 + np.exp(-q))
+  np.testing.assert_allclose(gate.apply({'params': params}, x, g), np.asarray(x) * alpha, rtol=1e-6)
+  np.testing.assert_allclose(gate.apply({'params': params}, x, g, jnp.float32(1)), x)  # opened: the plain skip
+  half = alpha + 0.5 * (1 - alpha)
+  np.testing.assert_allclose(gate.apply({'params': params}, x, g, jnp.float32(0.5)), np.asarray(x) * half, rtol=1e-6)
+
+
+def test_an_opened_gate_passes_the_plain_skip_and_zero_scale_still_removes_it():
+  config = models.preset('attention_unet', **TINY)
+  plain = models.ModelConfig(**TINY)
+  variables = _init(config, X_TINY)
+  without_gates = {**variables, 'params': {k: v for k, v in variables['params'].items() if not k.startswith('gate_')}}
+  opened = _apply(config, variables, X_TINY, gate_open=jnp.ones(2))
+  np.testing.assert_allclose(opened, _apply(plain, without_gates, X_TINY), rtol=1e-5, atol=1e-6)
+  gated = _apply(config, variables, X_TINY)
+  assert np.abs(np.asarray(gated) - np.asarray(opened)).max() > 1e-4  # the gates do something
+  removed = _apply(config, variables, X_TINY, skip_scale=jnp.asarray([0.0, 1.0]), gate_open=jnp.asarray([0.0, 1.0]))
+  np.testing.assert_allclose(
+    removed, _apply(plain, without_gates, X_TINY, skip_scale=jnp.asarray([0.0, 1.0])), rtol=1e-5, atol=1e-6
+  )
+  both = jax.vmap(lambda o: _apply(config, variables, X_TINY, gate_open=o))(jnp.asarray([[0.0, 0.0], [1.0, 1.0]]))
+  np.testing.assert_allclose(both[0], gated, rtol=1e-5, atol=1e-6)  # vmappable like the other knock-outs
+  np.testing.assert_allclose(both[1], opened, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="gate_open was given but the model has skip_kind='concat'"):
+    _apply(plain, without_gates, X_TINY, gate_open=jnp.ones(2))
