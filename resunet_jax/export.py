@@ -200,6 +200,7 @@ def export_model(
   except OSError as e:
     raise UserError(f'cannot create --output={output}: {e.strerror}') from None
   if fmt == 'stablehlo':
+    _need_flatbuffers()
     exported = _to_stablehlo(infer)
     _write(output, FILES[fmt], bytes(exported.serialize()))
     _write(output, 'load.py', LOADER)
@@ -263,6 +264,14 @@ def export_run(
     commit=_commit(),
     command=command,
   )
+
+
+def _need_flatbuffers() -> None:
+  """jax.export (de)serialises through flatbuffers, which only the [export] extra installs."""
+  try:
+    import flatbuffers  # noqa: F401, PLC0415
+  except ImportError:
+    raise UserError("StableHLO artefacts need flatbuffers (the export extra): pip install -e '.[export]'") from None
 
 
 def _to_stablehlo(infer: Callable) -> jax.export.Exported:
@@ -363,6 +372,7 @@ def load(directory: str | pathlib.Path) -> Exported:
   if info['file'] != FILES[fmt] or not model_path.is_file():
     raise UserError(f'{path} names {info["file"]!r}, but {directory} holds no {FILES[fmt]}; export the run again')
   if fmt == 'stablehlo':
+    _need_flatbuffers()
     try:
       exported = jax.export.deserialize(bytearray(model_path.read_bytes()))
     except Exception as e:  # noqa: BLE001 (flatbuffers raises many kinds on a corrupt file)

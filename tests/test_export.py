@@ -114,7 +114,7 @@ def test_an_exported_run_predicts_the_masks_of_its_checkpoint(trained_run, comma
   assert result.stdout.strip() == 'ok', result.stderr[-2000:]  # jax and numpy only
 
 
-def test_bad_artefacts_get_one_line_errors(tmp_path):
+def test_bad_artefacts_get_one_line_errors(tmp_path, monkeypatch):
   model = models.UNet(models.preset('unet', base_width=4, depth=2))
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
   good = tmp_path / 'good'
@@ -138,6 +138,12 @@ def test_bad_artefacts_get_one_line_errors(tmp_path):
     with pytest.raises(UserError, match=message):
       export.load(good)
   (good / export.CARD).write_text(json.dumps(card))
+  with monkeypatch.context() as patch:  # an install without the export extra
+    patch.setitem(sys.modules, 'flatbuffers', None)
+    with pytest.raises(UserError, match=r"need flatbuffers \(the export extra\): pip install -e '\.\[export\]'"):
+      export.load(good)
+    with pytest.raises(UserError, match='need flatbuffers'):
+      export.export_model(model, variables, tmp_path / 'y', fmt='stablehlo', mean=MEAN, std=STD, tile=8)
   (good / 'model.stablehlo').write_bytes(b'not flatbuffers')
   with pytest.raises(UserError, match='cannot be read as a jax.export artefact'):
     export.load(good)

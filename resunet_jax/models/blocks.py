@@ -219,6 +219,22 @@ class ConvBlock(nn.Module):
     return h + shortcut
 
 
+def bilinear_2x(x: jax.Array) -> jax.Array:
+  """`[B, H, W, C] -> [B, 2H, 2W, C]`: `jax.image.resize(..., 'bilinear')` at exactly x2 (half-pixel
+  centres, edges clamped), written with slices and a reshape so that it exports with symbolic
+  sizes, to ONNX too (jax2onnx cannot convert `resize` with a dynamic batch)."""
+
+  def along(a: jax.Array, axis: int) -> jax.Array:
+    size = a.shape[axis]
+    first, last = jax.lax.slice_in_dim(a, 0, 1, axis=axis), jax.lax.slice_in_dim(a, size - 1, size, axis=axis)
+    before = jnp.concatenate([first, jax.lax.slice_in_dim(a, 0, size - 1, axis=axis)], axis)
+    after = jnp.concatenate([jax.lax.slice_in_dim(a, 1, size, axis=axis), last], axis)
+    pairs = jnp.stack([0.75 * a + 0.25 * before, 0.75 * a + 0.25 * after], axis + 1)
+    return pairs.reshape((*a.shape[:axis], 2 * size, *a.shape[axis + 1 :]))
+
+  return along(along(x, 1), 2)
+
+
 class AttentionGate(nn.Module):
   """The additive attention gate of Oktay et al. (2018, "Attention U-Net", eq. 1-2) on one skip.
 
@@ -255,7 +271,7 @@ class AttentionGate(nn.Module):
     theta = self.layers.conv(self.features, strides=(2, 2), use_bias=False, name='W_x', **common)(x)
     phi = self.layers.conv(self.features, name='W_g', **common)(g)
     q = self.layers.conv(1, name='psi', **common)(nn.relu(theta + phi))
-    alpha = jax.image.resize(nn.sigmoid(q.astype(jnp.float32)), (*x.shape[:3], 1), 'bilinear')
+    alpha = bilinear_2x(nn.sigmoid(q.astype(jnp.float32)))
     if opened is not None:
       alpha = alpha + opened * (1 - alpha)
     return x * alpha.astype(x.dtype)

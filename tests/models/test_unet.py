@@ -355,3 +355,9 @@ def test_an_opened_gate_passes_the_plain_skip_and_zero_scale_still_removes_it():
   np.testing.assert_allclose(both[1], opened, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="gate_open was given but the model has skip_kind='concat'"):
     _apply(plain, without_gates, X_TINY, gate_open=jnp.ones(2))
+
+
+def test_bilinear_2x_is_jax_image_resize_at_twice_the_size():
+  x = jax.random.normal(KEY, (2, 5, 3, 2))
+  expected = jax.image.resize(x, (2, 10, 6, 2), 'bilinear')
+  np.testing.assert_allclose(models.blocks.bilinear_2x(x), expected, atol=1e-6)
