@@ -106,3 +106,26 @@ def test_the_cpu_set_is_a_hashable_module_attribute_like_the_stock_one():
   assert hash(cpu_layers.LAYERS) != hash(models.STOCK) and cpu_layers.LAYERS.name == 'cpu'
   first = models.UNet(CASES['unet'], layers=cpu_layers.LAYERS)
   assert first == models.UNet(CASES['unet'], layers=functools.reduce(lambda a, _: a, [], cpu_layers.LAYERS))
+
+
+@pytest.mark.xfail(  # not strict: CI machines may differ; an XPASS in the summary says it is fixed there
+  strict=False,
+  reason='known bug (2026-12-02): with GroupNorm at an odd width the CPU layers give non-finite encoder '
+  "gradients at initialisation where the stock layers do not (found by the study's depth stage; not fixed)",
+)
+def test_groupnorm_at_an_odd_width_has_the_stock_gradients():
+  config = models.ModelConfig(base_width=33, depth=2, norm='group', init='he', skips='none')
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  y = (jax.random.uniform(jax.random.key(2), (2, 16, 16, 1)) > 0.9).astype(jnp.float32)
+  variables = models.UNet(config).init(jax.random.key(0), x, train=False)
+  grads = {}
+  for name in ('stock', 'cpu'):
+    model = models.UNet(config, layers=runtime.layers(name))
+
+    def loss(params, model=model):
+      logits = model.apply({**variables, 'params': params}, x, train=True)
+      return jnp.mean(jnp.logaddexp(0, logits) - logits * y)
+
+    grads[name] = jax.jit(jax.grad(loss))(variables['params'])
+  for stock, cpu in zip(jax.tree.leaves(grads['stock']), jax.tree.leaves(grads['cpu']), strict=True):
+    np.testing.assert_allclose(cpu, stock, rtol=1e-4, atol=1e-5)
