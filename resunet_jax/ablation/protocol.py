@@ -577,7 +577,7 @@ def run(
 
   def save() -> None:  # verdicts once the primary and depth stages are complete (the stopping rule)
     final = all(len(stages.get(name, {})) == planned.get(name, -1) for name in VERDICT_STAGES)
-    write(stages, plan, config, output, command=command, planned=planned, final=final, baselines=baselines)
+    write(stages, plan, config, output, command=command, planned=planned, final=final, baselines=baselines, keep=table)
 
   def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str) -> dict[Run, runner.Result]:
     stages[name], planned[name] = {}, len(set(runs))
@@ -758,6 +758,7 @@ def write(
   planned: dict[str, int] | None = None,
   final: bool = False,
   baselines: dict[str, float] | None = None,
+  keep: Sequence[dict] = (),
 ) -> dict[str, pathlib.Path]:
   """Writes the study's `results.csv` (every stage's rows so far), `plan.json` (once the
   tuning stage has made the plan) and `report.md` (`analysis.markdown`: verdicts, secondary
@@ -767,10 +768,19 @@ def write(
   Args:
     planned: stage -> its number of runs, for the stages started so far.
     baselines: dataset -> `constant_dice` (see `rows`).
+    keep: rows of the table read at the start (`read_rows`); those of a (stage, run) not in
+      `stages` yet stay in the table, so that a study stopped before it reaches a stage again
+      never drops that stage's committed rows.
   """
   output = pathlib.Path(output)
   settings = config.ablation.protocol
   table = rows(stages, settings, baselines)
+  present = {(row['stage'], row['run_id']) for row in table}
+  table += [
+    {key: json.dumps(value) if key in JSON_KEYS else value for key, value in row.items()}
+    for row in keep
+    if (row['stage'], row['run_id']) not in present
+  ]
   paths = {'results': output / 'results.csv', 'plan': output / 'plan.json', 'report': output / 'report.md'}
   if jax.process_index() != 0:
     return paths

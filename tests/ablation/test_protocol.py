@@ -237,6 +237,13 @@ def test_a_results_row_gives_back_the_whole_result(tmp_path):
   back = protocol.result_from_row(row)
   assert np.isnan(back.test.pop('hd95')) and np.isnan(result.test.pop('hd95'))
   assert back == result  # exactly: floats round-trip through the CSV
+  later = dict(row, stage='depth', run_id='def456')  # a committed row of a stage this process has not reached
+  protocol.write({'primary': {run: result}}, None, config, tmp_path, command='x', keep=[row, later])
+  assert [(r['stage'], r['run_id']) for r in protocol.read_rows(paths['results'])] == [
+    ('primary', 'abc123'),
+    ('depth', 'def456'),
+  ]  # kept once each, the JSON columns intact
+  assert protocol.read_rows(paths['results'])[1]['dice_per_image'] == row['dice_per_image']
   (tmp_path / 'results.csv').write_text('stage,run_id\ntune,x\n')
   with pytest.raises(protocol.UserError, match='line 2: no val_curve'):
     protocol.read_rows(tmp_path / 'results.csv')
