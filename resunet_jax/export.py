@@ -163,6 +163,11 @@ def card(model_config, fmt: str, *, size: int | str, mean, std, tile: int, **abo
   }
 
 
+def _check_format(fmt: str) -> None:
+  if fmt not in FORMATS:
+    raise UserError(f'--format={fmt} is not supported; use one of {", ".join(FORMATS)}')
+
+
 def _write(directory: pathlib.Path, name: str, payload: bytes | str) -> None:
   path = directory / name
   temporary = path.with_suffix(path.suffix + '.tmp')
@@ -191,8 +196,7 @@ def export_model(
   Returns:
     The model file's path.
   """
-  if fmt not in FORMATS:
-    raise UserError(f'--format={fmt} is not supported; use one of {", ".join(FORMATS)}')
+  _check_format(fmt)
   infer = inference_function(model, variables, mean, std, scales)
   output = pathlib.Path(output)
   try:
@@ -240,8 +244,7 @@ def export_run(
   Raises:
     UserError: an unknown format, a bad workdir or checkpoint, a missing ONNX tool.
   """
-  if fmt not in FORMATS:
-    raise UserError(f'--format={fmt} is not supported; use one of {", ".join(FORMATS)}')
+  _check_format(fmt)
   from resunet_jax.training import restore  # noqa: PLC0415 (the loader side needs no training code)
 
   loaded = restore.load_run(workdir, checkpoint, 'stock', member)

@@ -614,11 +614,6 @@ def knockout_lines(rows: Sequence[dict]) -> list[str]:
 OTHER_TOLERANCES = (0, 2)  # boundary F1 tolerances (px) beside the primary 1 px
 
 
-def _difference(a: dict[int, float], b: dict[int, float]) -> stats.Interval:
-  """The t-interval of `a - b` over the seeds both have."""
-  return stats.t_interval(a[s] - b[s] for s in sorted(set(a) & set(b)))
-
-
 def _runs(rows, data: str) -> list[dict]:
   """The trained runs at B of one dataset (stages 'primary' and 'secondary'); a secondary row
   that repeats a primary run (the same config, e.g. 'plain-wide' under amendment 4) is left out."""
@@ -683,10 +678,10 @@ def secondary_effects(rows: Sequence[dict], data: str) -> dict[str, stats.Interv
   for skips in SKIPS:
     projection = arm('secondary', 'projection', skips, 'test_dice')
     for other in (PLAIN, RESIDUAL):
-      out[f'test Dice, projection - {other}, {skips} skips'] = _difference(
+      out[f'test Dice, projection - {other}, {skips} skips'] = stats.paired_difference(
         projection, arm('primary', other, skips, 'test_dice')
       )
-    out[f'test Dice, identity - plain under lecun-none, {skips} skips'] = _difference(
+    out[f'test Dice, identity - plain under lecun-none, {skips} skips'] = stats.paired_difference(
       arm('secondary', RESIDUAL, skips, 'test_dice', 'lecun-none'),
       arm('secondary', PLAIN, skips, 'test_dice', 'lecun-none'),
     )
@@ -752,9 +747,7 @@ def gradient_table(rows: Sequence[dict], data: str) -> list[str]:
     and row['block'] in (PLAIN, RESIDUAL)
     and row['seed'] not in tuning
   ]
-  trained = [
-    row for row in rows if (row['stage'], row['data'], row['skips']) == ('primary', data, 'none') and row['depth'] == 4
-  ]
+  trained = [row for row in rows if (row['stage'], row['data'], row['skips']) == ('primary', data, 'none')]
   blocks = sorted({key.split('/', 1)[1] for row in initial for key in row if key.startswith('grad_rms/')})
   if not blocks:
     return []
@@ -808,7 +801,7 @@ def boundary_lines(rows: Sequence[dict]) -> list[str]:
       [
         key.removeprefix('class_dice_'),
         *(stats.t_interval(by[block].values()).format(3) for block in (PLAIN, RESIDUAL)),
-        _difference(by[RESIDUAL], by[PLAIN]).format(3),
+        stats.paired_difference(by[RESIDUAL], by[PLAIN]).format(3),
       ]
     )
   return [

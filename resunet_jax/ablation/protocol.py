@@ -465,6 +465,7 @@ def train(
   root: pathlib.Path,
   *,
   knockouts: bool | str,
+  measure_fn,
   label: str,
   committed: dict[str, dict] | None = None,
   into: dict[Run, runner.Result] | None = None,
@@ -473,8 +474,9 @@ def train(
   """Trains (or reads back) `runs`, those of one architecture and budget as one population.
 
   Args:
-    knockouts: False (tune, pilot: `measure` without per-image lists, no test-split use), 'study'
-      (the study's knock-outs and `measure`), or 'classes' (no knock-outs, `measure_classes`).
+    knockouts: `runner.run_population`'s: False, or 'study' (every kind, on validation and test).
+    measure_fn: `runner.run_population`'s `measure`: `measure` (without per-image lists where no
+      test-split result is made), or `measure_classes`.
     committed: run_id -> a row of an earlier results.csv (`read_rows`): such a run's
       `result.json` is written from its row (`result_from_row`) instead of training it.
     into: the dict the results go into (a new one by default), filled population by population.
@@ -524,11 +526,8 @@ def train(
           population_config,
           [r.config(base) for r in ordered],
           root,
-          knockouts=knockouts if knockouts != 'classes' else False,
-          measure={'study': measure, 'classes': measure_classes}.get(
-            knockouts,
-            functools.partial(measure, per_image=False),  # tune, pilot: no test use
-          ),
+          knockouts=knockouts,
+          measure=measure_fn,
         )
         out.update(zip(ordered, results, strict=True))
         if saved is not None:
@@ -579,14 +578,18 @@ def run(
     final = all(len(stages.get(name, {})) == planned.get(name, -1) for name in VERDICT_STAGES)
     write(stages, plan, config, output, command=command, planned=planned, final=final, baselines=baselines, keep=table)
 
-  def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str) -> dict[Run, runner.Result]:
+  def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str, measure_fn) -> dict[Run, runner.Result]:
     stages[name], planned[name] = {}, len(set(runs))
-    out = train(runs, base, root, knockouts=knockouts, label=name, committed=committed, into=stages[name], saved=save)
+    out = train(
+      runs, base, root, knockouts=knockouts, measure_fn=measure_fn, label=name, committed=committed,
+      into=stages[name], saved=save,
+    )  # fmt: skip
     save()  # also when every run was read back: the report follows the code that reads the table
     return out
 
   with runner.sigterm_stops():  # SIGTERM: the study stops after (or inside) the current population
-    stage('tune', tune_runs(settings, base), knockouts=False)
+    no_test_use = functools.partial(measure, per_image=False)  # tune, pilot: no test-split result
+    stage('tune', tune_runs(settings, base), knockouts=False, measure_fn=no_test_use)
     plan = plan_from_tuning(settings, base, stages['tune'])
     if jax.process_index() == 0:
       cuts = '; '.join(plan.cuts) or 'none'
@@ -595,7 +598,7 @@ def run(
     networks = initial_runs(settings, base, plan)
     stages['initial'], planned['initial'] = {}, len(set(networks))
     measure_initial(networks, base, root, committed=initial, into=stages['initial'], saved=save)
-    stage('pilot', stage_runs('pilot', settings, base, plan), knockouts=False)
+    stage('pilot', stage_runs('pilot', settings, base, plan), knockouts=False, measure_fn=no_test_use)
     arms: dict[tuple, dict[int, list[float]]] = {}
     for run_, result in stages['pilot'].items():
       arms.setdefault((run_.data, run_.block, run_.skips), {}).setdefault(run_.steps, []).append(
@@ -608,9 +611,9 @@ def run(
     if jax.process_index() == 0:
       print(f'plateau budget B = {plan.budget} steps')
     for name in STAGES[2:]:
-      stage(name, stage_runs(name, settings, base, plan), knockouts='study')
+      stage(name, stage_runs(name, settings, base, plan), knockouts='study', measure_fn=measure)
     if settings.boundary:  # claim 3's boundary class: test metrics per class, no knock-outs
-      stage('boundary', stage_runs('boundary', settings, base, plan), knockouts='classes')
+      stage('boundary', stage_runs('boundary', settings, base, plan), knockouts=False, measure_fn=measure_classes)
     save()
   return stages, plan
 

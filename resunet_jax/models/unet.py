@@ -206,7 +206,7 @@ class UNet(nn.Module):
           layers=self.layers,
           name=f'gate_{level}',
         )
-        skip = gate(skip, h, None if gate_open is None else gate_open[level].astype(jnp.float32))
+        skip = gate(skip, h, None if gate_open is None else gate_open[level])
       if skip is not None and skip_scale is not None:
         scale = skip_scale[level].astype(skip.dtype)
         skip = skip * scale
