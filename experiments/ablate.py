@@ -54,7 +54,9 @@ def _main(argv: list[str]) -> None:
       print(f'  {name:<16} {path}')
     return
   results = ablation.sweep(config, workdir)
-  paths = ablation.report.write(results, workdir, target=config.ablation.target_dice, command=command)
+  output = pathlib.Path(config.ablation.get('output') or workdir)
+  output.mkdir(parents=True, exist_ok=True)
+  paths = ablation.report.write(results, output, target=config.ablation.target_dice, command=command)
   print(f'{len(results)} runs in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
   for name, path in paths.items():
     print(f'  {name:<16} {path}')

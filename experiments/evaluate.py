@@ -22,6 +22,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', re
 _SPLIT = flags.DEFINE_string('split', 'test', "Split: 'train', 'validation', 'test' or a raw split string.")
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
 _MEMBER = flags.DEFINE_integer('member', 0, 'Population member (0 for an ordinary run).')
+_PRUNE = flags.DEFINE_integer(
+  'prune_level', None, 'A deeply supervised UNet++: predict with its sub-network of this depth (models.prune).'
+)
 _BACKEND = flags.DEFINE_enum(
   'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
 )
@@ -30,16 +33,21 @@ _BACKEND = flags.DEFINE_enum(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --split=test')
-  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value)
+  run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value, _PRUNE.value)
   _, eval_fn = parallel.compile_steps('jit', run.mesh, losses.LossWeights())
   per_image, _ = evaluation.evaluate_split(eval_fn, run.state, run.config, run.mesh, role=_SPLIT.value)
   record = evaluation.report(per_image, tolerance=run.config.train.boundary_tolerance)
   record.update(split=_SPLIT.value, checkpoint_step=run.step, workdir=str(_WORKDIR.value))
   name = _SPLIT.value.replace('/', '_').replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pct')
+  if _PRUNE.value is not None:
+    name += f'_pruned{_PRUNE.value}'
+    record.update(prune_level=_PRUNE.value)
   out = run.directory / f'eval_{name}'
   out.with_suffix('.json').write_text(json.dumps(record, indent=2))
   table = evaluation.markdown(
-    record, f'{run.config.preset} on {run.config.data.name} [{_SPLIT.value}], step {run.step}'
+    record,
+    f'{run.config.preset}{"" if _PRUNE.value is None else f" pruned to depth {_PRUNE.value}"} on '
+    f'{run.config.data.name} [{_SPLIT.value}], step {run.step}',
   )
   out.with_suffix('.md').write_text(table)
   print(table)

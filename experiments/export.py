@@ -24,6 +24,9 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the artefact.', requir
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
 _MEMBER = flags.DEFINE_integer('member', 0, 'Population member (0 for an ordinary run).')
 _TILE = flags.DEFINE_integer('tile', None, 'ONNX: the fixed height and width; default the training image size.')
+_PRUNE = flags.DEFINE_integer(
+  'prune_level', None, 'A deeply supervised UNet++: export its sub-network of this depth (models.prune).'
+)
 
 
 def main(argv: list[str]) -> None:
@@ -36,6 +39,7 @@ def main(argv: list[str]) -> None:
     checkpoint=_CHECKPOINT.value,
     member=_MEMBER.value,
     tile=_TILE.value,
+    prune_level=_PRUNE.value,
     command=export.command_line(),
   )
   print(f'wrote {path} and its model card {path.parent / export.CARD}')

@@ -35,6 +35,9 @@ _INPUT = flags.DEFINE_string('input', None, 'An image, a folder of images, or sp
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the predictions.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
 _MEMBER = flags.DEFINE_integer('member', 0, 'Population member (0 for an ordinary run).')
+_PRUNE = flags.DEFINE_integer(
+  'prune_level', None, 'A deeply supervised UNet++: predict with its sub-network of this depth (models.prune).'
+)
 _BACKEND = flags.DEFINE_enum(
   'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
 )
@@ -72,10 +75,14 @@ def _model():
   if (_WORKDIR.value is None) == (_EXPORTED.value is None):
     raise cli.UserError('pass either --workdir (a training run) or --exported (an artefact of experiments/export.py)')
   if _WORKDIR.value is not None:
-    run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value)
+    run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value, _PRUNE.value)
     mean, std = np.asarray(run.config.data.mean, np.float32), np.asarray(run.config.data.std, np.float32)
     tile = _TILE.value or run.config.data.image_size
     return run.apply, run.variables, mean, std, tile, run.config, f'checkpoint step {run.step}'
+  if _PRUNE.value is not None:
+    raise cli.UserError(
+      '--prune_level prunes a --workdir run; export the pruned network with experiments/export.py --prune_level'
+    )
   artefact = export.load(_EXPORTED.value)
   mean, std = np.asarray(artefact.card['mean'], np.float32), np.asarray(artefact.card['std'], np.float32)
   if artefact.tile is not None and _TILE.value not in (None, artefact.tile):

@@ -52,6 +52,9 @@ def train_section() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0  # EMA of weights for evaluation; 0 disables
   c.cross_entropy_weight = 1.0
   c.dice_weight = 1.0
+  # Deeply supervised models (model.deep_supervision): one loss weight per head, the main head
+  # first; () is nnU-Net's halving (losses.deep_supervision_weights).
+  c.deep_supervision_weights = ()
   c.boundary_tolerance = 2.0  # pixels, for boundary F1
   c.num_sample_images = 4  # rows of the predictions figure
   return c
@@ -127,8 +130,14 @@ PLACEMENT_KEYS = {
 # Keys added after runs were recorded, with the value every earlier run had: a key at that value
 # is left out of the hash, so earlier runs keep their hashes (and finished sweeps their results).
 ADDED_KEYS = {
-  'model': {'shortcut': 'projection', 'init': 'lecun', 'skip_kind': 'concat'},
+  'model': {'shortcut': 'projection', 'init': 'lecun', 'skip_kind': 'concat', 'deep_supervision': False},
+  'train': {'deep_supervision_weights': []},
 }
+
+
+def _same(value, earlier) -> bool:
+  """Equal as JSON (a tuple in a fresh config, a list once read back from config.json)."""
+  return json.dumps(value, default=str) == json.dumps(earlier, default=str)
 
 
 def config_hash(resolved: dict) -> str:
@@ -145,6 +154,6 @@ def config_hash(resolved: dict) -> str:
       continue
     added = ADDED_KEYS.get(section, {})
     if left_out or added:
-      values = {k: v for k, v in values.items() if k not in left_out and not (k in added and v == added[k])}
+      values = {k: v for k, v in values.items() if k not in left_out and not (k in added and _same(v, added[k]))}
     what[section] = values
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -112,8 +112,9 @@ def _commit() -> str:
   return head.stdout.strip() + ('+dirty' if dirty.stdout.strip() else '')
 
 
-def _metrics(loaded) -> dict:
-  """The run's validation record at the exported step and its test evaluation, where written."""
+def _metrics(loaded, prune_level: int | None = None) -> dict:
+  """The run's validation record at the exported step and its test evaluation, where written (of
+  the pruned network: evaluate.py --prune_level's; the validation record is the whole network's)."""
   from resunet_jax.training import reporting  # noqa: PLC0415 (training is only needed to export)
 
   out: dict = {}
@@ -121,8 +122,8 @@ def _metrics(loaded) -> dict:
   if path.exists():
     validation = [r for r in reporting.read_metrics(path) if r['split'] == 'validation' and r['step'] <= loaded.step]
     if validation:
-      out['validation'] = validation[-1]
-  evaluated = loaded.directory / 'eval_test.json'
+      out['validation' if prune_level is None else 'validation_of_the_whole_network'] = validation[-1]
+  evaluated = loaded.directory / f'eval_test{"" if prune_level is None else f"_pruned{prune_level}"}.json'
   if evaluated.exists():
     record = json.loads(evaluated.read_text())
     out['test'] = {name: value.get('mean') for name, value in record.get('metrics', {}).items()}
@@ -225,6 +226,7 @@ def export_run(
   checkpoint: str = 'best',
   member: int = 0,
   tile: int | None = None,
+  prune_level: int | None = None,
   command: str = '',
 ) -> pathlib.Path:
   """Exports a trained run (any backend's: restored into the stock layers) into `output`.
@@ -236,6 +238,8 @@ def export_run(
     checkpoint: 'best', 'latest' or a step.
     member: the population member.
     tile: ONNX only: the fixed height and width (default the training image size).
+    prune_level: a deeply supervised UNet++: export its sub-network of this depth (the card's
+      model is that network).
     command: the command line, for the model card.
 
   Returns:
@@ -247,7 +251,7 @@ def export_run(
   _check_format(fmt)
   from resunet_jax.training import restore  # noqa: PLC0415 (the loader side needs no training code)
 
-  loaded = restore.load_run(workdir, checkpoint, 'stock', member)
+  loaded = restore.load_run(workdir, checkpoint, 'stock', member, prune_level)
   data = loaded.config.data
   return export_model(
     loaded.model,
@@ -263,7 +267,7 @@ def export_run(
     training_data={'name': data.name, 'image_size': data.image_size, 'backend': loaded.config.runtime.backend},
     checkpoint_step=int(loaded.step),
     run=str(loaded.directory),
-    metrics=_metrics(loaded),
+    metrics=_metrics(loaded, prune_level),
     commit=_commit(),
     command=command,
   )

@@ -1,7 +1,8 @@
 """Segmentation losses: cross-entropy and soft Dice (optax's), weighted, over valid examples.
 
 A model with one output channel is binary (sigmoid, masks in {0, 1}); with K > 1 channels it
-is a K-class softmax over integer masks.
+is a K-class softmax over integer masks. A deeply supervised model's heads (a tuple of logits,
+the main head first) add their losses with `deep_supervision_weights`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,43 @@ class LossWeights:
   Attributes:
     cross_entropy: weight of sigmoid BCE (1 output) or softmax cross-entropy (K outputs).
     dice: weight of the soft Dice loss (optax's, smooth 1, per image).
+    deep_supervision: one weight per head of a deeply supervised model, the main head first;
+      empty means `deep_supervision_weights`' halving.
   """
 
   cross_entropy: float = 1.0
   dice: float = 1.0
+  deep_supervision: tuple[float, ...] = ()
+
+  @classmethod
+  def from_config(cls, train) -> LossWeights:
+    """The weights of a `config.train` section (`cross_entropy_weight`, `dice_weight`,
+    `deep_supervision_weights`)."""
+    heads = tuple(float(w) for w in train.get('deep_supervision_weights', ()) or ())
+    return cls(float(train.cross_entropy_weight), float(train.dice_weight), heads)
+
+
+def deep_supervision_weights(heads: int, weights: tuple[float, ...] = ()) -> tuple[float, ...]:
+  """The loss weight of each of `heads` outputs, the main head first, summing to 1.
+
+  Empty `weights` gives nnU-Net's halving (Isensee et al. 2021, Nature Methods): 1, 1/2, 1/4, ..
+  from the main head on, normalised. nnU-Net also zeroes its lowest-resolution output; we keep
+  it, since at depth 2 that would leave the auxiliary head untrained. Given `weights` are
+  normalised; their length must be `heads`.
+
+  Raises:
+    ValueError: a wrong number of weights, a negative one, or all zero.
+  """
+  if not weights:
+    weights = tuple(0.5**k for k in range(heads))
+  if len(weights) != heads:
+    raise ValueError(
+      f'train.deep_supervision_weights has {len(weights)} entries for a model with {heads} heads '
+      '(main head first, then one per auxiliary head); give that many, or none for the halving'
+    )
+  if min(weights) < 0 or sum(weights) <= 0:
+    raise ValueError(f'train.deep_supervision_weights={weights} must be non-negative and not all zero')
+  return tuple(w / sum(weights) for w in weights)
 
 
 def per_example_loss(logits: jax.Array, masks: jax.Array, weights: LossWeights) -> jax.Array:
@@ -48,7 +82,18 @@ def per_example_loss(logits: jax.Array, masks: jax.Array, weights: LossWeights) 
   return weights.cross_entropy * cross_entropy + weights.dice * dice
 
 
-def segmentation_loss(logits: jax.Array, masks: jax.Array, valid: jax.Array, weights: LossWeights) -> jax.Array:
-  """Mean of `per_example_loss` over the valid examples (`valid` `[B]` in {0, 1}); a scalar."""
-  losses = per_example_loss(logits, masks, weights)
+def segmentation_loss(
+  logits: jax.Array | tuple[jax.Array, ...], masks: jax.Array, valid: jax.Array, weights: LossWeights
+) -> jax.Array:
+  """Mean of `per_example_loss` over the valid examples (`valid` `[B]` in {0, 1}); a scalar.
+
+  `logits` may be a tuple of every head's logits (`UNet(all_heads=True)`, the main head first):
+  their losses are summed with `deep_supervision_weights` (a 1-tuple is the main head alone).
+  """
+  heads = logits if isinstance(logits, tuple) else (logits,)
+  if len(heads) == 1:
+    losses = per_example_loss(heads[0], masks, weights)
+  else:
+    shares = deep_supervision_weights(len(heads), weights.deep_supervision)
+    losses = sum(share * per_example_loss(head, masks, weights) for share, head in zip(shares, heads, strict=True))
   return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)

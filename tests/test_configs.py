@@ -29,6 +29,7 @@ def test_the_configs_the_issues_name_exist():
     'ablate_tpu_pod.py',
     'ablate_study.py',
     'ablate_study_quick.py',
+    'ablate_skips.py',
   } <= {p.name for p in CONFIGS}
 
 

@@ -1,4 +1,6 @@
-"""A tiny ablation grid for tests: 2 arms (plain, residual) x 2 seeds x 6 steps, in about a minute.
+"""A tiny ablation grid for tests: 2 arms (plain, residual) x 2 seeds x 6 steps, in about a minute,
+and the skip paths: a residual network with attention-gated and with nested (UNet++) skips, both
+deeply supervised, so that every skip kind and deep supervision go through the grid.
 
 python experiments/ablate.py --config=experiments/configs/ablate_quick.py --workdir=runs/ablate-quick
 
@@ -24,4 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ablation.seeds = 2
   config.ablation.target_dice = 0.05
   config.ablation.studies.roads = ablation.study('synthetic_roads/small')
+  config.ablation.studies.skip_paths = ablation.study(
+    'synthetic_roads/small', residual=(True,), skip_kinds=('attention', 'nested'), deep_supervision=(True,)
+  )
   return config

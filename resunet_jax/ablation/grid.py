@@ -2,7 +2,8 @@
 
 An ablation config is an experiment config (`resunet_jax.configs.base_config`) plus an
 `ablation` section (`section()`): seeds, the report's settings, and named studies. A study is
-one dataset and the product of its `residual` x `skips` x `depths` values; `run_specs` expands
+one dataset and the product of its `residual` x `skips` x `depths` x `skip_kinds` x
+`deep_supervision` values; `run_specs` expands
 every study and seed into the configs of single training runs, each of which
 `experiments/train.py` would also accept (the `ablation` section is dropped from them).
 """
@@ -10,6 +11,7 @@ every study and seed into the configs of single training runs, each of which
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +32,8 @@ def section() -> ml_collections.ConfigDict:
   c.test_split = 'test'  # final metrics and knock-outs; validation drives the curves
   c.compilation_cache = True  # reuse compiled steps across seeds ($JAX_COMPILATION_CACHE_DIR, else in the sweep dir)
   c.populations = True  # train the seeds (and plain/residual pairs) of an arm as one population where exact
+  # Folder of the report, CSVs and figures ('': the workdir); e.g. docs/ablation/skips, committed.
+  c.output = ''
   c.studies = ml_collections.ConfigDict()
   return c
 
@@ -57,7 +61,13 @@ def cpu_config() -> ml_collections.ConfigDict:
 
 
 def study(
-  data: str, *, residual: Sequence[bool] = (False, True), skips=('all',), depths=()
+  data: str,
+  *,
+  residual: Sequence[bool] = (False, True),
+  skips=('all',),
+  depths=(),
+  skip_kinds: Sequence[str] = ('concat',),
+  deep_supervision: Sequence[bool] = (False,),
 ) -> ml_collections.ConfigDict:
   """One study of an ablation config.
 
@@ -67,9 +77,18 @@ def study(
     skips: skip variants: 'all', 'none', 'drop_each' (one arm per level, that level's skip
       removed) or explicit `ModelConfig.skips` strings such as '1011'.
     depths: values of `model.depth`; empty means the experiment config's (or preset's) depth.
+    skip_kinds: values of `model.skip_kind` ('concat', 'attention', 'nested').
+    deep_supervision: values of `model.deep_supervision`.
   """
   return ml_collections.ConfigDict(
-    {'data': data, 'residual': tuple(residual), 'skips': tuple(skips), 'depths': tuple(depths)}
+    {
+      'data': data,
+      'residual': tuple(residual),
+      'skips': tuple(skips),
+      'depths': tuple(depths),
+      'skip_kinds': tuple(skip_kinds),
+      'deep_supervision': tuple(bool(d) for d in deep_supervision),
+    }
   )
 
 
@@ -100,6 +119,8 @@ class RunSpec:
     skips: the skip string, level 0 first ('1111', '1011', ...).
     depth: `model.depth`.
     config: the run's experiment config (no `ablation` section).
+    skip_kind: `model.skip_kind`.
+    deep_supervision: `model.deep_supervision`.
   """
 
   study: str
@@ -109,6 +130,20 @@ class RunSpec:
   skips: str
   depth: int
   config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
+  skip_kind: str = 'concat'
+  deep_supervision: bool = False
+
+  @property
+  def variant(self) -> str:
+    """The skip path besides the plain concatenation, as arm names end: '' (concat), 'attention',
+    'nested', 'ds' (deep supervision), 'nested-ds'."""
+    return variant_name(self.skip_kind, self.deep_supervision)
+
+
+def variant_name(skip_kind: str, deep_supervision: bool) -> str:
+  """`RunSpec.variant` of a skip kind and deep-supervision setting."""
+  parts = ([] if skip_kind == 'concat' else [skip_kind]) + (['ds'] if deep_supervision else [])
+  return '-'.join(parts)
 
 
 def _skip_variants(variant: str, depth: int) -> list[tuple[str, str]]:
@@ -145,17 +180,24 @@ def run_specs(config: ml_collections.ConfigDict) -> list[RunSpec]:
   specs = []
   for name, spec in settings.studies.items():
     depths = tuple(spec.depths) or (configs.resolve_model(base.preset, base.model).depth,)
-    for depth in depths:
-      for residual in spec.residual:
-        for variant in spec.skips:
-          for suffix, skips in _skip_variants(variant, depth):
-            arm = f'{"residual" if residual else "plain"}-{suffix}' + (f'-d{depth}' if len(depths) > 1 else '')
-            arm_config = ablate(base, residual=bool(residual), skips=skips, depth=depth)
-            arm_config.data.name = spec.data
-            for seed in range(settings.seeds):
-              run_config = arm_config.copy_and_resolve_references()
-              run_config.seed = seed
-              specs.append(RunSpec(name, arm, seed, bool(residual), skips, depth, run_config))
+    kinds = itertools.product(spec.get('skip_kinds', ('concat',)), spec.get('deep_supervision', (False,)))
+    for depth, (kind, deep), residual, variant in itertools.product(depths, kinds, spec.residual, spec.skips):
+      for suffix, skips in _skip_variants(variant, depth):
+        path = variant_name(kind, bool(deep))
+        arm = (
+          f'{"residual" if residual else "plain"}-{suffix}'
+          + (f'-{path}' if path else '')
+          + (f'-d{depth}' if len(depths) > 1 else '')
+        )
+        fields = {'residual': bool(residual), 'skips': skips, 'depth': depth}
+        if path:  # set only where they differ from the defaults: earlier grids keep their configs
+          fields.update(skip_kind=kind, deep_supervision=bool(deep))
+        arm_config = ablate(base, **fields)
+        arm_config.data.name = spec.data
+        for seed in range(settings.seeds):
+          run_config = arm_config.copy_and_resolve_references()
+          run_config.seed = seed
+          specs.append(RunSpec(name, arm, seed, bool(residual), skips, depth, run_config, kind, bool(deep)))
   return specs
 
 
@@ -189,7 +231,7 @@ def populations(specs: Sequence[RunSpec], *, group: bool = True) -> list[Populat
     return [PopulationSpec(spec.config, (spec,)) for spec in specs]
   keyed: dict[tuple, list[RunSpec]] = {}
   for spec in specs:
-    keyed.setdefault((spec.study, spec.depth, spec.skips), []).append(spec)
+    keyed.setdefault((spec.study, spec.depth, spec.skips, spec.variant), []).append(spec)
   grouped = []
   for runs in keyed.values():
     both = {spec.residual for spec in runs} == {False, True}

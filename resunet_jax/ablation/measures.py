@@ -44,7 +44,7 @@ def _functions(run_config, model_config: models.ModelConfig, info) -> tuple:
     model = models.UNet(model_config)
     train = run_config.train
     optimizer = state_lib.make_optimizer(train)
-    weights = losses.LossWeights(train.cross_entropy_weight, train.dice_weight)
+    weights = losses.LossWeights.from_config(train)
     ema_decay = train.ema_decay
 
     def init(seed):
@@ -52,14 +52,15 @@ def _functions(run_config, model_config: models.ModelConfig, info) -> tuple:
 
     def grads(state, batch):
       def loss_fn(params):
-        logits, updates = state.apply_fn(
+        heads, updates = state.apply_fn(
           state.variables(params),
           batch['image'],
           train=True,
+          all_heads=True,
           mutable=['batch_stats', 'intermediates'],
           capture_intermediates=True,
         )
-        return losses.segmentation_loss(logits, batch['mask'], batch['valid'], weights), (logits, updates)
+        return losses.segmentation_loss(heads, batch['mask'], batch['valid'], weights), (heads[0], updates)
 
       gradients, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
       return gradients, logits, updates['intermediates']

@@ -13,7 +13,6 @@ matplotlib.use('Agg')  # Files only: no display on servers and CI.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from resunet_jax import models  # noqa: E402
 from resunet_jax.ablation import analysis, stats  # noqa: E402
 
 
@@ -73,7 +72,7 @@ def gradient_norms(studies: dict[str, list], path: pathlib.Path) -> None:
   arms = [arm for arms in studies.values() for arm in arms if '0' not in arm.skips]
   fig, axes = _panels(len(arms), 2, sharey=True)  # one scale: plain and residual side by side
   for axis, arm in zip(axes, arms, strict=False):
-    names = models.block_names(models.ModelConfig(depth=arm.depth))
+    names = arm.block_names()
     colours = plt.cm.viridis(np.linspace(0, 1, len(names)))
     results = list(arm.results.values())
     counts = results[0].param_counts
@@ -94,7 +93,7 @@ def gradient_profile(studies: dict[str, list], path: pathlib.Path) -> None:
     variants = list(dict.fromkeys((arm.skips, arm.depth) for arm in arms))
     deepest = max(arms, key=lambda arm: arm.depth)
     for arm in arms:
-      names = models.block_names(models.ModelConfig(depth=arm.depth))
+      names = arm.block_names()
       results = list(arm.results.values())
       counts = results[0].param_counts
       profile = [
@@ -113,7 +112,7 @@ def gradient_profile(studies: dict[str, list], path: pathlib.Path) -> None:
         label=arm.name,
         linestyle='-' if arm.residual else '--',
       )
-    labels = models.block_names(models.ModelConfig(depth=deepest.depth))
+    labels = max((arm.block_names() for arm in arms), key=len)
     axis.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
     axis.set(title=f'{name}: gradient RMS per parameter, mean over training', yscale='log')
     axis.legend(fontsize=6, ncol=2)

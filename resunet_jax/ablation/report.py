@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import os
 import pathlib
 from collections.abc import Sequence
@@ -18,8 +19,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from resunet_jax import evaluation
-from resunet_jax.ablation import plots, stats
+from resunet_jax import evaluation, models
+from resunet_jax.ablation import decision, plots, stats
 from resunet_jax.ablation.grid import RunSpec
 from resunet_jax.ablation.runner import Result
 
@@ -78,6 +79,16 @@ class Arm:
   skips: str
   depth: int
   results: dict[int, Result]
+  variant: str = ''  # `RunSpec.variant`: the skip kind and deep supervision, '' for concat
+
+  @property
+  def skip_kind(self) -> str:
+    """`ModelConfig.skip_kind` of the arm."""
+    return next((kind for kind in ('attention', 'nested') if kind in self.variant.split('-')), 'concat')
+
+  def block_names(self) -> tuple[str, ...]:
+    """`models.block_names` of the arm's network."""
+    return models.block_names(models.ModelConfig(depth=self.depth, skip_kind=self.skip_kind))
 
   def values(self, key: str, target: float, *, censor: bool = False) -> dict[int, float]:
     """`{seed: score}`; with `censor`, a target never reached counts as the whole budget."""
@@ -103,24 +114,26 @@ def group(pairs: Sequence[tuple[RunSpec, Result]]) -> dict[str, list[Arm]]:
   studies: dict[str, dict[str, Arm]] = {}
   for spec, result in pairs:
     arms = studies.setdefault(spec.study, {})
-    arm = arms.setdefault(spec.arm, Arm(spec.study, spec.arm, spec.residual, spec.skips, spec.depth, {}))
+    arm = arms.setdefault(spec.arm, Arm(spec.study, spec.arm, spec.residual, spec.skips, spec.depth, {}, spec.variant))
     arm.results[spec.seed] = result
   return {name: list(arms.values()) for name, arms in studies.items()}
 
 
-def _find(arms: Sequence[Arm], *, residual: bool, skips: str, depth: int) -> Arm | None:
+def _find(arms: Sequence[Arm], *, residual: bool, skips: str, depth: int, variant: str = '') -> Arm | None:
   for arm in arms:
-    if (arm.residual, arm.skips, arm.depth) == (residual, skips, depth):
+    if (arm.residual, arm.skips, arm.depth, arm.variant) == (residual, skips, depth, variant):
       return arm
   return None
 
 
-def _full_pairs(arms: Sequence[Arm]) -> list[tuple[int, Arm, Arm]]:
-  """`(depth, plain arm, residual arm)` with all skips, at every depth that has both."""
+def _full_pairs(arms: Sequence[Arm], variant: str | None = None) -> list[tuple[int, Arm, Arm]]:
+  """`(depth, plain arm, residual arm)` with all skips, at every depth and skip variant (or
+  `variant` alone) that has both."""
   pairs = []
-  for depth in sorted({a.depth for a in arms}):
-    plain = _find(arms, residual=False, skips='1' * depth, depth=depth)
-    residual = _find(arms, residual=True, skips='1' * depth, depth=depth)
+  variants = dict.fromkeys(a.variant for a in arms) if variant is None else (variant,)
+  for depth, kind in itertools.product(sorted({a.depth for a in arms}), variants):
+    plain = _find(arms, residual=False, skips='1' * depth, depth=depth, variant=kind)
+    residual = _find(arms, residual=True, skips='1' * depth, depth=depth, variant=kind)
     if plain and residual:
       pairs.append((depth, plain, residual))
   return pairs
@@ -182,7 +195,8 @@ def claim_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
   for name, arms in studies.items():
     several = len({a.depth for a in arms}) > 1
     for depth, plain, residual in _full_pairs(arms):
-      pairs.append((f'{name}, depth {depth}' if several else name, plain, residual))
+      label = f'{name}, depth {depth}' if several else name
+      pairs.append((f'{label}, {plain.variant} skips' if plain.variant else label, plain, residual))
   if not pairs:
     return [
       f'{i}. {claim}: not tested (no study has plain and residual arms with all skips)'
@@ -224,11 +238,77 @@ def claim_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
   return lines
 
 
-def _depth_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
+# docs/ablation/SKIPS_PROTOCOL.md: (name, (residual, variant) of the arm, of the arm it is compared with)
+SKIP_ENDPOINTS = (
+  ('A1: plain attention - plain concat', (False, 'attention'), (False, '')),
+  ('A2: residual attention - residual concat', (True, 'attention'), (True, '')),
+  ('N1: plain nested - plain concat', (False, 'nested'), (False, '')),
+  ('N2: residual nested - residual concat', (True, 'nested'), (True, '')),
+  ('R1: residual concat - plain concat', (True, ''), (False, '')),
+  ('R2: residual attention - plain attention', (True, 'attention'), (False, 'attention')),
+  ('R3: residual nested - plain nested', (True, 'nested'), (False, 'nested')),
+)
+SKIP_DELTA = 0.02  # Dice: the equivalence margin of SKIPS_PROTOCOL.md
+
+
+def skip_path_decisions(arms: Sequence[Arm]) -> list[decision.Decision]:
+  """The verdicts of SKIPS_PROTOCOL.md's endpoints over one study's arms with every skip: each a
+  per-seed paired difference of test Dice, Holm-corrected over the endpoints the study has. Empty
+  unless it has both a concat and another skip kind, each with every seed of the others."""
+  full = {(a.residual, a.variant): a for a in arms if a.skips == '1' * a.depth}
+  if '' not in {variant for _, variant in full} or len({variant for _, variant in full}) < 2:
+    return []
+  if len({frozenset(a.results) for a in full.values()}) != 1:
+    return []  # the stopping rule: verdicts only once every arm has all its seeds
+  endpoints = [
+    decision.Endpoint.paired(
+      name,
+      [full[arm].results[s].test['dice'] - full[other].results[s].test['dice'] for s in sorted(full[arm].results)],
+      SKIP_DELTA,
+    )
+    for name, arm, other in SKIP_ENDPOINTS
+    if arm in full and other in full
+  ]
+  return decision.decide(endpoints) if endpoints else []
+
+
+def skip_path_section(studies: dict[str, list[Arm]]) -> list[str]:
+  """The report's table of `skip_path_decisions`, per study that has them."""
   lines = []
   for name, arms in studies.items():
+    decisions = skip_path_decisions(arms)
+    if not decisions:
+      continue
+    rows = [
+      [
+        d.endpoint.name,
+        d.effect.format(),
+        f'{d.p_claim:.3g}',
+        f'{d.p_opposite:.3g}',
+        f'{d.p_equivalence:.3g}',
+        f'**{d.label}**',
+      ]
+      for d in decisions
+    ]
+    lines += [
+      f'## Skip paths in study `{name}` (pre-registered: docs/ablation/SKIPS_PROTOCOL.md)',
+      '',
+      'Test Dice differences paired by seed [95% t-interval]; one-sided p-values Holm-adjusted over '
+      f'the {len(decisions)} endpoints; equivalence margin {SKIP_DELTA:g}.',
+      '',
+      *_table(['endpoint', 'effect', 'p claim', 'p opposite', 'p equivalence', 'verdict'], rows),
+      '',
+    ]
+  return lines
+
+
+def _depth_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
+  lines = []
+  for (name, arms), variant in (
+    (item, v) for item in studies.items() for v in dict.fromkeys(a.variant for a in item[1])
+  ):
     gaps = []  # (depth, {seed: residual Dice - plain Dice})
-    for depth, plain, residual in _full_pairs(arms):
+    for depth, plain, residual in _full_pairs(arms, variant):
       dice_r, dice_p = residual.values('dice', target), plain.values('dice', target)
       gaps.append((depth, {s: dice_r[s] - dice_p[s] for s in dice_r.keys() & dice_p.keys()}))
     if len(gaps) < 2:
@@ -241,8 +321,9 @@ def _depth_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
     if verdict == 'supported':
       verdict = _verdict(widening, +1)
     table = '; '.join(f'depth {d}: {stats.t_interval(g.values()).format()}' for d, g in gaps)
+    label = f'{name}, {variant} skips' if variant else name
     lines.append(
-      f'{name}: {verdict} — Dice difference (residual minus plain) by depth: {table}; '
+      f'{label}: {verdict} — Dice difference (residual minus plain) by depth: {table}; '
       f'its change from depth {shallow} to {deep}: {widening.format()}'
     )
   return lines or ['not tested in this grid: run the depth sweep, --config=experiments/configs/ablate_depth.py']
@@ -278,7 +359,9 @@ def _study_section(name: str, arms: Sequence[Arm], target: float) -> list[str]:
   ]
   lines += _table(header, rows) + ['']
 
-  compared = [(a, _find(arms, residual=a.residual, skips='1' * a.depth, depth=a.depth)) for a in arms]
+  compared = [
+    (a, _find(arms, residual=a.residual, skips='1' * a.depth, depth=a.depth, variant=a.variant)) for a in arms
+  ]
   compared = [(a, full) for a, full in compared if full is not None and full is not a]
   if compared:
     lines += [
@@ -295,13 +378,18 @@ def _study_section(name: str, arms: Sequence[Arm], target: float) -> list[str]:
       for a, full in compared
     ]
     lines += _table(['arm', 'full model', *(f'Δ {_LABELS[k]}' for k in metrics)], rows) + ['']
-  switched = [(a, _find(arms, residual=False, skips=a.skips, depth=a.depth)) for a in arms if a.residual]
+  switched = [
+    (a, _find(arms, residual=False, skips=a.skips, depth=a.depth, variant=a.variant)) for a in arms if a.residual
+  ]
   switched = [(a, p) for a, p in switched if p is not None]
   if switched:
     lines += ['The residual switch, residual minus plain, paired by seed:', '']
     metrics = ('dice', 'boundary_f1', 'hd95', 'auc')
     rows = [
-      [a.skips, *(stats.paired_difference(a.values(k, target), p.values(k, target)).format() for k in metrics)]
+      [
+        a.skips + (f' {a.variant}' if a.variant else ''),
+        *(stats.paired_difference(a.values(k, target), p.values(k, target)).format() for k in metrics),
+      ]
       for a, p in switched
     ]
     lines += _table(['skips', *(f'Δ {_LABELS[k]}' for k in metrics)], rows) + ['']
@@ -337,13 +425,29 @@ def _knockout_section(arms: Sequence[Arm]) -> list[str]:
         *_table(['arm', 'intact', *(f'−skip {level}' for level in range(depth)), '−all skips', 'best mask'], rows),
         '',
       ]
-    residual = [(a, *a.knockout_means('residual')) for a in at_depth]
-    residual = [(a, labels, dice) for a, labels, dice in residual if labels]
-    if residual:
-      header = ['arm', 'intact', *(label.replace('-', '−') for label in residual[0][1][1:])]
-      rows = [[f'`{a.name}`', f'{dice[0]:.3f}', *(f'{d - dice[0]:+.3f}' for d in dice[1:])] for a, _, dice in residual]
-      title = "Residual knock-outs at apply time (test Dice change when a block's shortcut is zeroed):"
-      lines += [title, '', *_table(header, rows), '']
+    titles = {
+      'residual': "Residual knock-outs at apply time (test Dice change when a block's shortcut is zeroed):",
+      'gate': 'Attention-gate knock-outs at apply time (test Dice change when a gate is opened to ones):',
+      'prune': 'Pruned UNet++ at apply time (test Dice change when predicting with the sub-network of a depth):',
+    }
+    for kind, title in titles.items():
+      tables: dict[tuple, list] = {}  # arms with the same knock-outs share a table
+      for arm in at_depth:
+        labels, dice = arm.knockout_means(kind)
+        if labels:
+          tables.setdefault(tuple(labels), []).append((arm, dice))
+      for labels, found in tables.items():
+        intact = len(labels) - 1 if kind == 'prune' else 0  # a UNet++'s whole network is its deepest level
+        header = ['arm', 'intact', *(label.replace('-', '−') for i, label in enumerate(labels) if i != intact)]
+        rows = [
+          [
+            f'`{a.name}`',
+            f'{dice[intact]:.3f}',
+            *(f'{d - dice[intact]:+.3f}' for i, d in enumerate(dice) if i != intact),
+          ]
+          for a, dice in found
+        ]
+        lines += [title, '', *_table(header, rows), '']
   return lines
 
 
@@ -374,6 +478,7 @@ def markdown(pairs: Sequence[tuple[RunSpec, Result]], *, target: float, command:
     *claim_verdicts(studies, target),
     '',
   ]
+  lines += skip_path_section(studies)
   for name, arms in studies.items():
     lines += _study_section(name, arms, target)
   if figures:

@@ -117,15 +117,19 @@ def skip_masks(depth: int) -> np.ndarray:
   return ((rows >> np.arange(depth)[None, :]) & 1).astype(np.float32)
 
 
-def residual_masks(depth: int) -> tuple[list[str], np.ndarray]:
+def residual_masks(model: int | models.ModelConfig) -> tuple[list[str], np.ndarray]:
   """Residual knock-outs: none, each block's shortcut zeroed (in `models.block_names` order), all.
 
+  Args:
+    model: the network, or a depth (the concat U-Net of that depth).
+
   Returns:
-    Labels and the `[2 * depth + 3, 2 * depth + 1]` float32 scale rows.
+    Labels and the `[N + 2, N]` float32 scale rows, for the network's N blocks (`2 * depth + 1`
+    for a concat U-Net).
   """
-  blocks = 2 * depth + 1
+  names = models.block_names(models.ModelConfig(depth=model) if isinstance(model, int) else model)
+  blocks = len(names)
   rows = np.concatenate([np.ones((1, blocks)), 1 - np.eye(blocks), np.zeros((1, blocks))]).astype(np.float32)
-  names = models.block_names(models.ModelConfig(depth=depth))
   return ['none', *(f'-{name}' for name in names), 'all'], rows
 
 
@@ -167,10 +171,11 @@ def _knockouts(
   """The knock-outs of `model_config`'s paths (the arm's: a plain stand-in has no residual ones).
 
   `skip`: each skip mask with the knocked-out skips zeroed; `residual`: each block's shortcut
-  zeroed. With `study`, also `skip_mean` (the same masks, the skips replaced by their mean over
-  the training split, `skip_means`) and `branch` (each block's residual branch deleted, its
-  shortcut kept: Veit et al. 2016), and every kind scored on the validation split as well
-  (`val_dice`), where the report chooses masks before reading their test scores.
+  zeroed; `gate` (attention skips): each gate opened to ones, then all; `prune` (a deeply
+  supervised UNet++): the head of each pruning level. With `study`, also `skip_mean` (the same
+  masks, the skips replaced by their mean over the training split, `skip_means`) and `branch`
+  (each block's residual branch deleted, its shortcut kept: Veit et al. 2016), and every kind
+  scored on the validation split as well (`val_dice`), where the report chooses masks before reading their test scores.
   """
   out: dict[str, dict[str, list]] = {}
   roles = {'dice': role, 'val_dice': 'validation'} if study else {'dice': role}
@@ -189,8 +194,17 @@ def _knockouts(
     if study:
       fill = [np.broadcast_to(mean, (len(masks), mean.size)) for mean in skip_means(loaded)]
       score('skip_mean', labels, masks, skip_scale=masks, skip_fill=fill)
+  if model_config.skip_kind == 'attention' and present.any():  # each gate opened to ones: the plain skip there
+    levels = np.flatnonzero(present)
+    opened = np.zeros((len(levels) + 2, model_config.depth), np.float32)
+    opened[np.arange(len(levels)) + 1, levels] = 1.0
+    opened[-1, levels] = 1.0
+    score('gate', ['none', *(f'-gate {level}' for level in levels), 'all'], opened, gate_open=opened)
+  if model_config.skip_kind == 'nested' and model_config.deep_supervision:  # Zhou et al.'s pruned sub-networks
+    levels = np.arange(1, model_config.depth + 1, dtype=np.int32)
+    score('prune', [f'depth {level}' for level in levels], levels[:, None], prune_level=levels)
   if model_config.residual:
-    labels, masks = residual_masks(model_config.depth)
+    labels, masks = residual_masks(model_config)
     score('residual', labels, masks, residual_scale=masks)
     if study:
       score('branch', labels, masks, branch_scale=masks)

@@ -4,7 +4,7 @@ from resunet_jax.models import layers, summary
 from resunet_jax.models.blocks import ConvBlock, make_norm
 from resunet_jax.models.config import PRESETS, ModelConfig, preset
 from resunet_jax.models.layers import STOCK, Layers
-from resunet_jax.models.unet import UNet, block_names, count_params
+from resunet_jax.models.unet import UNet, block_names, count_params, nested_nodes, prune
 
 __all__ = [
   'PRESETS',
@@ -17,6 +17,8 @@ __all__ = [
   'count_params',
   'layers',
   'make_norm',
+  'nested_nodes',
   'preset',
+  'prune',
   'summary',
 ]

@@ -23,7 +23,7 @@ DOWNSAMPLES = ('maxpool', 'stride')
 DTYPES = ('float32', 'bfloat16', 'float16')
 INITS = ('lecun', 'glorot', 'he')
 SHORTCUTS = ('projection', 'identity')
-SKIP_KINDS = ('concat', 'attention')
+SKIP_KINDS = ('concat', 'attention', 'nested')
 MAX_DEPTH = 8
 
 
@@ -84,7 +84,17 @@ class ModelConfig:
     skip_kind: what a present skip carries into its decoder block. 'concat' (the note): the
       encoder tensor itself. 'attention' (Oktay et al. 2018, "Attention U-Net: Learning Where
       to Look for the Pancreas"): the tensor times an additive attention gate computed from it
-      and the coarser decoder tensor (`blocks.AttentionGate`), then concatenated.
+      and the coarser decoder tensor (`blocks.AttentionGate`), then concatenated. 'nested'
+      (Zhou et al. 2018, "UNet++: A Nested U-Net Architecture for Medical Image
+      Segmentation"): the skip becomes a grid of blocks X^{i,j} (level i, column j >= 1), each
+      reading the upsampled X^{i+1,j-1} and, as its skip, the concatenation of X^{i,0..j-1};
+      X^{i,0} is the encoder and X^{0,depth} feeds the head. Without level i's skip, its nodes
+      read the upsampled tensor alone. See `UNet` for the names and `prune`.
+    deep_supervision: auxiliary 1x1 heads `aux_k` besides `head` (Lee et al. 2015,
+      "Deeply-Supervised Nets"; nnU-Net's default): on the decoder blocks `dec_1 .. dec_{depth-1}`
+      (their logits resized bilinearly to the input's size), or for 'nested' on the top row
+      X^{0,1} .. X^{0,depth-1} (full size already), whose heads are what a pruned UNet++
+      predicts with. Training adds their losses, weighted (`losses.deep_supervision_weights`).
     norm: 'none' | 'batch' | 'group' | 'layer' ('layer' normalises each pixel's channels).
     norm_groups: groups for 'group' norm; a level with fewer channels uses their gcd.
     upsample: 'nearest' | 'bilinear' (parameter-free x2 resize) | 'transpose' (2x2
@@ -108,6 +118,7 @@ class ModelConfig:
   init: str = 'lecun'
   skips: str | tuple[bool, ...] = 'all'
   skip_kind: str = 'concat'
+  deep_supervision: bool = False
   norm: str = 'none'
   norm_groups: int = 8
   upsample: str = 'nearest'
@@ -134,7 +145,7 @@ class ModelConfig:
         raise ValueError(f'ModelConfig.{name}={value!r} must be a positive integer')
     if self.depth > MAX_DEPTH:
       raise ValueError(f'ModelConfig.depth={self.depth} is above {MAX_DEPTH}; inputs are padded to 2**depth')
-    for name in ('residual', 'remat'):
+    for name in ('residual', 'remat', 'deep_supervision'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'ModelConfig.{name}={getattr(self, name)!r} must be True or False')
     for name, valid in (
@@ -206,6 +217,15 @@ PRESETS: dict[str, dict[str, Any]] = {
   # The paper's networks are 3-D with other widths; this keeps the note's 2-D network and adds
   # only the gates, so that 'attention_unet' against 'unet' isolates them.
   'attention_unet': {'skip_kind': 'attention'},
+  # Zhou et al.'s UNet++ ("UNet++: A Nested U-Net Architecture for Medical Image Segmentation",
+  # DLMIA 2018): backbone widths 32..512 at depth 4, 2x2 transposed-conv upsampling, deep
+  # supervision on the top row. 9,042,276 parameters at 3 input channels: at 1 input channel, as
+  # the paper's grey-scale images have, and without the three 33-parameter auxiliary heads, it is
+  # 9,041,601, the paper's 9.04M (its Table 2), and the same settings without the nested nodes give
+  # 7,759,521, its U-Net's 7.76M. The paper's dropout is left out (it has no parameters).
+  # Blocks X^{i,j}: two 3x3 convs from (j * w_i + w_i) channels (a transposed conv `up` of w_{i+1}
+  # to w_i first, then the j same-level tensors) to w_i, for w_i = 32 * 2**i.
+  'unet_plusplus': {'skip_kind': 'nested', 'base_width': 32, 'upsample': 'transpose', 'deep_supervision': True},
   # Zhang, Liu & Wang, "Road Extraction by Deep Residual U-Net", IEEE GRSL 2018.
   'resunet_zhang': {
     'residual': True,
@@ -221,7 +241,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
   """Returns the named preset's `ModelConfig` with `overrides` applied.
 
   Args:
-    name: one of `PRESETS` ('unet', 'resunet', 'attention_unet', 'resunet_zhang').
+    name: one of `PRESETS` ('unet', 'resunet', 'attention_unet', 'unet_plusplus', 'resunet_zhang').
     **overrides: `ModelConfig` fields that win over the preset's values.
 
   Returns:

@@ -17,7 +17,7 @@ def summarize(config: ModelConfig, input_shape: tuple[int, int, int, int]) -> st
     input_shape: `(B, H, W, C)`.
 
   Returns:
-    A multi-line table: one row per top-level submodule with its parameter count, then the
+    A multi-line table: one row per top-level submodule (blocks, gates, heads) with its parameter count, then the
     total, the variable collections and the logits shape.
   """
   model = UNet(config)
@@ -25,7 +25,8 @@ def summarize(config: ModelConfig, input_shape: tuple[int, int, int, int]) -> st
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   params = variables['params']
-  names = [name for name in block_names(config) + ('head',) if name in params]  # execution order
+  blocks = [name for name in block_names(config) if name in params]  # execution order
+  names = blocks + sorted(set(params) - {*blocks, 'head'}) + ['head']  # then gates and auxiliary heads
   width = max(len(name) for name in names)
   rows = [f'{"module":<{width}}  {"parameters":>12}']
   rows += [f'{name:<{width}}  {count_params(params[name]):>12,}' for name in names]

@@ -42,13 +42,25 @@ from resunet_jax.models import layers as layers_lib
 from resunet_jax.models.config import ModelConfig
 
 
+def nested_nodes(depth: int, upto: int | None = None) -> tuple[tuple[int, int], ...]:
+  """The (level, column) pairs of a UNet++ grid's decoder nodes X^{i,j}, j >= 1, in execution
+  order: diagonal by diagonal (`i + j = 1, 2, ..`, up to `upto`, default `depth`), each from its
+  coarsest node up, so that the nodes of the sub-network of depth L come first."""
+  upto = depth if upto is None else upto
+  return tuple((total - column, column) for total in range(1, upto + 1) for column in range(1, total + 1))
+
+
 def block_names(config: ModelConfig) -> tuple[str, ...]:
-  """Names of the network's blocks in execution order; `residual_scale` follows this order.
+  """Names of the network's blocks; `residual_scale` and `branch_scale` follow this order.
 
   Returns:
-    `('enc_0', ..., 'enc_{D-1}', 'bottleneck', 'dec_{D-1}', ..., 'dec_0')`, `2 * depth + 1` names.
+    `('enc_0', ..., 'enc_{D-1}', 'bottleneck', 'dec_{D-1}', ..., 'dec_0')`, `2 * depth + 1` names;
+    for `skip_kind='nested'` the encoder and bottleneck, then `x_{i}_{j}` (the node X^{i,j}) in
+    `nested_nodes` order, `depth + 1 + depth * (depth + 1) / 2` names.
   """
   encoder = tuple(f'enc_{level}' for level in range(config.depth))
+  if config.skip_kind == 'nested':
+    return encoder + ('bottleneck',) + tuple(f'x_{i}_{j}' for i, j in nested_nodes(config.depth))
   decoder = tuple(f'dec_{level}' for level in reversed(range(config.depth)))
   return encoder + ('bottleneck',) + decoder
 
@@ -108,7 +120,9 @@ class UNet(nn.Module):
     branch_scale: jax.Array | None = None,
     skip_fill: Sequence[jax.Array] | None = None,
     gate_open: jax.Array | None = None,
-  ) -> jax.Array:
+    prune_level: int | jax.Array | None = None,
+    all_heads: bool = False,
+  ) -> jax.Array | tuple[jax.Array, ...]:
     """Maps images to per-pixel logits.
 
     Args:
@@ -116,36 +130,51 @@ class UNet(nn.Module):
         inside, logits cropped back).
       train: BatchNorm uses batch statistics and updates `batch_stats` when True.
       skip_scale: `[depth]` multipliers on the skip tensors before concatenation, level 0
-        first (apply-time knock-out: 0 removes a skip's contribution). Entries of levels
-        whose skip is absent from the config are ignored. None means all ones. A zero
-        equals the network built without that skip, given the same weights minus the skip's
-        input-channel slice of the decoder block's `conv1` (and `conv_proj`), except for
-        residual models with 'transpose' upsampling: there the skip-less block's input width
-        equals its output width, so it has an identity shortcut where this one projects.
-      residual_scale: `[2 * depth + 1]` multipliers on each block's shortcut, in
+        first (apply-time knock-out: 0 removes a skip's contribution; for 'nested' it scales
+        everything a level's nodes read from their own level). Entries of levels whose skip is
+        absent from the config are ignored. None means all ones. A zero equals the network
+        built without that skip, given the same weights minus the skip's input-channel slice of
+        the decoder block's `conv1` (and `conv_proj`), except for residual models with
+        'transpose' upsampling: there the skip-less block's input width equals its output
+        width, so it has an identity shortcut where this one projects.
+      residual_scale: `[len(block_names)]` multipliers on each block's shortcut, in
         `block_names` order. Only for `residual=True`. None means all ones.
-      branch_scale: `[2 * depth + 1]` multipliers on each block's residual branch (its
+      branch_scale: `[len(block_names)]` multipliers on each block's residual branch (its
         convolutions), in `block_names` order: 0 deletes the branch and keeps the shortcut,
         the lesion of Veit et al. (NeurIPS 2016). Only for `residual=True`. None means all ones.
       skip_fill: None, or one `[C_level]` vector per level (level 0 first, the skip's
         channels): what `skip_scale` scales towards. The decoder then reads
         `s * skip + (1 - s) * fill` (broadcast over batch and pixels), so a 0 replaces the skip
         by the fill, e.g. its mean over the training set (a mean-ablation), instead of by zeros.
+        Not for 'nested', whose skips are not the encoder's tensors alone.
       gate_open: `[depth]` values in [0, 1], level 0 first, for `skip_kind='attention'`: each
         level's attention gate becomes `alpha + open * (1 - alpha)`, so 1 replaces the gate by
         ones and passes the plain skip (the gate's knock-out, on the trained weights). None
         means all zeros (the gates as trained). `skip_scale` then scales the gated skip.
+      prune_level: 'nested' only: predict with the sub-network of depth L in 1..depth (the
+        head on X^{0,L}; Zhou et al.'s pruned UNet++), which below `depth` needs
+        `deep_supervision`. A Python int computes that sub-network alone (the inference
+        speed-up, padding to a multiple of 2**L only: `prune` extracts it as a model of its own,
+        with equal logits); an integer array computes every head and selects one, so it can be
+        vmapped (equal to the int where H and W are multiples of 2**depth, since it pads for
+        the whole network). None means `depth`.
+      all_heads: return every head's logits, the main one first (training with
+        `deep_supervision`): `(head, aux_1, ..., aux_{depth-1})` on the decoder, or for 'nested'
+        `(head, aux_{L-1}, ..., aux_1)`, the deepest sub-network first. Without
+        `deep_supervision`, a 1-tuple.
 
     Returns:
-      logits: `[B, H, W, num_classes]` float32.
+      logits: `[B, H, W, num_classes]` float32, or a tuple of them (`all_heads`).
     """
     cfg = self.config
     if x.ndim != 4:
       raise ValueError(f'UNet expects NHWC images [B, H, W, C]; got shape {x.shape}')
+    nested = cfg.skip_kind == 'nested'
     skip_scale = _check_scale('skip_scale', skip_scale, cfg.depth, 'level')
     if gate_open is not None and cfg.skip_kind != 'attention':
       raise ValueError(f'gate_open was given but the model has skip_kind={cfg.skip_kind!r} (no gates to open)')
     gate_open = _check_scale('gate_open', gate_open, cfg.depth, 'level')
+    static_prune = _check_prune(cfg, prune_level)
     names = block_names(cfg)
     if residual_scale is not None and not cfg.residual:
       raise ValueError('residual_scale was given but the model has residual=False (no shortcuts to scale)')
@@ -155,6 +184,8 @@ class UNet(nn.Module):
     branch_scale = _check_scale('branch_scale', branch_scale, len(names), 'block')
     widths = cfg.widths()
     if skip_fill is not None:
+      if nested:
+        raise ValueError("skip_fill was given but the model has skip_kind='nested' (its skips are not the encoder's)")
       shapes = [tuple(jnp.shape(fill)) for fill in skip_fill]
       if shapes != [(widths[level],) for level in range(cfg.depth)]:
         raise ValueError(
@@ -164,8 +195,10 @@ class UNet(nn.Module):
 
     block_cls = nn.remat(blocks.ConvBlock, static_argnums=(2,)) if cfg.remat else blocks.ConvBlock
     stride_down = cfg.downsample == 'stride'
+    index_of = {name: index for index, name in enumerate(names)}
 
-    def block(h, index, features, stride=1, upsample=None, skip=None):
+    def block(h, name, features, stride=1, upsample=None, skip=None):
+      index = index_of[name]
       module = block_cls(
         features=features,
         residual=cfg.residual,
@@ -181,40 +214,118 @@ class UNet(nn.Module):
         axis_name=self.axis_name,
         upsample=upsample,
         layers=self.layers,
-        name=names[index],
+        name=name,
       )
       residual = None if residual_scale is None else residual_scale[index]
       return module(h, train, residual, skip, None if branch_scale is None else branch_scale[index])
 
-    h, (top, left, height, width) = _pad_to_multiple(x.astype(cfg.compute_dtype), 2**cfg.depth)
-    skips = []
-    for level in range(cfg.depth + 1):
+    def encoder(h, level):
       if level > 0 and not stride_down:
         h = self.layers.max_pool(h)
-      h = block(h, level, widths[level], stride=2 if level > 0 and stride_down else 1)
-      skips.append(h)
-    skips.pop()  # The bottleneck's output feeds the decoder, not a skip.
+      name = 'bottleneck' if level == cfg.depth else f'enc_{level}'
+      return block(h, name, widths[level], stride=2 if level > 0 and stride_down else 1)
 
-    for index, level in enumerate(reversed(range(cfg.depth)), start=cfg.depth + 1):
-      skip = skips[level] if cfg.skip_levels[level] else None
-      if skip is not None and cfg.skip_kind == 'attention':
-        gate = blocks.AttentionGate(
-          features=max(1, widths[level] // 2),
-          initializer=cfg.init,
-          dtype=cfg.compute_dtype,
-          param_dtype=cfg.params_dtype,
-          layers=self.layers,
-          name=f'gate_{level}',
+    def scaled(skip, level):
+      if skip is None or skip_scale is None:
+        return skip
+      scale = skip_scale[level].astype(skip.dtype)
+      if skip_fill is None:
+        return skip * scale
+      return skip * scale + (1 - scale) * jnp.asarray(skip_fill[level], skip.dtype)
+
+    def head(h, name):
+      conv = self.layers.conv(cfg.num_classes, (1, 1), dtype=jnp.float32, param_dtype=cfg.params_dtype, name=name)
+      return conv(h.astype(jnp.float32))
+
+    upto = cfg.depth if static_prune is None else static_prune  # the depth computed
+    h, (top, left, height, width) = _pad_to_multiple(x.astype(cfg.compute_dtype), 2**upto)
+    if nested:
+      # X^{i,0} is the encoder; X^{i,j} reads up(X^{i+1,j-1}) and [X^{i,0}, ..., X^{i,j-1}].
+      grid = {}
+      for total in range(upto + 1):
+        h = grid[total, 0] = encoder(h, total)
+        for column in range(1, total + 1):
+          level = total - column
+          same = [grid[level, c] for c in range(column)]
+          skip = scaled(jnp.concatenate(same, axis=-1), level) if cfg.skip_levels[level] else None
+          grid[level, column] = block(
+            grid[level + 1, column - 1], f'x_{level}_{column}', widths[level], upsample=cfg.upsample, skip=skip
+          )
+      columns = range(1, upto + 1) if cfg.deep_supervision else (upto,)
+      logits = {c: head(grid[0, c], 'head' if c == cfg.depth else f'aux_{c}') for c in columns}
+      if static_prune is None and prune_level is not None:  # an array: every head, then one chosen
+        outputs = (jnp.take(jnp.stack([logits[c] for c in columns]), jnp.asarray(prune_level) - 1, axis=0),)
+      else:
+        outputs = tuple(logits[c] for c in sorted(logits, reverse=True))
+    else:
+      skips = []
+      for level in range(cfg.depth + 1):
+        h = encoder(h, level)
+        skips.append(h)
+      decoder = {}
+      for level in reversed(range(cfg.depth)):
+        skip = skips[level] if cfg.skip_levels[level] else None
+        if skip is not None and cfg.skip_kind == 'attention':
+          gate = blocks.AttentionGate(
+            features=max(1, widths[level] // 2),
+            initializer=cfg.init,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            layers=self.layers,
+            name=f'gate_{level}',
+          )
+          skip = gate(skip, h, None if gate_open is None else gate_open[level])
+        h = decoder[level] = block(h, f'dec_{level}', widths[level], upsample=cfg.upsample, skip=scaled(skip, level))
+      outputs = (head(h, 'head'),)
+      if cfg.deep_supervision:
+        padded = (h.shape[0], *decoder[0].shape[1:3], cfg.num_classes)
+        outputs += tuple(
+          jax.image.resize(head(decoder[level], f'aux_{level}'), padded, 'bilinear') for level in range(1, cfg.depth)
         )
-        skip = gate(skip, h, None if gate_open is None else gate_open[level])
-      if skip is not None and skip_scale is not None:
-        scale = skip_scale[level].astype(skip.dtype)
-        skip = skip * scale
-        if skip_fill is not None:
-          skip = skip + (1 - scale) * jnp.asarray(skip_fill[level], skip.dtype)
-      h = block(h, index, widths[level], upsample=cfg.upsample, skip=skip)
+    outputs = tuple(logits[:, top : top + height, left : left + width, :] for logits in outputs)
+    return outputs if all_heads else outputs[0]
 
-    logits = self.layers.conv(cfg.num_classes, (1, 1), dtype=jnp.float32, param_dtype=cfg.params_dtype, name='head')(
-      h.astype(jnp.float32)
+
+def _check_prune(config: ModelConfig, level) -> int | None:
+  """Validates `UNet(prune_level=)`; returns it if it is a Python int (a static pruning)."""
+  if level is None:
+    return None
+  if config.skip_kind != 'nested':
+    raise ValueError(f"prune_level was given but the model has skip_kind={config.skip_kind!r}; only 'nested' prunes")
+  static = isinstance(level, int) and not isinstance(level, bool)
+  if static and not 1 <= level <= config.depth:
+    raise ValueError(f'prune_level={level} is not a depth of this UNet++; use 1..{config.depth}')
+  if not config.deep_supervision and not (static and level == config.depth):
+    raise ValueError(
+      'prune_level below the depth needs deep_supervision=True: only then is there a trained head on X^{0,L}'
     )
-    return logits[:, top : top + height, left : left + width, :]
+  return level if static else None
+
+
+def prune(config: ModelConfig, variables: dict, level: int) -> tuple[ModelConfig, dict]:
+  """The UNet++ sub-network of depth `level` as a model of its own (Zhou et al. 2018, sec. 2: a
+  deeply supervised UNet++ pruned at inference).
+
+  Args:
+    config: a 'nested' `ModelConfig` with `deep_supervision` (unless `level == depth`).
+    variables: its variables (`params`, and `batch_stats` if it has any).
+    level: the depth L of the sub-network, 1..depth.
+
+  Returns:
+    `(config with depth=L and the first L skips, variables)`: X^{L,0} becomes `bottleneck`,
+    `aux_L` becomes `head`, and what the sub-network does not use is dropped, so that
+    `UNet(pruned).apply(pruned_variables, x)` equals `UNet(config).apply(variables, x, prune_level=L)`.
+  """
+  _check_prune(config, level)
+  sub = config.replace(depth=level, skips=config.skip_levels[:level])
+  renames = {f'enc_{level}': 'bottleneck', f'aux_{level}': 'head'} if level < config.depth else {}
+  keep = set(block_names(sub)) | {'head'}
+  if sub.deep_supervision:
+    keep |= {f'aux_{column}' for column in range(1, level)}
+  dropped = ('head', 'bottleneck') if level < config.depth else ()
+
+  def select(tree):
+    renamed = {renames.get(name, name): value for name, value in tree.items() if name not in dropped}
+    return {name: value for name, value in renamed.items() if name in keep}
+
+  return sub, {collection: select(tree) for collection, tree in variables.items()}

@@ -218,7 +218,7 @@ class Population:
         'looped members run on every device'
       )
     self.sharding = parallel.member_sharding(mesh) if self.mode == 'vmap' else parallel.replicated(mesh)
-    weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
+    weights = losses.LossWeights.from_config(config.train)
     self.train_fn, self.eval_fn = parallel.compile_steps(
       config.parallel.strategy, mesh, weights, stacked=self.mode == 'vmap'
     )

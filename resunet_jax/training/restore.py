@@ -47,7 +47,13 @@ class LoadedRun:
     return self.model.apply(variables, images, train=False, **self.state.scales)
 
 
-def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'auto', member: int = 0) -> LoadedRun:
+def load_run(
+  workdir: str | pathlib.Path,
+  which: str = 'best',
+  backend: str = 'auto',
+  member: int = 0,
+  prune_level: int | None = None,
+) -> LoadedRun:
   """Restores one member of `which` checkpoint of the run in `workdir`.
 
   Args:
@@ -55,9 +61,12 @@ def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'a
     which: 'best' (the member's highest validation Dice), 'latest', or a step number.
     backend: the layer set to predict with (`runtime.layers`); any restores any run.
     member: the population member (0 for an ordinary run).
+    prune_level: a deeply supervised UNet++ ('unet_plusplus') only: load its sub-network of
+      this depth (`models.prune`: the model and its variables alone, no optimizer state).
 
   Raises:
-    UserError: no such workdir, no config.json, no checkpoints, no such step or member.
+    UserError: no such workdir, no config.json, no checkpoints, no such step or member, or a
+      pruning level the model does not have.
   """
   workdir = pathlib.Path(workdir)
   config_path = workdir / 'config.json'
@@ -107,4 +116,29 @@ def load_run(workdir: str | pathlib.Path, which: str = 'best', backend: str = 'a
   ckpt.close()
   state = jax.jit(population.member_state, static_argnums=1)(stacked, member)
   directory = population.member_dir(workdir, chosen, len(members))
+  if prune_level is not None:
+    model, state = _pruned(model, state, prune_level)
   return LoadedRun(population.member_config(config, chosen), model, state, restored_step, mesh, chosen, directory)
+
+
+def _pruned(model: models.UNet, state: state_lib.TrainState, level: int) -> tuple[models.UNet, state_lib.TrainState]:
+  """The UNet++ sub-network of depth `level` and a state holding its variables alone."""
+  if state.scales:
+    raise UserError(
+      f'--prune_level: this member trains with apply-time scales ({", ".join(state.scales)}), '
+      'which its pruned sub-network does not have; predict with the whole network'
+    )
+  try:
+    sub, variables = models.prune(model.config, state.variables(), level)
+    ema = models.prune(model.config, {'params': state.ema_params}, level)[1]['params'] if state.ema_params else {}
+  except ValueError as e:
+    raise UserError(f'--prune_level={level}: {e}') from None
+  pruned = models.UNet(sub, layers=model.layers)
+  state = state.replace(
+    apply_fn=pruned.apply,
+    params=variables['params'],
+    batch_stats=variables.get('batch_stats', {}),
+    ema_params=ema,
+    opt_state=None,  # inference only: training the sub-network would start its optimizer afresh
+  )
+  return pruned, state

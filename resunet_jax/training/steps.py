@@ -27,11 +27,11 @@ def train_step(
   Args:
     state: the train state.
     batch: `image` `[B, H, W, C]` float32, `mask` `[B, H, W]` int32, `valid` `[B]` float32.
-    loss_weights: loss term weights (static).
+    loss_weights: loss term weights (static); a deeply supervised model's heads all count.
     axis_name: mapped device axis to average over (shard_map), or None (jit).
 
   Returns:
-    The new state and scalar metrics: `loss`, `dice`, `iou`, `accuracy`, `grad_norm`, and
+    The new state and scalar metrics: `loss`, `dice`, `iou`, `accuracy` (of the main head), `grad_norm`, and
     `grad_norm/<block>` per top-level module (the gradient flow through each block).
   """
   has_batch_stats = bool(state.batch_stats)
@@ -39,11 +39,13 @@ def train_step(
   def loss_fn(params):
     variables = state.variables(params)
     if has_batch_stats:
-      logits, updates = state.apply_fn(variables, batch['image'], train=True, mutable=['batch_stats'], **state.scales)
+      heads, updates = state.apply_fn(
+        variables, batch['image'], train=True, all_heads=True, mutable=['batch_stats'], **state.scales
+      )
     else:
-      logits, updates = state.apply_fn(variables, batch['image'], train=True, **state.scales), {}
-    loss = losses.segmentation_loss(logits, batch['mask'], batch['valid'], loss_weights)
-    return loss, (logits, updates)
+      heads, updates = state.apply_fn(variables, batch['image'], train=True, all_heads=True, **state.scales), {}
+    loss = losses.segmentation_loss(heads, batch['mask'], batch['valid'], loss_weights)
+    return loss, (heads[0], updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = _mean(grads, axis_name)

@@ -47,26 +47,44 @@ def _rows(workdir):
 
 def test_quick_sweep_writes_every_file(sweep):
   workdir, stdout = sweep
-  assert 'sweep of 4 runs in 1 populations' in stdout and '0 already done' in stdout
+  assert 'sweep of 8 runs in 3 populations' in stdout and '0 already done' in stdout
   rows = _rows(workdir)
   assert [(r['arm'], r['seed']) for r in rows] == [
     ('plain-all', '0'),
     ('plain-all', '1'),
     ('residual-all', '0'),
     ('residual-all', '1'),
+    ('residual-all-attention-ds', '0'),
+    ('residual-all-attention-ds', '1'),
+    ('residual-all-nested-ds', '0'),
+    ('residual-all-nested-ds', '1'),
   ]
   assert all(0 <= float(r['dice']) <= 1 for r in rows)
   with (workdir / 'knockouts.csv').open() as f:
     knockouts = list(csv.DictReader(f))
-  assert len([k for k in knockouts if k['kind'] == 'skip']) == 4 * 4  # 2**depth masks per run
-  assert len([k for k in knockouts if k['kind'] == 'residual']) == 2 * 7  # none, 5 blocks, all
+  assert len([k for k in knockouts if k['kind'] == 'skip']) == 8 * 4  # 2**depth masks per run
+  # none, each block, all: 5 blocks of a concat or attention network, 6 of a depth-2 UNet++
+  assert len([k for k in knockouts if k['kind'] == 'residual']) == 2 * 7 + 2 * 7 + 2 * 8
+  assert len([k for k in knockouts if k['kind'] == 'gate']) == 2 * 4  # none, each of 2 gates, all
+  assert len([k for k in knockouts if k['kind'] == 'prune']) == 2 * 2  # the heads of depths 1 and 2
+  by_label = {(k['arm'], k['seed'], k['kind'], k['knockout']): float(k['dice']) for k in knockouts}
+  for seed in ('0', '1'):  # the whole UNet++ is its deepest pruning level; no gate opened is the intact network
+    assert (
+      by_label['residual-all-nested-ds', seed, 'prune', 'depth 2']
+      == by_label['residual-all-nested-ds', seed, 'skip', '11']
+    )
+    assert (
+      by_label['residual-all-attention-ds', seed, 'gate', 'none']
+      == by_label['residual-all-attention-ds', seed, 'skip', '11']
+    )
   report = (workdir / 'report.md').read_text()
   for claim in ('speed up convergence', 'ease vanishing gradients', 'sharpen edges', 'allow deeper networks'):
     assert claim in report and claim in stdout
   assert '| `residual-all` | 11 | 2 |' in report and 'Residual knock-outs' in report
+  assert 'Attention-gate knock-outs' in report and 'Pruned UNet++' in report
   for name in ('learning_curves', 'metrics_ci', 'gradient_norms', 'gradient_profile', 'knockout_heatmap'):
     assert (workdir / f'{name}.png').stat().st_size > 1000
-  assert len(list((workdir / 'runs').glob('*/result.json'))) == 4
+  assert len(list((workdir / 'runs').glob('*/result.json'))) == 8
 
 
 def test_a_finished_sweep_runs_nothing(sweep, env, commands):
@@ -78,7 +96,7 @@ def test_a_finished_sweep_runs_nothing(sweep, env, commands):
   before = files()
   result = commands.run(_command(workdir), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '4 already done, 0 to run' in result.stdout
+  assert '8 already done, 0 to run' in result.stdout
   assert files() == before  # no run or population folder was touched
 
 
@@ -108,8 +126,8 @@ def test_an_interrupted_sweep_of_separate_runs_resumes_to_the_numbers_of_the_pop
   assert not list(workdir.glob('runs/*/result.json'))  # a run cut short is never measured
   result = commands.run(_command(workdir, *args), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'sweep of 2 runs in 2 populations' in result.stdout and '0 already done, 2 to run' in result.stdout
+  assert 'sweep of 4 runs in 4 populations' in result.stdout and '0 already done, 4 to run' in result.stdout
   grouped = [row for row in _rows(sweep[0]) if row['seed'] == '0']
-  assert len(grouped) == 2 and _rows(workdir) == grouped
+  assert len(grouped) == 4 and _rows(workdir) == grouped
   with (workdir / 'knockouts.csv').open() as separate, (sweep[0] / 'knockouts.csv').open() as swept:
     assert list(csv.DictReader(separate)) == [row for row in csv.DictReader(swept) if row['seed'] == '0']

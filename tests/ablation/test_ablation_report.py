@@ -178,3 +178,50 @@ def test_files_of_a_report(tmp_path):
   )
   for name in ('learning_curves', 'metrics_ci', 'gradient_norms', 'gradient_profile', 'knockout_heatmap'):
     assert paths[name].stat().st_size > 1000
+
+
+def _skip_path_arms(effects, seeds=5):
+  """Arms of the six skip-path arms whose test Dice is `base + effects[(residual, variant)] + noise`."""
+  arms = []
+  for (residual, variant), effect in effects.items():
+    results = {}
+    for seed in range(seeds):
+      noise = 0.002 * ((seed * 7 + len(variant) + residual) % 5)  # differs per arm: a spread in every difference
+      result = _result(residual, seed, dice=0.5, boundary_f1=0.5, curve=[(50, 0.5)], bottleneck_grad=0.1)
+      result.test['dice'] = 0.5 + effect + noise
+      results[seed] = result
+    name = f'{"residual" if residual else "plain"}-all' + (f'-{variant}' if variant else '')
+    arms.append(report.Arm('roads', name, residual, '11', 2, results, variant))
+  return arms
+
+
+def test_skip_path_verdicts_follow_the_protocol_rule():
+  """SKIPS_PROTOCOL.md: attention helps by 0.1 (supported), nested hurts by 0.1 (not supported),
+  the residual switch changes nothing (equivalent within 0.02); Holm over the 7 endpoints."""
+  effects = {
+    (False, ''): 0.0,
+    (True, ''): 0.0,
+    (False, 'attention'): 0.1,
+    (True, 'attention'): 0.1,
+    (False, 'nested'): -0.1,
+    (True, 'nested'): -0.1,
+  }
+  decisions = report.skip_path_decisions(_skip_path_arms(effects))
+  verdicts = {d.endpoint.name.split(':')[0]: d.label for d in decisions}
+  assert verdicts == {
+    'A1': 'supported',
+    'A2': 'supported',
+    'N1': 'not supported',
+    'N2': 'not supported',
+    'R1': 'equivalent within +-0.02',
+    'R2': 'equivalent within +-0.02',
+    'R3': 'equivalent within +-0.02',
+  }
+  a1 = next(d for d in decisions if d.endpoint.name.startswith('A1'))
+  assert a1.effect.mean == pytest.approx(0.1, abs=0.01) and a1.endpoint.df == 4
+  section = '\n'.join(report.skip_path_section({'roads': _skip_path_arms(effects)}))
+  assert '**not supported**' in section and 'Holm-adjusted over the 7 endpoints' in section
+  missing_seed = _skip_path_arms(effects)
+  del missing_seed[3].results[4]
+  assert report.skip_path_decisions(missing_seed) == []  # no verdicts before every arm has every seed
+  assert report.skip_path_decisions([a for a in _skip_path_arms(effects) if not a.variant]) == []

@@ -193,7 +193,7 @@ def test_initial_gradients_are_those_of_the_runs_first_step(tfds_dir):
   out = measures.initial(config)
   model_config, info, _ = loop.resolve(config)
   state = measures._init_state(config, model_config, info)
-  weights = losses.LossWeights(config.train.cross_entropy_weight, config.train.dice_weight)
+  weights = losses.LossWeights.from_config(config.train)
   step = jax.jit(lambda state, batch: steps.train_step(state, batch, loss_weights=weights))
   _, step_metrics = step(state, measures._first_batch(config))
   for name in ('enc_0', 'dec_0', 'bottleneck'):

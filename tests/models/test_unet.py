@@ -7,10 +7,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import quick_init
 
-from resunet_jax import models
+from resunet_jax import losses, models
 
 KEY = jax.random.key(0)
 
@@ -40,6 +41,7 @@ def _abstract_params(config, hw):
     ('resunet_identity', 128, 33_158_017),
     ('resunet_zhang', 224, 8_220_993),
     ('attention_unet', 128, 31_902_149),  # 'unet' + 523,204 for the four gates (models.config.PRESETS)
+    ('unet_plusplus', 128, 9_042_276),  # Zhou et al.'s 9.04M at one input channel (models.config.PRESETS)
   ],
 )
 def test_preset_parameter_counts_are_pinned(name, size, expected):
@@ -58,45 +60,74 @@ def test_note_resunet_projects_every_block():
 # Tiny networks: depth 2, widths 4 / 8 / 16, on inputs that are not multiples of 4.
 TINY = {'base_width': 4, 'depth': 2}
 X_TINY = _images((2, 10, 14, 3))
+MASKS_TINY = (_images((2, 10, 14), seed=2) > 0.5).astype(jnp.int32)
 
 
 def _expected_decoder_inputs(config):
-  """Input channels of dec_1 and dec_0 implied by the switches."""
+  """Input channels of each decoder block (`dec_l`, or the nested `x_i_j`) implied by the switches."""
   widths, inputs = config.widths(), {}
-  for level in reversed(range(config.depth)):
+  for name in models.block_names(config)[config.depth + 1 :]:
+    level, column = (int(n) for n in name.split('_')[1:]) if config.skip_kind == 'nested' else (int(name[4:]), 1)
     up = widths[level] if config.upsample == 'transpose' else widths[level + 1]
-    inputs[f'dec_{level}'] = up + (widths[level] if config.skip_levels[level] else 0)
+    inputs[name] = up + (column * widths[level] if config.skip_levels[level] else 0)
   return inputs
 
 
-@pytest.mark.parametrize(
-  ('skips', 'residual', 'norm', 'upsample'),
-  list(itertools.product(['all', 'none', '10'], [False, True], models.config.NORMS, models.config.UPSAMPLES)),
-)
-def test_every_switch_combination(skips, residual, norm, upsample):
-  config = models.ModelConfig(skips=skips, residual=residual, norm=norm, upsample=upsample, **TINY)
-  variables = _init(config, X_TINY)
-  logits = _apply(config, variables, X_TINY)
-  assert logits.shape == (2, 10, 14, 1) and logits.dtype == jnp.float32
-  assert np.isfinite(np.asarray(logits)).all()
+SKIPS = ('all', 'none', '10')
 
+
+def _switch_grid():
+  """Every skip kind x residual x norm x upsample; `skips` and `deep_supervision` rotate through
+  them so that each skip kind meets each skips value with both residual settings, with and
+  without deep supervision."""
+  for kind, residual, (n, norm), (u, upsample) in itertools.product(
+    models.config.SKIP_KINDS, [False, True], enumerate(models.config.NORMS), enumerate(models.config.UPSAMPLES)
+  ):
+    yield kind, SKIPS[(n + u) % 3], residual, norm, upsample, (n + u + residual) % 2 == 0
+
+
+@pytest.mark.parametrize(('skip_kind', 'skips', 'residual', 'norm', 'upsample', 'deep'), list(_switch_grid()))
+def test_every_switch_combination_builds_and_trains_a_step(skip_kind, skips, residual, norm, upsample, deep):
+  config = models.ModelConfig(
+    skip_kind=skip_kind, skips=skips, residual=residual, norm=norm, upsample=upsample, deep_supervision=deep, **TINY
+  )
+  variables = _init(config, X_TINY)
   params = variables['params']
-  assert set(params) == {'enc_0', 'enc_1', 'bottleneck', 'dec_1', 'dec_0', 'head'}
-  for level, width in ((1, 8), (0, 4)):  # the learned upsampling lives in its decoder block
-    assert ('up' in params[f'dec_{level}']) == (upsample == 'transpose')
+  names = models.block_names(config)
+  gates = {f'gate_{level}' for level in range(2) if skip_kind == 'attention' and config.skip_levels[level]}
+  aux = {f'aux_{level}' for level in range(1, 2) if deep}
+  assert set(params) == {*names, 'head', *gates, *aux}
+  for name in names[3:]:  # the learned upsampling lives in its decoder block
+    width = 4 if name.startswith(('dec_0', 'x_0')) else 8
+    assert ('up' in params[name]) == (upsample == 'transpose')
     if upsample == 'transpose':
-      assert params[f'dec_{level}']['up']['kernel'].shape == (2, 2, 2 * width, width)
+      assert params[name]['up']['kernel'].shape == (2, 2, 2 * width, width)
   assert ('batch_stats' in variables) == (norm == 'batch')
   in_channels = {'enc_0': 3, 'enc_1': 4, 'bottleneck': 8, **_expected_decoder_inputs(config)}
-  out_channels = {'enc_0': 4, 'enc_1': 8, 'bottleneck': 16, 'dec_1': 8, 'dec_0': 4}
-  for name, block in ((n, params[n]) for n in models.block_names(config)):
+  out_channels = {'enc_0': 4, 'enc_1': 8, 'bottleneck': 16, 'dec_1': 8, 'dec_0': 4, 'x_1_1': 8, 'x_0_1': 4, 'x_0_2': 4}
+  for name in names:
+    block = params[name]
     assert block['conv1']['kernel'].shape == (3, 3, in_channels[name], out_channels[name])
     assert ('conv_proj' in block) == (residual and in_channels[name] != out_channels[name])
     assert ('norm1' in block) == (norm != 'none')
 
+  def loss(params):  # one training step's loss, every head counted
+    heads, updates = models.UNet(config).apply(
+      {**variables, 'params': params}, X_TINY, train=True, all_heads=True, mutable=['batch_stats']
+    )
+    return losses.segmentation_loss(heads, MASKS_TINY, jnp.ones(2), losses.LossWeights()), (heads, updates)
+
+  (value, (heads, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert len(heads) == (2 if deep else 1)
+  assert all(h.shape == (2, 10, 14, 1) and h.dtype == jnp.float32 for h in heads)
+  assert np.isfinite(float(value))
+  norms = {name: float(optax.tree.norm(g)) for name, g in grads.items()}
+  # Every block and head learns, except X^{0,1} of a UNet++ whose level 0 has no skip and no
+  # auxiliary head: nothing reads it.
+  unread = {'x_0_1'} if skip_kind == 'nested' and not config.skip_levels[0] and not deep else set()
+  assert all(np.isfinite(n) for n in norms.values()), norms
+  assert {name for name, n in norms.items() if n == 0} == unread, norms
   if norm == 'batch':
-    logits, updates = models.UNet(config).apply(variables, X_TINY, train=True, mutable=['batch_stats'])
-    assert np.isfinite(np.asarray(logits)).all()
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates['batch_stats'], variables['batch_stats'])
     assert all(jax.tree.leaves(changed))
 
@@ -123,7 +154,7 @@ def _drop_skip(variables, config, level):
 
   def cut(path, leaf):
     names = [getattr(p, 'key', None) for p in path]
-    if names[1] != f'dec_{level}':
+    if names[1] != f'dec_{level}' and not names[1].startswith(f'x_{level}_'):  # every node of a nested level
       return leaf
     if names[2] in ('conv1', 'conv_proj') and names[3] == 'kernel':
       return leaf[:, :, :up, :]
@@ -142,11 +173,14 @@ def _drop_skip(variables, config, level):
     (True, 'batch', 'bilinear', 'postact'),
     (False, 'none', 'transpose', 'postact'),
     (True, 'batch', 'nearest', 'preact'),
+    (True, 'none', 'bilinear', 'nested'),
+    (False, 'group', 'nearest', 'nested'),
   ],
 )
 @pytest.mark.parametrize('level', [0, 1])
 def test_zero_skip_scale_equals_network_without_that_skip(residual, norm, upsample, block, level):
-  config = models.ModelConfig(residual=residual, norm=norm, upsample=upsample, block=block, **TINY)
+  nested = {'skip_kind': 'nested'} if block == 'nested' else {'block': block}
+  config = models.ModelConfig(residual=residual, norm=norm, upsample=upsample, **nested, **TINY)
   variables = _init(config, X_TINY)
   scale = jnp.ones(2).at[level].set(0.0)
   knocked_out = _apply(config, variables, X_TINY, skip_scale=scale)
@@ -361,3 +395,71 @@ def test_bilinear_2x_is_jax_image_resize_at_twice_the_size():
   x = jax.random.normal(KEY, (2, 5, 3, 2))
   expected = jax.image.resize(x, (2, 10, 6, 2), 'bilinear')
   np.testing.assert_allclose(models.blocks.bilinear_2x(x), expected, atol=1e-6)
+
+
+NESTED = models.preset('unet_plusplus', base_width=4, depth=3, residual=True, norm='batch')
+
+
+@pytest.mark.parametrize('level', [1, 2, 3])
+def test_pruned_unet_plusplus_is_the_sub_network_of_that_depth(level):
+  """Zhou et al.'s pruning: the head on X^{0,L} of the trained grid is the UNet++ of depth L on
+  the same weights (`prune` extracts it), at any size; the array form selects the same head."""
+  x = _images((2, 13, 11, 3))
+  variables = _init(NESTED, x)
+  pruned = _apply(NESTED, variables, x, prune_level=level)
+  sub, sub_variables = models.prune(NESTED, variables, level)
+  assert sub.depth == level and sub.deep_supervision
+  assert jax.tree.map(jnp.shape, sub_variables) == jax.tree.map(jnp.shape, _init(sub, x))
+  np.testing.assert_array_equal(pruned, _apply(sub, sub_variables, x))
+  whole = _apply(NESTED, variables, x)
+  assert (level == 3) == np.array_equal(pruned, whole)
+  square = _images((2, 16, 8, 3))  # a multiple of 2**depth: both forms pad alike
+  chosen = jax.jit(lambda L: _apply(NESTED, variables, square, prune_level=L))
+  np.testing.assert_allclose(chosen(jnp.int32(level)), _apply(NESTED, variables, square, prune_level=level), atol=1e-6)
+
+
+def test_every_pruning_level_in_one_vmapped_call_and_the_heads_in_order():
+  x = _images((1, 16, 16, 3))
+  variables = _init(NESTED, x)
+  levels = jax.jit(jax.vmap(lambda L: _apply(NESTED, variables, x, prune_level=L)))(jnp.arange(1, 4))
+  heads = _apply(NESTED, variables, x, all_heads=True)  # the deepest sub-network first
+  for level, head in zip((3, 2, 1), heads, strict=True):
+    np.testing.assert_allclose(levels[level - 1], head, atol=1e-6)
+  assert not np.allclose(levels[0], levels[2], atol=1e-4)
+
+
+def test_deep_supervision_heads_on_the_decoder_are_resized_to_the_input():
+  config = models.ModelConfig(deep_supervision=True, base_width=4, depth=3)
+  variables = _init(config, X_TINY)
+  heads = _apply(config, variables, X_TINY, all_heads=True)
+  assert [h.shape for h in heads] == [(2, 10, 14, 1)] * 3
+  np.testing.assert_array_equal(heads[0], _apply(config, variables, X_TINY))
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):  # what each auxiliary head reads
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.name in ('dec_1', 'aux_1'):
+      seen[context.module.name] = out
+    return out
+
+  with nn.intercept_methods(record):
+    _apply(config, variables, X_TINY, all_heads=True)
+  assert seen['dec_1'].shape == (2, 8, 8, 8) and seen['aux_1'].shape == (2, 8, 8, 1)  # padded to 16x16, halved
+  resized = jax.image.resize(seen['aux_1'], (2, 16, 16, 1), 'bilinear')[:, 3:13, 1:15]
+  np.testing.assert_allclose(heads[1], resized, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ('config', 'kwargs', 'message'),
+  [
+    (models.ModelConfig(**TINY), {'prune_level': 1}, "only 'nested' prunes"),
+    (models.ModelConfig(skip_kind='nested', **TINY), {'prune_level': 1}, 'needs deep_supervision=True'),
+    (models.ModelConfig(skip_kind='nested', **TINY), {'prune_level': jnp.int32(2)}, 'needs deep_supervision=True'),
+    (models.preset('unet_plusplus', **TINY), {'prune_level': 3}, r'not a depth of this UNet\+\+; use 1..2'),
+    (models.preset('unet_plusplus', **TINY), {'skip_fill': [jnp.ones(4), jnp.ones(8)]}, "skip_kind='nested'"),
+  ],
+)
+def test_pruning_and_fills_are_refused_where_they_mean_nothing(config, kwargs, message):
+  variables = _init(config, X_TINY)
+  with pytest.raises(ValueError, match=message):
+    _apply(config, variables, X_TINY, **kwargs)

@@ -12,10 +12,11 @@ from resunet_jax.training import state as state_lib
 from resunet_jax.training import steps
 
 
-def _state(num_classes=1, ema_decay=0.0, norm='none', **train):
+def _state(num_classes=1, ema_decay=0.0, norm='none', model_config=None, **train):
   config = configs.train_section()
   config.update(train)
-  model = models.UNet(models.ModelConfig(base_width=4, depth=2, num_classes=num_classes, norm=norm))
+  model_config = model_config or models.ModelConfig(base_width=4, depth=2, num_classes=num_classes, norm=norm)
+  model = models.UNet(model_config)
   return state_lib.create_train_state(
     model, state_lib.make_optimizer(config), (1, 16, 16, 3), seed=0, ema_decay=ema_decay
   )
@@ -51,6 +52,31 @@ def test_multiclass_step_and_eval():
   assert {f'grad_norm/{name}' for name in ('enc_0', 'enc_1', 'bottleneck', 'dec_1', 'dec_0', 'head')} <= set(metrics)
   out = jax.jit(steps.eval_step)(state, _batch(classes=3))
   assert out['predictions'].shape == (2, 16, 16) and out['tp'].shape == (2, 3)
+
+
+@pytest.mark.parametrize('weights', [(), (0.25, 0.75, 0.0)])
+def test_a_deeply_supervised_step_weighs_every_head(weights):
+  """The loss is the weighted sum of the heads' losses (nnU-Net's halving by default), and the
+  auxiliary heads learn from it; the reported metrics are the main head's."""
+  state = _state(model_config=models.preset('unet_plusplus', base_width=4, depth=3))
+  batch = _batch()
+  heads = state.apply_fn(state.variables(), batch['image'], train=True, all_heads=True)
+  each = [float(losses.segmentation_loss(h, batch['mask'], batch['valid'], losses.LossWeights())) for h in heads]
+  shares = weights or (4 / 7, 2 / 7, 1 / 7)  # 1, 1/2, 1/4, normalised
+  step = jax.jit(functools.partial(steps.train_step, loss_weights=losses.LossWeights(deep_supervision=weights)))
+  _, metrics = step(state, batch)
+  np.testing.assert_allclose(metrics['loss'], sum(s * e for s, e in zip(shares, each, strict=True)), rtol=1e-5)
+  assert len(set(each)) == 3
+  learns = {name: bool(metrics[f'grad_norm/{name}'] > 0) for name in ('head', 'aux_2', 'aux_1')}
+  assert learns == {'head': True, 'aux_2': True, 'aux_1': bool(shares[2])}
+
+
+def test_deep_supervision_weights_are_checked():
+  assert losses.deep_supervision_weights(2) == (2 / 3, 1 / 3)
+  with pytest.raises(ValueError, match='has 2 entries for a model with 3 heads'):
+    losses.deep_supervision_weights(3, (1.0, 1.0))
+  with pytest.raises(ValueError, match='non-negative and not all zero'):
+    losses.deep_supervision_weights(2, (0.0, 0.0))
 
 
 def test_schedule_warms_up_and_decays():
