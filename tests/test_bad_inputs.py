@@ -113,6 +113,18 @@ CLI = {
     1,
     'error: workdir RUN holds checkpoints of',
   ),
+  'deep supervision weights of the wrong length': (
+    'train',
+    [QUICK, '--model=unet_plusplus', '--config.train.deep_supervision_weights=(1.0,0.5,0.25)'],
+    1,
+    'error: train.deep_supervision_weights has 3 entries for a model with 2 heads',
+  ),
+  'pruning a network without nested skips': (
+    'evaluate',
+    ['--workdir=RUN', '--prune_level=1'],
+    1,
+    "error: --prune_level=1: prune_level was given but the model has skip_kind='concat'",
+  ),
   'missing workdir': ('evaluate', ['--workdir=/no/such/run'], 1, 'error: workdir /no/such/run does not exist'),
   'workdir that is not a run': ('evaluate', ['--workdir=BARE'], 1, 'error: BARE/config.json is missing'),
   'missing checkpoint step': (

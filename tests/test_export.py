@@ -29,11 +29,19 @@ def _logits(model, variables, images):
 
 
 @pytest.mark.parametrize(
-  ('preset', 'classes'), [('unet', 1), ('resunet', 1), ('attention_unet', 1), ('resunet_zhang', 1), ('resunet', 3)]
+  ('preset', 'classes', 'overrides'),
+  [
+    ('unet', 1, {}),
+    ('resunet', 1, {}),
+    ('attention_unet', 1, {'deep_supervision': True}),  # exported without its auxiliary heads
+    ('unet_plusplus', 1, {}),
+    ('resunet_zhang', 1, {}),
+    ('resunet', 3, {}),
+  ],
 )
-def test_both_formats_agree_with_the_jax_model(preset, classes, tmp_path):
+def test_both_formats_agree_with_the_jax_model(preset, classes, overrides, tmp_path):
   model = models.UNet(
-    models.preset(preset, base_width=4, depth=2, num_classes=classes)
+    models.preset(preset, base_width=4, depth=2, num_classes=classes, **overrides)
   )  # tiny, as in test_transformations
   variables = model.init(jax.random.key(0), jnp.zeros((1, TILE, TILE, 3)), train=False)
   rng = np.random.default_rng(0)

@@ -161,7 +161,8 @@ class UNet(nn.Module):
       all_heads: return every head's logits, the main one first (training with
         `deep_supervision`): `(head, aux_1, ..., aux_{depth-1})` on the decoder, or for 'nested'
         `(head, aux_{L-1}, ..., aux_1)`, the deepest sub-network first. Without
-        `deep_supervision`, a 1-tuple.
+        `deep_supervision`, or with an array `prune_level`, a 1-tuple. Otherwise the auxiliary
+        heads are not computed.
 
     Returns:
       logits: `[B, H, W, num_classes]` float32, or a tuple of them (`all_heads`).
@@ -238,6 +239,10 @@ class UNet(nn.Module):
       return conv(h.astype(jnp.float32))
 
     upto = cfg.depth if static_prune is None else static_prune  # the depth computed
+    # Auxiliary heads only where something reads them (init creates their parameters): an export
+    # or an inference call traces the main head alone.
+    chosen = prune_level is not None and static_prune is None
+    auxiliary = cfg.deep_supervision and (all_heads or chosen or self.is_initializing())
     h, (top, left, height, width) = _pad_to_multiple(x.astype(cfg.compute_dtype), 2**upto)
     if nested:
       # X^{i,0} is the encoder; X^{i,j} reads up(X^{i+1,j-1}) and [X^{i,0}, ..., X^{i,j-1}].
@@ -251,9 +256,9 @@ class UNet(nn.Module):
           grid[level, column] = block(
             grid[level + 1, column - 1], f'x_{level}_{column}', widths[level], upsample=cfg.upsample, skip=skip
           )
-      columns = range(1, upto + 1) if cfg.deep_supervision else (upto,)
+      columns = range(1, upto + 1) if auxiliary else (upto,)
       logits = {c: head(grid[0, c], 'head' if c == cfg.depth else f'aux_{c}') for c in columns}
-      if static_prune is None and prune_level is not None:  # an array: every head, then one chosen
+      if chosen:  # an array: every head, then one chosen
         outputs = (jnp.take(jnp.stack([logits[c] for c in columns]), jnp.asarray(prune_level) - 1, axis=0),)
       else:
         outputs = tuple(logits[c] for c in sorted(logits, reverse=True))
@@ -277,7 +282,7 @@ class UNet(nn.Module):
           skip = gate(skip, h, None if gate_open is None else gate_open[level])
         h = decoder[level] = block(h, f'dec_{level}', widths[level], upsample=cfg.upsample, skip=scaled(skip, level))
       outputs = (head(h, 'head'),)
-      if cfg.deep_supervision:
+      if auxiliary:
         padded = (h.shape[0], *decoder[0].shape[1:3], cfg.num_classes)
         outputs += tuple(
           jax.image.resize(head(decoder[level], f'aux_{level}'), padded, 'bilinear') for level in range(1, cfg.depth)

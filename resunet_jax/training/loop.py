@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resunet_jax import configs, data, evaluation, models, runtime
+from resunet_jax import configs, data, evaluation, losses, models, runtime
 from resunet_jax.cpu import hostmem
 from resunet_jax.errors import PeerLostError, UserError
 from resunet_jax.training import checkpoint, parallel, population, reporting
@@ -181,6 +181,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   parallel.check_batch_size(config.train.batch_size, mesh)
   if config.train.num_steps < 1:
     raise UserError(f'train.num_steps={config.train.num_steps} must be at least 1')
+  heads = model_config.depth if model_config.deep_supervision else 1
+  try:
+    losses.deep_supervision_weights(heads, losses.LossWeights.from_config(config.train).deep_supervision)
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
   ckpt = checkpoint.Checkpoints(
     workdir / 'checkpoints', keep=config.train.keep_checkpoints, best_metrics=[m.best_metric for m in members]

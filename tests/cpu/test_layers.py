@@ -28,6 +28,8 @@ CASES = {
   'skips_01_remat': models.preset('unet', skips='01', remat=True, **TINY),  # remat over the fused path
   'batch_postact': models.preset('resunet', norm='batch', **TINY),  # fused decoder conv without its ReLU
   'identity_he': models.preset('resunet', shortcut='identity', init='he', **TINY),  # the fused 1x1 conv_in
+  'attention_unet': models.preset('attention_unet', **TINY),  # the gates' 1x1 convs, a gated skip
+  'unet_plusplus': models.preset('unet_plusplus', **TINY),  # nested skips of several tensors, two heads
 }
 X = jax.random.normal(jax.random.key(0), (2, 20, 24, 3))  # padded to 20x24: not square, not a power of 2
 

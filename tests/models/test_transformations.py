@@ -21,9 +21,17 @@ TINY = {'base_width': 4, 'depth': 2}
 CONFIGS = {
   'unet': models.preset('unet', **TINY),  # nearest, no norm, postact, max-pool, all skips
   'resunet': models.preset(
-    'resunet', upsample='bilinear', norm='layer', skips='10', init='glorot', skip_kind='attention', **TINY
+    'resunet',
+    upsample='bilinear',
+    norm='layer',
+    skips='10',
+    init='glorot',
+    skip_kind='attention',
+    deep_supervision=True,  # exported without its auxiliary heads
+    **TINY,
   ),
   'attention_unet': models.preset('attention_unet', **TINY),  # attention gates on every skip
+  'unet_plusplus': models.preset('unet_plusplus', **TINY),  # nested skips, transpose, deep supervision
   'resunet_zhang': models.preset('resunet_zhang', **TINY),  # batch norm, preact, stride
   'transpose_group_remat': models.preset(
     'resunet',
@@ -158,7 +166,18 @@ def test_transformation_goes_through_the_stock_model(config, transformation):
 def test_the_configs_cover_every_preset_and_switch_value():
   covered = {
     field: {getattr(c, field) for c in CONFIGS.values()}
-    for field in ('norm', 'upsample', 'block', 'downsample', 'residual', 'remat', 'shortcut', 'init', 'skip_kind')
+    for field in (
+      'norm',
+      'upsample',
+      'block',
+      'downsample',
+      'residual',
+      'remat',
+      'shortcut',
+      'init',
+      'skip_kind',
+      'deep_supervision',
+    )
   }
   assert covered == {
     'norm': set(models.config.NORMS),
@@ -170,6 +189,7 @@ def test_the_configs_cover_every_preset_and_switch_value():
     'shortcut': set(models.config.SHORTCUTS),
     'init': set(models.config.INITS),
     'skip_kind': set(models.config.SKIP_KINDS),
+    'deep_supervision': {False, True},
   }
   assert set(models.PRESETS) <= set(CONFIGS)
   assert {c.skips for c in CONFIGS.values()} >= {'all', 'none', '10'}
