@@ -98,9 +98,11 @@ def _link_latest(workdir: pathlib.Path) -> None:
 def _check_same_model(saved: dict | None, resolved: dict, workdir: pathlib.Path) -> None:
   if saved is None:
     return
-  differing = sorted(k for k in resolved['model'] if saved.get('model', {}).get(k) != resolved['model'][k])
+  # A field added since the run started has, in that run, the value every earlier run had.
+  model = {**configs.ADDED_KEYS['model'], **saved.get('model', {})}
+  differing = sorted(k for k in resolved['model'] if model.get(k) != resolved['model'][k])
   if differing:
-    what = ', '.join(f'{k} {saved["model"].get(k)!r} -> {resolved["model"][k]!r}' for k in differing[:4])
+    what = ', '.join(f'{k} {model.get(k)!r} -> {resolved["model"][k]!r}' for k in differing[:4])
     raise UserError(
       f'workdir {workdir} holds checkpoints of a different model ({what}); use another --workdir or delete it'
     )

@@ -14,6 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from resunet_jax import models
+from resunet_jax.errors import UserError
+from resunet_jax.training import loop
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICK = ['--config=experiments/configs/quick.py']
 
@@ -171,3 +175,14 @@ def test_latest_link_follows_the_newest_default_workdir(tmp_path):
   (tmp_path / 'latest').mkdir()  # a real folder of that name is never replaced
   loop._link_latest(tmp_path / 'run-c')
   assert not (tmp_path / 'latest').is_symlink()
+
+
+def test_a_run_saved_before_a_model_field_existed_resumes_as_the_same_model(tmp_path):
+  """config.json of a run from before `skip_kind` and `deep_supervision`: those fields had their
+  defaults then, so the run's model is today's default model, not a different one."""
+  resolved = {'model': models.ModelConfig(residual=True).to_dict()}
+  saved = {'model': {k: v for k, v in resolved['model'].items() if k not in ('skip_kind', 'deep_supervision')}}
+  loop._check_same_model(saved, resolved, tmp_path)  # no error
+  other = {'model': {**resolved['model'], 'deep_supervision': True}}
+  with pytest.raises(UserError, match=r'different model \(deep_supervision False -> True\)'):
+    loop._check_same_model(saved, other, tmp_path)
