@@ -132,9 +132,21 @@ def test_every_switch_combination_builds_and_trains_a_step(skip_kind, skips, res
     assert all(jax.tree.leaves(changed))
 
 
-@pytest.mark.parametrize(('block', 'downsample'), [('postact', 'stride'), ('preact', 'maxpool'), ('preact', 'stride')])
-def test_block_and_downsample_variants(block, downsample):
-  config = models.ModelConfig(block=block, downsample=downsample, residual=True, norm='batch', **TINY)
+@pytest.mark.parametrize(
+  ('block', 'downsample', 'skip_kind'),
+  [
+    ('postact', 'stride', 'concat'),
+    ('preact', 'maxpool', 'concat'),
+    ('preact', 'stride', 'concat'),
+    ('preact', 'stride', 'attention'),
+    ('preact', 'stride', 'nested'),
+    ('postact', 'stride', 'nested'),
+  ],
+)
+def test_block_and_downsample_variants(block, downsample, skip_kind):
+  config = models.ModelConfig(
+    block=block, downsample=downsample, skip_kind=skip_kind, residual=True, norm='batch', **TINY
+  )
   variables = _init(config, X_TINY)
   logits, state = models.UNet(config).apply(variables, X_TINY, train=False, capture_intermediates=True)
   assert logits.shape == (2, 10, 14, 1)
@@ -146,6 +158,18 @@ def test_block_and_downsample_variants(block, downsample):
   # The first preact unit convolves the raw input (Zhang et al.): no norm before its conv1.
   assert ('norm1' in params['enc_0']) == (block == 'postact')
   assert 'norm1' in params['enc_1']
+  if skip_kind == 'nested':  # every node of a level at that level's resolution
+    assert shapes['x_0_1'] == shapes['x_0_2'] == (2, 12, 16, 4) and shapes['x_1_1'] == (2, 6, 8, 8)
+
+
+@pytest.mark.parametrize('skip_kind', ['attention', 'nested'])
+def test_a_deeper_odd_width_network_of_each_skip_kind(skip_kind):
+  config = models.ModelConfig(skip_kind=skip_kind, base_width=3, depth=4, residual=True, deep_supervision=True)
+  x = _images((1, 19, 23, 3))
+  variables = _init(config, x)
+  heads = _apply(config, variables, x, all_heads=True)
+  assert [h.shape for h in heads] == [(1, 19, 23, 1)] * 4 and all(np.isfinite(np.asarray(h)).all() for h in heads)
+  assert models.count_params(variables['params']) == models.count_params(_abstract_params(config, 16))
 
 
 def _drop_skip(variables, config, level):
