@@ -3,9 +3,10 @@
   python experiments/ablate.py --config=experiments/configs/ablate_study.py --workdir=runs/ablate_study
 
 32x32 crops (`size32` datasets) of both synthetic datasets; stages tune, pilot, primary,
-depth, secondary and boundary (`resunet_jax.ablation.protocol`). The tables go to docs/ablation/study/
-after every population; rerunning the command resumes, in a fresh clone too: the runs that
-docs/ablation/study/results.csv lists are read back from it, never trained again.
+depth, secondary, boundary and, at the plateau budget, plateau_primary and plateau_depth
+(`resunet_jax.ablation.protocol`). The tables go to docs/ablation/study/ after every population;
+rerunning the command resumes, in a fresh clone too: the runs that docs/ablation/study/results.csv
+lists are read back from it, never trained again.
 """
 
 import pathlib
@@ -25,5 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.runtime.backend = 'stock'
   config.ablation.protocol = ablation.protocol.section()
   config.ablation.protocol.boundary = ('synthetic_cells/size32', 'synthetic_cells/three_class_size32')
+  config.ablation.protocol.plateau_stages = True  # amendment 8: cut 4 capped B at 1000, the plateau is 3000
   config.ablation.protocol.output = str(pathlib.Path(__file__).resolve().parents[2] / 'docs/ablation/study')
   return config

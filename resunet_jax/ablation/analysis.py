@@ -401,6 +401,19 @@ def markdown(
       '',
       *verdict_lines(rows),
       '',
+    ]
+    if plateau_complete(progress):
+      lines += [
+        f'## Verdicts at the plateau budget ({pilot_plateau(rows)} steps; PROTOCOL.md amendment 8)',
+        '',
+        'The primary and depth stages trained again at the budget the plateau rule gives, which cut 4 '
+        'had capped; the same endpoints, tests and Holm family. Both sets of verdicts stand in the '
+        'report; these answer the question at the plateau.',
+        '',
+        *verdict_lines(at_plateau(rows)),
+        '',
+      ]
+    lines += [
       '## Secondary analyses (effects and intervals, no verdicts)',
       '',
       *secondary_lines(rows),
@@ -441,6 +454,25 @@ def markdown(
         '',
       ]
   return '\n'.join(lines)
+
+
+PLATEAU_STAGES = {'plateau_primary': 'primary', 'plateau_depth': 'depth'}  # protocol.PLATEAU_STAGES
+
+
+def at_plateau(rows: Sequence[dict]) -> list[dict]:
+  """The rows with the plateau stages standing in for the primary and depth stages they repeat
+  (PROTOCOL.md amendment 8): the same analysis then gives the verdicts at the plateau budget."""
+  repeated = set(PLATEAU_STAGES.values())
+  kept = [row for row in rows if row['stage'] not in repeated]
+  return [{**row, 'stage': PLATEAU_STAGES.get(row['stage'], row['stage'])} for row in kept]
+
+
+def plateau_complete(progress: dict[str, tuple[int, int | None]]) -> bool:
+  """Every plateau stage has been planned and has all its runs."""
+  return all(
+    stage in progress and progress[stage][1] is not None and progress[stage][0] == progress[stage][1]
+    for stage in PLATEAU_STAGES
+  )
 
 
 def verdict_lines(rows: Sequence[dict]) -> list[str]:

@@ -14,6 +14,10 @@ Stages, each reading the results of the ones before it:
              that the parameter count stays near the depth-4 network's, at B
   secondary  `projection`, `plain-wide` and the primary arms under 'lecun-none', at B (after depth:
              the verdicts need only primary and depth, PROTOCOL.md's stopping rule)
+  boundary   the primary all-skip arms on the three-class data (amendment 6)
+  plateau_primary, plateau_depth
+             where cut 4 capped B: the primary and depth stages again at the plateau rule's own
+             budget (amendment 8), whose verdicts the report adds beside those at B
 
 A run is a config (`Run.config`); its folder is the hash of that config (`runner.run_dir`), so
 a run asked for by two stages (the pilot's shortest budget is the tuning run) trains once, and
@@ -66,7 +70,9 @@ PRIMARY_BLOCKS = ('plain', 'identity')
 TUNED_BLOCKS = ('plain', 'projection', 'identity')
 SKIPS = ('all', 'none')
 STAGES = ('tune', 'pilot', 'primary', 'depth', 'secondary')  # the order they run in
-ADDED_STAGES = ('boundary',)  # PROTOCOL.md amendment 6: after the others, outside the projection and the cuts
+# After the others, outside the projection and the cuts: amendments 6 (boundary) and 8 (plateau_*).
+ADDED_STAGES = ('boundary', 'plateau_primary', 'plateau_depth')
+PLATEAU_STAGES = {'plateau_primary': 'primary', 'plateau_depth': 'depth'}  # -> the stage they repeat
 VERDICT_STAGES = ('primary', 'depth')  # the verdicts need these complete; 'secondary' carries none
 CUTS = (
   'pilot: the longest budget on one seed',
@@ -100,6 +106,9 @@ def section() -> ml_collections.ConfigDict:
   # Claim 3's boundary class (PROTOCOL.md amendment 6): (the binary dataset whose chosen recipes
   # and rates the primary all-skip arms take, its three-class twin); () for no 'boundary' stage.
   c.boundary = ()
+  # PROTOCOL.md amendment 8: where cut 4 capped B below the plateau rule's budget, train the
+  # primary and depth stages again at that budget, last ('plateau_primary', 'plateau_depth').
+  c.plateau_stages = False
   # The folder of the study's tables (results.csv, plan.json), kept current after every
   # population; '' is the sweep folder. A run that its results.csv lists is read back from
   # its row, not trained again: committed tables carry a study over to a fresh clone.
@@ -614,6 +623,11 @@ def run(
       stage(name, stage_runs(name, settings, base, plan), knockouts='study', measure_fn=measure)
     if settings.boundary:  # claim 3's boundary class: test metrics per class, no knock-outs
       stage('boundary', stage_runs('boundary', settings, base, plan), knockouts=False, measure_fn=measure_classes)
+    uncapped = plateau(arms, budgets, settings.plateau_tolerance)
+    if settings.get('plateau_stages') and uncapped > plan.budget:  # amendment 8: the verdict stages at the plateau
+      at_plateau = dataclasses.replace(plan, budget=uncapped)
+      for name, repeated in PLATEAU_STAGES.items():
+        stage(name, stage_runs(repeated, settings, base, at_plateau), knockouts=False, measure_fn=measure)
     save()
   return stages, plan
 

@@ -249,9 +249,10 @@ def test_a_results_row_gives_back_the_whole_result(tmp_path):
     protocol.read_rows(tmp_path / 'results.csv')
 
 
-def _fake_population(calls, fail_after=None, fail_if=lambda run_config: False):
-  """`runner.run_population` without training: Dice from the recipe and rate, result.json as the real one.
-  It raises after `fail_after` populations, or at a population with a run that `fail_if`."""
+def _fake_population(calls, fail_after=None, fail_if=lambda run_config: False, residual_gain=0.0):
+  """`runner.run_population` without training: Dice from the recipe and rate (and `residual_gain`
+  per step for residual networks), result.json as the real one. It raises after `fail_after`
+  populations, or at a population with a run that `fail_if`."""
 
   def run_population(config, runs, root, *, knockouts, measure):
     if (fail_after is not None and len(calls) >= fail_after) or any(fail_if(run) for run in runs):
@@ -262,6 +263,7 @@ def _fake_population(calls, fail_after=None, fail_if=lambda run_config: False):
       path = runner.run_dir(run_config, root) / 'result.json'
       lr, steps = float(run_config.train.learning_rate), int(run_config.train.num_steps)
       dice = 0.5 + lr + 0.01 * (run_config.model.norm == 'group') + steps / 100 + 1e-3 * run_config.seed
+      dice += residual_gain * steps * bool(run_config.model.residual) * (1 + 0.1 * run_config.seed)
       result = runner.Result(
         path.parent.name, run_config.data.name, bool(run_config.model.residual), run_config.model.skips,
         int(run_config.model.depth), int(run_config.seed),
@@ -313,7 +315,7 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   trained_ids = {row['run_id'] for row in protocol.read_rows(output / 'results.csv') if row['stage'] != 'initial'}
   assert trained == len(trained_ids)  # each run trained once
   assert (
-    set(stages) == {*protocol.STAGES, *protocol.ADDED_STAGES, 'initial'}
+    set(stages) == {*protocol.STAGES, 'boundary', 'initial'}  # no cut capped B: no plateau stages
     and plan.budget == 6
     and json.loads((output / 'plan.json').read_text())
   )
@@ -339,6 +341,41 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   assert (output / 'results.csv').read_text() == table
   assert (output / 'report.md').read_text() == report  # rewritten, by the code that reads the table
   assert again == stages and len(initialised) == 14  # nothing measured again either
+
+
+def test_where_cut_4_capped_b_the_verdict_stages_run_again_at_the_plateau(tfds_dir, tmp_path, monkeypatch):
+  """Amendment 8: the primary and depth stages again at the plateau rule's budget (6 steps here,
+  B capped at 4), the same arms and seeds, and the report's second verdict table is theirs."""
+  output = tmp_path / 'tables'
+  config = _quick_study(tfds_dir, output)
+  config.ablation.protocol.budget_minutes = 1e-6  # every cut, cut 4 included
+  config.ablation.protocol.plateau_stages = True
+  monkeypatch.setattr(measures, 'initial', lambda run_config: {'log10_grad_ratio': -0.5 * run_config.model.residual})
+  monkeypatch.setattr(runner, 'run_population', _fake_population([], residual_gain=0.005))
+  stages, plan = protocol.run(config, tmp_path / 'work', command='c')
+  assert plan.budget == 4 and protocol.CUTS[3] in plan.cuts
+  rows = protocol.read_rows(output / 'results.csv')
+
+  def arms(stage):
+    return sorted(
+      (r['data'], r['arm'], r['recipe'], r['learning_rate'], r['depth'], r['seed'], r['steps'])
+      for r in rows
+      if r['stage'] == stage
+    )
+
+  for stage, repeated in protocol.PLATEAU_STAGES.items():
+    assert arms(repeated) and {a[-1] for a in arms(repeated)} == {4} and {a[-1] for a in arms(stage)} == {6}
+    assert [a[:-1] for a in arms(stage)] == [a[:-1] for a in arms(repeated)]
+  report = (output / 'report.md').read_text()
+  first, plateau_part = report.split('## Verdicts at the plateau budget (6 steps; PROTOCOL.md amendment 8)')
+  assert {r['steps'] for r in analysis.at_plateau(rows) if r['stage'] in ('primary', 'depth')} == {6}
+  at_b, at_plateau = analysis.decisions(rows), analysis.decisions(analysis.at_plateau(rows))
+  for verdict in at_plateau:
+    line = f'| {verdict.claim}: {analysis.CLAIMS[verdict.claim]} | roads | '
+    effect = verdict.decided.effect
+    assert line + (f'{effect.format(3)} |' if effect.n > 1 else '') in plateau_part
+  # claim 1 (the fake runs' validation Dice grows with steps for residual networks): larger at the plateau
+  assert at_plateau[0].decided.effect.mean > at_b[0].decided.effect.mean > 0
 
 
 def test_edges_keep_every_test_image(trained_run):
