@@ -60,7 +60,9 @@ def _main(argv: list[str]) -> None:
   print(f'{len(results)} runs in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
   for name, path in paths.items():
     print(f'  {name:<16} {path}')
-  print('\n'.join(ablation.report.claim_verdicts(ablation.report.group(results), config.ablation.target_dice)))
+  studies = ablation.report.group(results)
+  registered = ablation.report.skip_path_section(studies)  # a pre-registered family's verdicts, else the sweep's
+  print('\n'.join(registered or ablation.report.claim_verdicts(studies, config.ablation.target_dice)))
 
 
 if __name__ == '__main__':

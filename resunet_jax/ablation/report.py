@@ -473,12 +473,12 @@ def markdown(pairs: Sequence[tuple[RunSpec, Result]], *, target: float, command:
     'seed. "Bottleneck grad share" is log10 of the per-parameter gradient RMS of the deepest block over '
     "the whole network's, averaged over logged steps (more negative: more vanishing).",
     '',
-    "## Verdicts on the design note's claims",
-    '',
-    *claim_verdicts(studies, target),
-    '',
   ]
-  lines += skip_path_section(studies)
+  registered = skip_path_section(studies)
+  if registered:  # a pre-registered family: its verdicts alone carry verdict words (SKIPS_PROTOCOL.md)
+    lines += registered
+  else:
+    lines += ["## Verdicts on the design note's claims", '', *claim_verdicts(studies, target), '']
   for name, arms in studies.items():
     lines += _study_section(name, arms, target)
   if figures:

@@ -225,3 +225,18 @@ def test_skip_path_verdicts_follow_the_protocol_rule():
   del missing_seed[3].results[4]
   assert report.skip_path_decisions(missing_seed) == []  # no verdicts before every arm has every seed
   assert report.skip_path_decisions([a for a in _skip_path_arms(effects) if not a.variant]) == []
+
+
+def test_a_grid_with_the_skip_path_endpoints_prints_their_verdicts_alone():
+  """SKIPS_PROTOCOL.md: only its pre-registered endpoints carry verdict words in that report."""
+  effects = {(r, v): 0.0 for r in (False, True) for v in ('', 'attention', 'nested')}
+  arms = _skip_path_arms(effects)
+  pairs = [
+    (ablation.RunSpec('roads', arm.name, seed, arm.residual, '11', 2, None, arm.skip_kind), result)
+    for arm in arms
+    for seed, result in arm.results.items()
+  ]
+  text = report.markdown(pairs, target=0.5, command='c', figures=[])
+  assert '## Skip paths in study `roads`' in text and "Verdicts on the design note's claims" not in text
+  concat_only = [(spec, result) for spec, result in pairs if spec.skip_kind == 'concat']
+  assert "Verdicts on the design note's claims" in report.markdown(concat_only, target=0.5, command='c', figures=[])
