@@ -242,7 +242,7 @@ API = {
   'unknown preset': (
     lambda: models.preset('resnet'),
     ValueError,
-    'presets: unet, resunet, attention_unet, resunet_zhang',
+    'presets: unet, resunet, attention_unet, unet_plusplus, resunet_zhang',
   ),
   'skip_scale of wrong length': (
     lambda: UNet_apply(skip_scale=jnp.ones(3)),

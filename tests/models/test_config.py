@@ -51,7 +51,8 @@ def test_unknown_field_names_valid_fields(build):
 
 def test_unknown_preset_lists_presets():
   with pytest.raises(
-    ValueError, match=r"unknown model preset 'resnet'.*presets: unet, resunet, attention_unet, resunet_zhang"
+    ValueError,
+    match=r"unknown model preset 'resnet'.*presets: unet, resunet, attention_unet, unet_plusplus, resunet_zhang",
   ):
     models.preset('resnet')
 

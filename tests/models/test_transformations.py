@@ -17,7 +17,7 @@ from jax import export
 from resunet_jax import models
 
 TINY = {'base_width': 4, 'depth': 2}
-# The three presets, and every other switch value at least once beside them (a pairwise cover).
+# The presets, and every other switch value at least once beside them (a pairwise cover).
 CONFIGS = {
   'unet': models.preset('unet', **TINY),  # nearest, no norm, postact, max-pool, all skips
   'resunet': models.preset(
@@ -31,15 +31,13 @@ CONFIGS = {
     **TINY,
   ),
   'attention_unet': models.preset('attention_unet', **TINY),  # attention gates on every skip
-  'unet_plusplus': models.preset('unet_plusplus', **TINY),  # nested skips, transpose, deep supervision
-  'resunet_zhang': models.preset('resunet_zhang', **TINY),  # batch norm, preact, stride
-  'transpose_group_remat': models.preset(
-    'resunet',
-    upsample='transpose',
+  'resunet_zhang': models.preset('resunet_zhang', skips='none', **TINY),  # batch norm, preact, stride, no skips
+  'unet_plusplus': models.preset(  # nested skips, transpose, deep supervision; group norm, remat, identity, he
+    'unet_plusplus',
+    residual=True,
     norm='group',
     norm_groups=2,
     remat=True,
-    skips='none',
     shortcut='identity',
     init='he',
     **TINY,
