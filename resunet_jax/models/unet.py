@@ -42,12 +42,12 @@ from resunet_jax.models import layers as layers_lib
 from resunet_jax.models.config import ModelConfig
 
 
-def nested_nodes(depth: int, upto: int | None = None) -> tuple[tuple[int, int], ...]:
-  """The (level, column) pairs of a UNet++ grid's decoder nodes X^{i,j}, j >= 1, in execution
-  order: diagonal by diagonal (`i + j = 1, 2, ..`, up to `upto`, default `depth`), each from its
-  coarsest node up, so that the nodes of the sub-network of depth L come first."""
-  upto = depth if upto is None else upto
-  return tuple((total - column, column) for total in range(1, upto + 1) for column in range(1, total + 1))
+def nested_nodes(depth: int) -> tuple[tuple[int, int], ...]:
+  """The (level, column) pairs of a UNet++ grid's decoder nodes X^{i,j}, j >= 1, in the order
+  `UNet` computes them: diagonal by diagonal (`i + j = 1, .., depth`, each after the encoder
+  block X^{i+j,0}), each from its coarsest node up, so that the nodes of the sub-network of
+  depth L come first."""
+  return tuple((total - column, column) for total in range(1, depth + 1) for column in range(1, total + 1))
 
 
 def block_names(config: ModelConfig) -> tuple[str, ...]:
