@@ -456,7 +456,8 @@ def markdown(
   return '\n'.join(lines)
 
 
-PLATEAU_STAGES = {'plateau_primary': 'primary', 'plateau_depth': 'depth'}  # protocol.PLATEAU_STAGES
+# PROTOCOL.md amendment 8: the stages that repeat the verdict stages at the plateau -> the stage each repeats
+PLATEAU_STAGES = {'plateau_primary': 'primary', 'plateau_depth': 'depth'}
 
 
 def at_plateau(rows: Sequence[dict]) -> list[dict]:

@@ -72,7 +72,7 @@ SKIPS = ('all', 'none')
 STAGES = ('tune', 'pilot', 'primary', 'depth', 'secondary')  # the order they run in
 # After the others, outside the projection and the cuts: amendments 6 (boundary) and 8 (plateau_*).
 ADDED_STAGES = ('boundary', 'plateau_primary', 'plateau_depth')
-PLATEAU_STAGES = {'plateau_primary': 'primary', 'plateau_depth': 'depth'}  # -> the stage they repeat
+PLATEAU_STAGES = analysis.PLATEAU_STAGES  # -> the stage they repeat
 VERDICT_STAGES = ('primary', 'depth')  # the verdicts need these complete; 'secondary' carries none
 CUTS = (
   'pilot: the longest budget on one seed',
@@ -614,7 +614,8 @@ def run(
         final_validation(result)
       )
     budgets = tuple(settings.budgets)
-    plan.budget = plateau(arms, budgets, settings.plateau_tolerance)
+    uncapped = plateau(arms, budgets, settings.plateau_tolerance)
+    plan.budget = uncapped
     if CUTS[3] in plan.cuts:
       plan.budget = min(plan.budget, budgets[1])
     if jax.process_index() == 0:
@@ -623,7 +624,6 @@ def run(
       stage(name, stage_runs(name, settings, base, plan), knockouts='study', measure_fn=measure)
     if settings.boundary:  # claim 3's boundary class: test metrics per class, no knock-outs
       stage('boundary', stage_runs('boundary', settings, base, plan), knockouts=False, measure_fn=measure_classes)
-    uncapped = plateau(arms, budgets, settings.plateau_tolerance)
     if settings.get('plateau_stages') and uncapped > plan.budget:  # amendment 8: the verdict stages at the plateau
       at_plateau = dataclasses.replace(plan, budget=uncapped)
       for name, repeated in PLATEAU_STAGES.items():

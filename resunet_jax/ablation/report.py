@@ -21,7 +21,7 @@ import numpy as np
 
 from resunet_jax import evaluation, models
 from resunet_jax.ablation import decision, plots, stats
-from resunet_jax.ablation.grid import RunSpec
+from resunet_jax.ablation.grid import RunSpec, variant_name
 from resunet_jax.ablation.runner import Result
 
 CLAIMS = (
@@ -79,12 +79,13 @@ class Arm:
   skips: str
   depth: int
   results: dict[int, Result]
-  variant: str = ''  # `RunSpec.variant`: the skip kind and deep supervision, '' for concat
+  skip_kind: str = 'concat'
+  deep_supervision: bool = False
 
   @property
-  def skip_kind(self) -> str:
-    """`ModelConfig.skip_kind` of the arm."""
-    return next((kind for kind in ('attention', 'nested') if kind in self.variant.split('-')), 'concat')
+  def variant(self) -> str:
+    """`RunSpec.variant`: the skip kind and deep supervision as arm names end, '' for concat."""
+    return variant_name(self.skip_kind, self.deep_supervision)
 
   def block_names(self) -> tuple[str, ...]:
     """`models.block_names` of the arm's network."""
@@ -114,7 +115,10 @@ def group(pairs: Sequence[tuple[RunSpec, Result]]) -> dict[str, list[Arm]]:
   studies: dict[str, dict[str, Arm]] = {}
   for spec, result in pairs:
     arms = studies.setdefault(spec.study, {})
-    arm = arms.setdefault(spec.arm, Arm(spec.study, spec.arm, spec.residual, spec.skips, spec.depth, {}, spec.variant))
+    arm = arms.setdefault(
+      spec.arm,
+      Arm(spec.study, spec.arm, spec.residual, spec.skips, spec.depth, {}, spec.skip_kind, spec.deep_supervision),
+    )
     arm.results[spec.seed] = result
   return {name: list(arms.values()) for name, arms in studies.items()}
 
@@ -304,28 +308,27 @@ def skip_path_section(studies: dict[str, list[Arm]]) -> list[str]:
 
 def _depth_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
   lines = []
-  for (name, arms), variant in (
-    (item, v) for item in studies.items() for v in dict.fromkeys(a.variant for a in item[1])
-  ):
-    gaps = []  # (depth, {seed: residual Dice - plain Dice})
-    for depth, plain, residual in _full_pairs(arms, variant):
-      dice_r, dice_p = residual.values('dice', target), plain.values('dice', target)
-      gaps.append((depth, {s: dice_r[s] - dice_p[s] for s in dice_r.keys() & dice_p.keys()}))
-    if len(gaps) < 2:
-      continue
-    (shallow, first), (deep, last) = gaps[0], gaps[-1]
-    # The claim is an interaction: the residual gain grows with depth. Seeds are the blocks: seed s
-    # fixes the data order at every depth, so the per-seed change of the gain is paired.
-    widening = stats.paired_difference(last, first)
-    verdict = _verdict(stats.t_interval(last.values()), +1)
-    if verdict == 'supported':
-      verdict = _verdict(widening, +1)
-    table = '; '.join(f'depth {d}: {stats.t_interval(g.values()).format()}' for d, g in gaps)
-    label = f'{name}, {variant} skips' if variant else name
-    lines.append(
-      f'{label}: {verdict} — Dice difference (residual minus plain) by depth: {table}; '
-      f'its change from depth {shallow} to {deep}: {widening.format()}'
-    )
+  for name, arms in studies.items():
+    for variant in dict.fromkeys(a.variant for a in arms):
+      gaps = []  # (depth, {seed: residual Dice - plain Dice})
+      for depth, plain, residual in _full_pairs(arms, variant):
+        dice_r, dice_p = residual.values('dice', target), plain.values('dice', target)
+        gaps.append((depth, {s: dice_r[s] - dice_p[s] for s in dice_r.keys() & dice_p.keys()}))
+      if len(gaps) < 2:
+        continue
+      (shallow, first), (deep, last) = gaps[0], gaps[-1]
+      # The claim is an interaction: the residual gain grows with depth. Seeds are the blocks: seed s
+      # fixes the data order at every depth, so the per-seed change of the gain is paired.
+      widening = stats.paired_difference(last, first)
+      verdict = _verdict(stats.t_interval(last.values()), +1)
+      if verdict == 'supported':
+        verdict = _verdict(widening, +1)
+      table = '; '.join(f'depth {d}: {stats.t_interval(g.values()).format()}' for d, g in gaps)
+      label = f'{name}, {variant} skips' if variant else name
+      lines.append(
+        f'{label}: {verdict} — Dice difference (residual minus plain) by depth: {table}; '
+        f'its change from depth {shallow} to {deep}: {widening.format()}'
+      )
   return lines or ['not tested in this grid: run the depth sweep, --config=experiments/configs/ablate_depth.py']
 
 

@@ -191,7 +191,7 @@ def _skip_path_arms(effects, seeds=5):
       result.test['dice'] = 0.5 + effect + noise
       results[seed] = result
     name = f'{"residual" if residual else "plain"}-all' + (f'-{variant}' if variant else '')
-    arms.append(report.Arm('roads', name, residual, '11', 2, results, variant))
+    arms.append(report.Arm('roads', name, residual, '11', 2, results, variant or 'concat'))
   return arms
 
 
