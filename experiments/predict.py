@@ -6,11 +6,14 @@ r"""Predicts masks for images of any size with a trained run (sliding-window inf
   python experiments/predict.py --exported=DIR --input=PATH_OR_FOLDER --output=OUT [--tile] [--tta]
 
 For every image writes DIR/<stem>_mask.png (class ids; 0/255 for a binary model),
-DIR/<stem>_overlay.png and, with --probabilities, DIR/<stem>_probabilities.npy ([H, W, C]
-float32). Grey and palette images are repeated to RGB and RGBA loses its alpha, as in
-training. `--input=split:SPLIT` reads a split of the run's own dataset. `--exported=DIR` predicts
-with an artefact of experiments/export.py instead of a checkpoint, through the same sliding
-window (an ONNX artefact's fixed size is the tile), so it writes the same masks.
+DIR/<stem>_overlay.png (percentile-stretched where the image is not 8-bit) and, with
+--probabilities, DIR/<stem>_probabilities.npy ([H, W, C] float32). Images are read as training
+reads them (8- and 16-bit, float, any channel count) and normalised with the run's own rule and
+statistics; an 8-bit grey or RGBA image given to an RGB model is converted, with a note, and any
+other channel mismatch is an error. `--input=split:SPLIT` reads a split of the run's own dataset.
+`--exported=DIR` predicts with an artefact of experiments/export.py instead of a checkpoint,
+through the same sliding window (an ONNX artefact's fixed size is the tile), so it writes the
+same masks.
 """
 
 import pathlib
@@ -50,7 +53,7 @@ _PROBABILITIES = flags.DEFINE_bool('probabilities', False, 'Also save probabilit
 
 
 def _images(spec: str, config):
-  """Yields (stem, uint8 [H, W, 3]) for a file, a folder, or split:SPLIT of the run's dataset."""
+  """Yields (stem, pixels [H, W, C]) for a file, a folder, or split:SPLIT of the run's dataset."""
   if spec.startswith('split:'):
     source = data.open_split(config.data, spec.removeprefix('split:'))
     for index in range(len(source)):
@@ -71,37 +74,39 @@ def _images(spec: str, config):
 
 
 def _model():
-  """(apply_fn, variables, mean, std, tile, run config or None, a description) of --workdir or --exported."""
+  """(apply_fn, variables, normalization, tile, run config or None, a description) of --workdir or
+  --exported; apply_fn takes pixel values and normalises them (as an exported model does inside)."""
   if (_WORKDIR.value is None) == (_EXPORTED.value is None):
     raise cli.UserError('pass either --workdir (a training run) or --exported (an artefact of experiments/export.py)')
   if _WORKDIR.value is not None:
     run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value, _PRUNE.value)
-    mean, std = np.asarray(run.config.data.mean, np.float32), np.asarray(run.config.data.std, np.float32)
+    norm = data.normalization.of_config(run.config.data, run.config.data.channels)
     tile = _TILE.value or run.config.data.image_size
-    return run.apply, run.variables, mean, std, tile, run.config, f'checkpoint step {run.step}'
+
+    def apply(variables, tiles):
+      return run.apply(variables, norm(tiles, jnp))
+
+    return apply, run.variables, norm, tile, run.config, f'checkpoint step {run.step}'
   if _PRUNE.value is not None:
     raise cli.UserError(
       '--prune_level prunes a --workdir run; export the pruned network with experiments/export.py --prune_level'
     )
   artefact = export.load(_EXPORTED.value)
-  mean, std = np.asarray(artefact.card['mean'], np.float32), np.asarray(artefact.card['std'], np.float32)
   if artefact.tile is not None and _TILE.value not in (None, artefact.tile):
     raise cli.UserError(f'--tile={_TILE.value}: the {artefact.card["format"]} artefact takes {artefact.tile} only')
   tile = artefact.tile or _TILE.value or int(artefact.card['tile'])
-  # The sliding window feeds normalised tiles; the artefact normalises inside, so undo it here.
-  scale, shift = jnp.asarray(255 * std), jnp.asarray(255 * mean)
 
   def apply(variables, tiles):
     del variables
-    return artefact.logits(tiles * scale + shift)
+    return artefact.logits(tiles)
 
-  return apply, {}, mean, std, tile, None, f'{artefact.card["format"]} artefact {artefact.directory}'
+  return apply, {}, artefact.normalization, tile, None, f'{artefact.card["format"]} artefact {artefact.directory}'
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --input=PATH')
-  apply, variables, mean, std, tile, config, source = _model()
+  apply, variables, norm, tile, config, source = _model()
   if config is None and _INPUT.value.startswith('split:'):
     raise cli.UserError("--input=split:SPLIT reads the run's dataset: use --workdir, or pass image files")
   output = pathlib.Path(_OUTPUT.value)
@@ -110,12 +115,15 @@ def main(argv: list[str]) -> None:
   except OSError as e:
     raise cli.UserError(f'cannot create --output={output}: {e.strerror}') from None
   count = 0
-  for stem, image in tqdm(list(_images(_INPUT.value, config)), unit='image'):
-    normalised = (image.astype(np.float32) / 255.0 - mean) / std
+  for stem, pixels in tqdm(list(_images(_INPUT.value, config)), unit='image'):
+    image, note = data.sources.fit_channels(pixels, norm.channels, stem, eight_bit=norm.kind == 'fixed')
+    if note:
+      tqdm.write(f'note: {note}')
     logits = inference.sliding_window(
       apply,
       variables,
-      normalised,
+      image.astype(np.float32),
+      pad_value=norm.neutral(image),
       tile=tile,
       overlap=_OVERLAP.value,
       batch_size=_BATCH.value,
@@ -125,7 +133,7 @@ def main(argv: list[str]) -> None:
     )
     mask = inference.classes(logits)
     Image.fromarray(mask * 255 if logits.shape[-1] == 1 else mask).save(output / f'{stem}_mask.png')
-    Image.fromarray(reporting.overlay(image, mask)).save(output / f'{stem}_overlay.png')
+    Image.fromarray(reporting.overlay(reporting.viewable(image), mask)).save(output / f'{stem}_overlay.png')
     if _PROBABILITIES.value:
       np.save(output / f'{stem}_probabilities.npy', inference.probabilities(logits))
     count += 1

@@ -132,6 +132,7 @@ PLACEMENT_KEYS = {
 ADDED_KEYS = {
   'model': {'shortcut': 'projection', 'init': 'lecun', 'skip_kind': 'concat', 'deep_supervision': False},
   'train': {'deep_supervision_weights': []},
+  'data': {'channels': 3, 'normalization': 'fixed', 'stats': None},
 }
 
 

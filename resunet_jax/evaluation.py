@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from resunet_jax import data, metrics
-from resunet_jax.training import parallel
+from resunet_jax.training import parallel, reporting
 
 METRICS = ('dice', 'iou', 'accuracy', 'boundary_f1', 'hd95')
 
@@ -94,6 +94,7 @@ def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', ke
   rows: dict[str, list] = {name: [] for name in (*METRICS, 'class_dice', 'valid')}
   ids: list[str] = []
   samples = {'image': [], 'mask': [], 'prediction': []}
+  norm = data.resolve_normalization(config.data) if keep else None
   for batch, out in map_split(eval_fn, state, config, mesh, role=role):
     per_class = metrics.class_scores(out)
     outputs = out['tp'].shape[-1]
@@ -109,8 +110,10 @@ def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', ke
     valid = batch['valid'] > 0
     if len(samples['image']) < keep and valid.any():
       take = min(keep - len(samples['image']), int(valid.sum()))
-      pixels = np.asarray(config.data.std) * batch['image'][valid][:take] + np.asarray(config.data.mean)
-      samples['image'].extend(np.clip(pixels * 255, 0, 255).astype(np.uint8))
+      pixels = norm.unnormalise(batch['image'][valid][:take])
+      if norm.kind == 'fixed':
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+      samples['image'].extend(reporting.viewable(image) for image in pixels)
       samples['mask'].extend(batch['mask'][valid][:take])
       samples['prediction'].extend(out['predictions'][valid][:take])
   per_image = gather_rows({name: np.concatenate(values) for name, values in rows.items()}, ids)

@@ -8,8 +8,10 @@ An artefact is a folder:
                                  training data, validation and test metrics, commit, command
   load.py                        (StableHLO only) a loader that needs only jax and numpy
 
-The inference function takes `images`, float32 `[N, H, W, C]` pixel values in [0, 255] (a uint8
-image converted to float), normalises them with the training data's mean and std, and returns
+The inference function takes `images`, float32 `[N, H, W, C]` pixel values as the training files
+hold them (a uint8 image converted to float: 0..255; a 16-bit one: 0..65535), normalises them by
+the run's rule and statistics (`data.normalization`, `data.stats`; the card's `normalisation`),
+and returns
 `(logits, probabilities)`, both float32 `[N, H, W, K]`: K = 1 with a sigmoid (binary), else a
 softmax. The stock layers are always what is exported: the CPU backend's oneDNN calls have no
 serialisation guarantee (`jax.export` refuses them), and any run restores into the stock model.
@@ -41,20 +43,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resunet_jax.errors import UserError
+from resunet_jax.data import normalization as normalization_lib
+from resunet_jax.data.normalization import Normalization
+from resunet_jax.errors import DataError, UserError
 
 FORMATS = ('stablehlo', 'onnx')
 FILES = {'stablehlo': 'model.stablehlo', 'onnx': 'model.onnx'}
 CARD = 'model.json'
 PLATFORMS = ('cpu', 'cuda', 'tpu')  # StableHLO lowerings, in order of preference (the card lists those made)
 OPSET = 21
-CARD_VERSION = 1
-CHANNELS = 3  # the pipeline converts every image to RGB (grey repeated, alpha dropped)
+CARD_VERSION = 2  # 2: `normalisation` (rule and statistics) and any channel count; 1: 8-bit RGB, mean and std
 
 LOADER = '''"""Runs the exported model beside this file with jax and numpy only (no resunet_jax).
 
   from load import predict
-  logits, probabilities = predict(images)   # images: float32 [N, H, W, C] pixel values 0..255
+  logits, probabilities = predict(images)   # images: float32 [N, H, W, C] pixel values as in training
 
 See model.json for the classes, the channels and the training data's normalisation (inside).
 """
@@ -71,27 +74,25 @@ _MODEL = export.deserialize(bytearray((_HERE / "model.stablehlo").read_bytes()))
 
 
 def predict(images):
-  """(logits, probabilities), float32 [N, H, W, K], of float32 [N, H, W, C] images in 0..255."""
+  """(logits, probabilities), float32 [N, H, W, K], of float32 [N, H, W, C] pixel values."""
   logits, probabilities = _MODEL.call(np.asarray(images, np.float32))
   return np.asarray(logits), np.asarray(probabilities)
 '''
 
 
-def inference_function(model, variables: dict, mean, std, scales: dict | None = None) -> Callable:
-  """`images [N, H, W, C]` (0..255) -> `(logits, probabilities)` of `model` in inference mode.
+def inference_function(model, variables: dict, normalization: Normalization, scales: dict | None = None) -> Callable:
+  """`images [N, H, W, C]` (pixel values) -> `(logits, probabilities)` of `model` in inference mode.
 
   Args:
     model: a stock-layer `UNet`.
     variables: its variables (the EMA parameters where a run kept them: `LoadedRun.variables`).
-    mean, std: the per-channel normalisation of the training data (`config.data`), on [0, 1].
+    normalization: the run's rule and statistics (`normalization.of_config` of its data config).
     scales: the run's train-time skip and residual scales (`LoadedRun.state.scales`).
   """
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
   scales = dict(scales or {})
 
   def infer(images):
-    normalised = (images.astype(jnp.float32) / 255.0 - mean) / std
+    normalised = normalization(images, jnp)
     logits = model.apply(variables, normalised, train=False, **scales)
     probabilities = jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits, axis=-1)
     return logits, probabilities
@@ -130,7 +131,7 @@ def _metrics(loaded, prune_level: int | None = None) -> dict:
   return out
 
 
-def card(model_config, fmt: str, *, size: int | str, mean, std, tile: int, **about) -> dict:
+def card(model_config, fmt: str, *, size: int | str, normalization: Normalization, tile: int, **about) -> dict:
   """A model card: the artefact's contract (`fmt`, input of `size` x `size` or 'any', outputs,
   classes, normalisation) and `about` (preset, training data, metrics, commit, command...)."""
   return {
@@ -145,9 +146,9 @@ def card(model_config, fmt: str, *, size: int | str, mean, std, tile: int, **abo
       'batch': 'any',
       'height': size,
       'width': size,
-      'channels': CHANNELS,
-      'range': [0, 255],
-      'normalisation': 'inside: (images / 255 - mean) / std',
+      'channels': normalization.channels,
+      'range': [0, 255] if normalization.kind == 'fixed' else 'pixel values as in the training files',
+      'normalisation': f'inside: {normalization.describe()["formula"]} (see normalisation)',
     },
     'outputs': {
       'logits': 'float32 [N, H, W, K]',
@@ -156,8 +157,7 @@ def card(model_config, fmt: str, *, size: int | str, mean, std, tile: int, **abo
     'model': model_config.to_dict(),
     'classes': max(2, model_config.num_classes),
     'class_rule': 'logit > 0' if model_config.num_classes == 1 else 'argmax',
-    'mean': [float(v) for v in mean],
-    'std': [float(v) for v in std],
+    'normalisation': normalization.describe(),
     'tile': int(tile),
     **about,
     'exported': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
@@ -180,7 +180,15 @@ def _write(directory: pathlib.Path, name: str, payload: bytes | str) -> None:
 
 
 def export_model(
-  model, variables: dict, output: str | pathlib.Path, *, fmt: str, mean, std, tile: int, scales=None, **about
+  model,
+  variables: dict,
+  output: str | pathlib.Path,
+  *,
+  fmt: str,
+  normalization: Normalization,
+  tile: int,
+  scales=None,
+  **about,
 ) -> pathlib.Path:
   """Exports `model` (stock layers) with `variables` as an artefact in `output`.
 
@@ -189,7 +197,7 @@ def export_model(
     variables: its variables.
     output: the artefact folder (created).
     fmt: 'stablehlo' (any size) or 'onnx' (fixed at `tile`).
-    mean, std: the training data's per-channel normalisation on [0, 1].
+    normalization: the run's normalisation (rule and statistics), applied inside.
     tile: the training image size (ONNX: the fixed size).
     scales: train-time skip and residual scales (`LoadedRun.state.scales`).
     about: further model card fields (`card`).
@@ -198,7 +206,7 @@ def export_model(
     The model file's path.
   """
   _check_format(fmt)
-  infer = inference_function(model, variables, mean, std, scales)
+  infer = inference_function(model, variables, normalization, scales)
   output = pathlib.Path(output)
   try:
     output.mkdir(parents=True, exist_ok=True)
@@ -206,14 +214,14 @@ def export_model(
     raise UserError(f'cannot create --output={output}: {e.strerror}') from None
   if fmt == 'stablehlo':
     _need_flatbuffers()
-    exported = _to_stablehlo(infer)
+    exported = _to_stablehlo(infer, normalization.channels)
     _write(output, FILES[fmt], bytes(exported.serialize()))
     _write(output, 'load.py', LOADER)
     size, about = 'any', {'platforms': list(exported.platforms), **about}
   else:
     size = int(tile)
-    _write(output, FILES[fmt], _to_onnx(infer, size))
-  info = card(model.config, fmt, size=size, mean=mean, std=std, tile=tile, **about)
+    _write(output, FILES[fmt], _to_onnx(infer, size, normalization.channels))
+  info = card(model.config, fmt, size=size, normalization=normalization, tile=tile, **about)
   _write(output, CARD, json.dumps(info, indent=1) + '\n')
   return output / FILES[fmt]
 
@@ -258,8 +266,7 @@ def export_run(
     loaded.variables,
     output,
     fmt=fmt,
-    mean=data.mean,
-    std=data.std,
+    normalization=normalization_lib.of_config(data, data.channels),
     tile=int(tile or data.image_size),
     scales=loaded.state.scales,
     preset=loaded.config.get('preset'),
@@ -281,11 +288,11 @@ def _need_flatbuffers() -> None:
     raise UserError("StableHLO artefacts need flatbuffers (the export extra): pip install -e '.[export]'") from None
 
 
-def _to_stablehlo(infer: Callable) -> jax.export.Exported:
+def _to_stablehlo(infer: Callable, channels: int) -> jax.export.Exported:
   """`infer` exported for symbolic batch, height and width, lowered for every platform of
   `PLATFORMS` that this jaxlib can lower for (CPU always)."""
   batch, height, width = jax.export.symbolic_shape('b, h, w')
-  shape = jax.ShapeDtypeStruct((batch, height, width, CHANNELS), jnp.float32)
+  shape = jax.ShapeDtypeStruct((batch, height, width, channels), jnp.float32)
   for count in range(len(PLATFORMS), 1, -1):
     try:
       return jax.export.export(jax.jit(infer), platforms=PLATFORMS[:count])(shape)
@@ -294,7 +301,7 @@ def _to_stablehlo(infer: Callable) -> jax.export.Exported:
   return jax.export.export(jax.jit(infer), platforms=PLATFORMS[:1])(shape)
 
 
-def _to_onnx(infer: Callable, size: int) -> bytes:
+def _to_onnx(infer: Callable, size: int, channels: int) -> bytes:
   """The ONNX model of `infer` at a fixed `size`, dynamic batch, checked with `onnx.checker`."""
   try:
     import onnx  # noqa: PLC0415 (the optional [export] extra)
@@ -304,7 +311,7 @@ def _to_onnx(infer: Callable, size: int) -> bytes:
   logging.getLogger('onnx_ir.serde').setLevel(logging.ERROR)  # "value type ... not known" for shape constants
   model = to_onnx(
     infer,
-    [('N', size, size, CHANNELS)],
+    [('N', size, size, channels)],
     opset=OPSET,
     model_name='resunet_jax',
     input_names=['images'],
@@ -333,8 +340,24 @@ class Exported:
     height = self.card['input']['height']
     return None if height == 'any' else int(height)
 
+  @property
+  def normalization(self) -> Normalization:
+    """The normalisation the artefact applies inside (a version-1 card: 'fixed', its mean and std)."""
+    channels = int(self.card['input']['channels'])
+    rule = self.card.get('normalisation')
+    try:
+      if not isinstance(rule, dict):
+        return normalization_lib.fixed(self.card['mean'], self.card['std'], channels)
+      if rule['kind'] == 'fixed':
+        return normalization_lib.fixed(rule['mean'], rule['std'], channels)
+      return normalization_lib.from_stats(rule['kind'], channels, rule)
+    except (DataError, KeyError, TypeError) as e:
+      raise UserError(
+        f'{self.directory / CARD}: its normalisation cannot be read ({e}); export the run again'
+      ) from None
+
   def logits(self, images: jax.Array) -> jax.Array:
-    """Logits `[N, H, W, K]` of float32 images `[N, H, W, C]` in 0..255; traceable (jit, the
+    """Logits `[N, H, W, K]` of float32 images `[N, H, W, C]` (pixel values); traceable (jit, the
     sliding window), an ONNX model through `jax.pure_callback` into onnxruntime."""
     expected = self.card['input']
     if images.ndim != 4 or images.shape[-1] != expected['channels']:
@@ -372,7 +395,7 @@ def load(directory: str | pathlib.Path) -> Exported:
   fmt = info.get('format') if isinstance(info, dict) else None
   if fmt not in FORMATS:
     raise UserError(f'{path}: format {fmt!r} is not supported ({", ".join(FORMATS)}); export the run again')
-  needed = {'file', 'input', 'classes', 'mean', 'std'}
+  needed = {'file', 'input', 'classes', *(('mean', 'std') if info.get('card_version', 1) == 1 else ('normalisation',))}
   if missing := sorted(needed - set(info)):
     raise UserError(f'{path} lacks {", ".join(missing)}: it does not describe an exported model; export the run again')
   model_path = directory / info['file']

@@ -57,6 +57,7 @@ def sliding_window(
   blend: str = 'gaussian',
   flip_tta: bool = False,
   progress: bool = False,
+  pad_value: np.ndarray | float = 0.0,
 ) -> np.ndarray:
   """Blended logits of a whole image.
 
@@ -64,14 +65,16 @@ def sliding_window(
     apply_fn: `(variables, tiles [N, tile, tile, C_in]) -> logits [N, tile, tile, C]`, pure
       (e.g. `lambda v, x: model.apply(v, x, train=False)`); it is jitted here.
     variables: the model variables.
-    image: `[H, W, C_in]` float32, normalised as in training; any H and W (smaller than
-      `tile` is zero-padded and cropped back).
+    image: `[H, W, C_in]` float32: model inputs, or pixels that `apply_fn` normalises; any H
+      and W (smaller than `tile` is padded with `pad_value` and cropped back).
     tile: tile side in pixels.
     overlap: fraction of the tile shared by neighbours, in [0, 1).
     batch_size: tiles per model call (bounds device memory).
     blend: 'gaussian' | 'constant'.
     flip_tta: average over the 4 flips.
     progress: show a progress bar over tile batches.
+    pad_value: per channel, what pads an image smaller than `tile` (0 for normalised inputs; for
+      pixels that `apply_fn` normalises, the value that normalises to 0: `Normalization.neutral`).
 
   Returns:
     `[H, W, C]` float32 logits.
@@ -86,7 +89,9 @@ def sliding_window(
   if not np.isfinite(image).all():
     raise ValueError(f'image holds {int((~np.isfinite(image)).sum())} non-finite values (NaN or inf); clean it first')
   height, width, channels = image.shape
-  padded = np.pad(image, ((0, max(0, tile - height)), (0, max(0, tile - width)), (0, 0)))
+  padded = np.empty((max(height, tile), max(width, tile), channels), np.float32)
+  padded[...] = np.asarray(pad_value, np.float32)
+  padded[:height, :width] = image
   full_h, full_w = padded.shape[:2]
   boxes = [(y, x) for y in tile_starts(full_h, tile, overlap) for x in tile_starts(full_w, tile, overlap)]
   weights = tile_weights(tile, blend)

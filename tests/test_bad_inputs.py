@@ -12,6 +12,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 
 from resunet_jax import data, inference, models
 from resunet_jax.errors import DataError
@@ -197,6 +199,12 @@ CLI = {
     1,
     'error: BARE/model.json is missing',
   ),
+  '16-bit images under fixed normalisation': (
+    'train',
+    [QUICK, '--config.data.name=folder', '--config.data.folder=WIDE'],
+    1,
+    "error: folder WIDE [train] 00000: uint16 pixels (0..65535); data.normalization='fixed'",
+  ),
   'output not writable': (
     'predict',
     ['--workdir=RUN', '--input=split:test[:1]', '--output=/proc/forbidden'],
@@ -213,7 +221,14 @@ def test_command_line_mistakes(case, trained_run, tmp_path, commands):
   bare = tmp_path / 'bare'
   bare.mkdir()
   (tmp_path / 'empty.png').write_bytes(b'')
-  places = {'RUN': str(workdir), 'BARE': str(bare), 'TMP': str(tmp_path)}
+  places = {'RUN': str(workdir), 'BARE': str(bare), 'TMP': str(tmp_path), 'WIDE': str(tmp_path / 'wide')}
+  if any('WIDE' in a for a in args):  # a folder of one 16-bit image with values up to 65,535 per split
+    for role in data.sources.SPLIT_ROLES:
+      for sub in ('images', 'masks'):
+        (tmp_path / 'wide' / role / sub).mkdir(parents=True)
+      pixels = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+      tifffile.imwrite(tmp_path / 'wide' / role / 'images' / '00000.tif', pixels)
+      Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / 'wide' / role / 'masks' / '00000.png')
   for placeholder, path in places.items():
     args = [a.replace(placeholder, path) for a in args]
     expected = expected.replace(placeholder, path)
@@ -267,15 +282,50 @@ API = {
     'not an int-to-int mapping',
   ),
   'mask value out of range in a label map': (lambda: data.sources.label_lut({300: 1}), DataError, 'out of range'),
-  'float image where 8-bit is expected': (
-    lambda: data.sources.to_rgb(np.zeros((4, 4, 3), np.float32), 'x'),
+  'float image under fixed normalisation': (
+    lambda: data.sources.check_image(np.zeros((4, 4, 3), np.float32), 'x', eight_bit=True),
     DataError,
-    '8-bit images are expected',
+    "float32 pixels .*; data.normalization='fixed' divides 8-bit pixels by 255 and would saturate",
   ),
-  'image with 2 channels': (
-    lambda: data.sources.to_rgb(np.zeros((4, 4, 2), np.uint8), 'x'),
+  'image with pixels no reader decodes': (
+    lambda: data.sources.check_image(np.zeros((4, 4, 3), np.uint32), 'x'),
     DataError,
-    'expected grey, RGB',
+    'uint32 pixels cannot be read; images are 8- or 16-bit integers or floats',
+  ),
+  'image with another channel count than the others': (
+    lambda: data.sources.check_image(np.zeros((4, 4, 2), np.uint8), 'x', channels=3),
+    DataError,
+    r'image has 2 channels but data.channels is 3; every image needs the same channel count',
+  ),
+  'float image with NaN': (
+    lambda: data.sources.check_image(np.full((4, 4, 1), np.nan, np.float32), 'x'),
+    DataError,
+    'image holds NaN or infinite values',
+  ),
+  'image for a model of other channels': (
+    lambda: data.sources.fit_channels(np.zeros((4, 4, 2), np.uint8), 3, 'x'),
+    DataError,
+    'image has 2 channels, the model takes 3',
+  ),
+  'unknown normalisation': (
+    lambda: data.normalization.check_kind('per-image'),
+    DataError,
+    r"data.normalization='per-image' is unknown \(did you mean 'per_image'\?\)",
+  ),
+  'channel constant over the training split': (
+    lambda: data.normalization.compute('dataset_zscore', [{'image': np.ones((4, 4, 2), np.float32)}] * 2, show=False),
+    DataError,
+    'channel 0 has one value over the whole training split',
+  ),
+  'fixed mean of another channel count': (
+    lambda: data.normalization.fixed((0.4, 0.5, 0.6), (0.25,) * 3, 1),
+    DataError,
+    'data.mean has 3 values but the images have 1 channels',
+  ),
+  'recorded statistics without std': (
+    lambda: data.normalization.from_stats('dataset_zscore', 1, {'mean': [0.0]}),
+    DataError,
+    'is not a statistics record',
   ),
 }
 

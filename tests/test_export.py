@@ -14,47 +14,53 @@ import pytest
 from PIL import Image
 
 from resunet_jax import export, models
+from resunet_jax.data.normalization import Normalization
 from resunet_jax.errors import UserError
 from resunet_jax.training import restore
 
 ROOT = export.pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+FIXED = Normalization('fixed', 3, MEAN, STD)
+# 16-bit-like pixels in four channels, clipped to their percentiles inside; float pixels z-scored per image.
+PERCENTILE = Normalization('percentile', 4, (9e3, 1e4, 2e4, 3e4), (4e3, 5e3, 6e3, 7e3), (50.0,) * 4, (6e4,) * 4)
+PER_IMAGE = Normalization('per_image', 1)
 TILE = 16
 
 
-def _logits(model, variables, images):
-  """The JAX model's logits of 0..255 images, normalised as in training."""
-  normalised = (images / 255.0 - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-  return np.asarray(model.apply(variables, normalised, train=False))
+def _logits(model, variables, images, norm=FIXED):
+  """The JAX model's logits of pixel values, normalised as in training."""
+  return np.asarray(model.apply(variables, norm(images), train=False))
 
 
 @pytest.mark.parametrize(
-  ('preset', 'classes', 'overrides'),
+  ('preset', 'classes', 'overrides', 'norm'),
   [
-    ('unet', 1, {}),
-    ('resunet', 1, {}),
-    ('attention_unet', 1, {'deep_supervision': True}),  # exported without its auxiliary heads
-    ('unet_plusplus', 1, {}),
-    ('resunet_zhang', 1, {}),
-    ('resunet', 3, {}),
+    ('unet', 1, {}, FIXED),
+    ('resunet', 1, {}, PER_IMAGE),
+    ('attention_unet', 1, {'deep_supervision': True}, FIXED),  # exported without its auxiliary heads
+    ('unet_plusplus', 1, {}, FIXED),
+    ('resunet_zhang', 1, {}, FIXED),
+    ('resunet', 3, {}, PERCENTILE),
   ],
 )
-def test_both_formats_agree_with_the_jax_model(preset, classes, overrides, tmp_path):
+def test_both_formats_agree_with_the_jax_model(preset, classes, overrides, norm, tmp_path):
   model = models.UNet(
     models.preset(preset, base_width=4, depth=2, num_classes=classes, **overrides)
   )  # tiny, as in test_transformations
-  variables = model.init(jax.random.key(0), jnp.zeros((1, TILE, TILE, 3)), train=False)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, TILE, TILE, norm.channels)), train=False)
   rng = np.random.default_rng(0)
-  batch = rng.uniform(0, 255, (3, TILE, TILE, 3)).astype(np.float32)
-  odd = rng.uniform(0, 255, (1, 27, 19, 3)).astype(np.float32)  # not a multiple of 2**depth: padded inside
+  top = 255 if norm.kind == 'fixed' else 65535
+  batch = rng.uniform(0, top, (3, TILE, TILE, norm.channels)).astype(np.float32)
+  odd = rng.uniform(0, top, (1, 27, 19, norm.channels)).astype(np.float32)  # not a multiple of 2**depth: padded inside
   for fmt in export.FORMATS:
-    export.export_model(model, variables, tmp_path / fmt, fmt=fmt, mean=MEAN, std=STD, tile=TILE, preset=preset)
+    export.export_model(model, variables, tmp_path / fmt, fmt=fmt, normalization=norm, tile=TILE, preset=preset)
     artefact = export.load(tmp_path / fmt)
+    assert artefact.normalization == norm and artefact.card['input']['channels'] == norm.channels
     assert artefact.card['classes'] == max(2, classes) and artefact.card['model']['num_classes'] == classes
     assert fmt == 'onnx' or artefact.card['platforms'] == ['cpu', 'cuda', 'tpu']
-    assert np.abs(artefact(batch) - _logits(model, variables, batch)).max() <= 1e-4, fmt
+    assert np.abs(artefact(batch) - _logits(model, variables, batch, norm)).max() <= 1e-4, fmt
   assert export.load(tmp_path / 'stablehlo').tile is None  # one artefact for every size
-  assert np.abs(export.load(tmp_path / 'stablehlo')(odd) - _logits(model, variables, odd)).max() <= 1e-4
+  assert np.abs(export.load(tmp_path / 'stablehlo')(odd) - _logits(model, variables, odd, norm)).max() <= 1e-4
   onnx = export.load(tmp_path / 'onnx')
   assert onnx.tile == TILE and onnx.card['input']['height'] == TILE and onnx.card['opset'] == export.OPSET
   with pytest.raises(UserError, match=f'takes {TILE}x{TILE} images'):
@@ -126,9 +132,9 @@ def test_bad_artefacts_get_one_line_errors(tmp_path, monkeypatch):
   model = models.UNet(models.preset('unet', base_width=4, depth=2))
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
   good = tmp_path / 'good'
-  export.export_model(model, variables, good, fmt='stablehlo', mean=MEAN, std=STD, tile=8)
+  export.export_model(model, variables, good, fmt='stablehlo', normalization=FIXED, tile=8)
   with pytest.raises(UserError, match='not supported; use one of stablehlo, onnx'):
-    export.export_model(model, variables, tmp_path / 'x', fmt='tflite', mean=MEAN, std=STD, tile=8)
+    export.export_model(model, variables, tmp_path / 'x', fmt='tflite', normalization=FIXED, tile=8)
   with pytest.raises(UserError, match='is not a folder'):
     export.load(tmp_path / 'nowhere')
   with pytest.raises(UserError, match='model.json is missing'):
@@ -137,7 +143,9 @@ def test_bad_artefacts_get_one_line_errors(tmp_path, monkeypatch):
   cases = {
     'is not valid JSON': '{"format": ',
     "format 'tflite' is not supported": json.dumps({**card, 'format': 'tflite'}),
-    'lacks classes, mean': json.dumps({key: v for key, v in card.items() if key not in ('classes', 'mean')}),
+    'lacks classes, normalisation': json.dumps(
+      {k: v for k, v in card.items() if k not in ('classes', 'normalisation')}
+    ),
     'holds no model.onnx': json.dumps({**card, 'format': 'onnx', 'file': 'model.onnx'}),
     'says 4 channels': json.dumps({**card, 'input': {**card['input'], 'channels': 4}}),
   }
@@ -151,7 +159,7 @@ def test_bad_artefacts_get_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"need flatbuffers \(the export extra\): pip install -e '\.\[export\]'"):
       export.load(good)
     with pytest.raises(UserError, match='need flatbuffers'):
-      export.export_model(model, variables, tmp_path / 'y', fmt='stablehlo', mean=MEAN, std=STD, tile=8)
+      export.export_model(model, variables, tmp_path / 'y', fmt='stablehlo', normalization=FIXED, tile=8)
   (good / 'model.stablehlo').write_bytes(b'not flatbuffers')
   with pytest.raises(UserError, match='cannot be read as a jax.export artefact'):
     export.load(good)

@@ -33,6 +33,9 @@ def test_quickstart_is_two_commands_and_ci_runs_both():
   assert len(tools) == 2
   for command in (line for block in tools for line in block.strip().splitlines()):
     assert command in ci, command
+  (formats,) = [b for b in _blocks('bash') if 'write_folder.py' in b]  # the image-format commands
+  for command in formats.strip().splitlines():
+    assert command in ci, command
   exports = [b for b in _blocks('bash') if 'export.py' in b]
   for command in (line for block in exports for line in block.strip().splitlines()):
     assert 'export.py' not in command or command in ci, command

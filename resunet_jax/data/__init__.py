@@ -5,8 +5,16 @@ Importing this package registers the embedded TFDS builders (`synthetic_roads`,
 they are built (`sources.prepare_embedded`, or any pipeline over them, builds them).
 """
 
-from resunet_jax.data import builders, sources, transforms
-from resunet_jax.data.pipeline import DatasetInfo, dataset_info, default_config, make_pipeline, shard, to_global
+from resunet_jax.data import builders, normalization, sources, transforms
+from resunet_jax.data.pipeline import (
+  DatasetInfo,
+  dataset_info,
+  default_config,
+  make_pipeline,
+  resolve_normalization,
+  shard,
+  to_global,
+)
 from resunet_jax.data.sources import open_split
 
 __all__ = [
@@ -15,7 +23,9 @@ __all__ = [
   'dataset_info',
   'default_config',
   'make_pipeline',
+  'normalization',
   'open_split',
+  'resolve_normalization',
   'shard',
   'sources',
   'to_global',

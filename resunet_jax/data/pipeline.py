@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from resunet_jax.data import normalization as normalization_lib
 from resunet_jax.data import sources, transforms
 from resunet_jax.errors import DataError
 
@@ -39,8 +40,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.test_split = config_dict.placeholder(str)
   c.folder = config_dict.placeholder(str)  # root of a folder dataset (name='folder')
   c.holdout_percent = 10  # folder without split folders: percent to validation, and to test
-  c.mean = (0.5, 0.5, 0.5)  # normalisation of [0, 1] pixel values
+  c.channels = config_dict.placeholder(int)  # image channels, checked in every file; None: the first image's
+  c.normalization = 'fixed'  # 'fixed' | 'dataset_zscore' | 'percentile' | 'per_image' (data/normalization.py)
+  c.mean = (0.5, 0.5, 0.5)  # 'fixed': (x / 255 - mean) / std, per channel (equal values: any channel count)
   c.std = (0.25, 0.25, 0.25)
+  c.stats = config_dict.placeholder(dict)  # dataset kinds: the training split's statistics; None: computed
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_scale = (0.5, 1.0)  # area fraction of the random crop, resized to image_size
   c.augment.hflip = True
@@ -67,12 +71,14 @@ class DatasetInfo:
     num_classes: classes in the masks, background included (2 for binary).
     image_shape: `(H, W, C)` of the images the pipeline yields.
     split_sizes: examples per split role.
+    normalization: the rule and statistics that make pixels model inputs.
   """
 
   name: str
   num_classes: int
   image_shape: tuple[int, int, int]
   split_sizes: Mapping[str, int]
+  normalization: normalization_lib.Normalization
 
   @property
   def model_outputs(self) -> int:
@@ -81,9 +87,32 @@ class DatasetInfo:
 
 
 def dataset_info(config: Any, roles: Sequence[str] = sources.SPLIT_ROLES) -> DatasetInfo:
-  """Opens (building an embedded dataset if needed) and describes the dataset."""
-  sizes = {role: len(sources.open_split(config, role)) for role in roles}
-  return DatasetInfo(config.name, sources.num_classes(config), (config.image_size, config.image_size, 3), sizes)
+  """Opens (building an embedded dataset if needed) and describes the dataset; computes (or reads
+  from the cache) the normalisation statistics the config does not record."""
+  normalization_lib.check_kind(config.get('normalization') or 'fixed')
+  opened = {role: sources.open_split(config, role) for role in roles}
+  train = opened.get('train') or sources.open_split(config, 'train')
+  train[0]  # noqa: B018 (its checks: a wrong depth or channel count fails here, before training)
+  norm = resolve_normalization(config, train)
+  shape = (config.image_size, config.image_size, train.channels)
+  sizes = {role: len(source) for role, source in opened.items()}
+  return DatasetInfo(config.name, sources.num_classes(config), shape, sizes, norm)
+
+
+def resolve_normalization(
+  config: Any, train: sources.SegmentationSource | None = None
+) -> normalization_lib.Normalization:
+  """The normalisation of the data config: its recorded statistics (`data.stats`), else the
+  training split's, computed once and cached beside the data (`normalization.cached`)."""
+  kind = config.get('normalization') or 'fixed'
+  normalization_lib.check_kind(kind)
+  if kind in ('fixed', 'per_image') or config.get('stats'):
+    channels = config.get('channels') or (train or sources.open_split(config, 'train')).channels
+    return normalization_lib.of_config(config, channels)
+  train = train or sources.open_split(config, 'train')
+  directory, fingerprint = train.cache
+  stats = normalization_lib.cached(kind, train, directory, fingerprint, show=jax.process_index() == 0)
+  return normalization_lib.from_stats(kind, train.channels, stats)
 
 
 class _Shard(Sequence):
@@ -140,7 +169,7 @@ def make_pipeline(
     shard_count: number of shards; default `jax.process_count()`.
 
   Returns:
-    An iterable of batches `{'image': float32 [B, S, S, 3], 'mask': int32 [B, S, S],
+    An iterable of batches `{'image': float32 [B, S, S, C], 'mask': int32 [B, S, S],
     'valid': float32 [B], 'id': str [B]}`; its iterator is checkpointable.
   """
   if batch_size < 1:
@@ -169,7 +198,7 @@ def make_pipeline(
     ds = ds.random_map(transforms.RandomColor(aug.brightness, aug.contrast, aug.gamma))
   else:
     ds = ds.map(transforms.Resize(size))
-  ds = ds.map(transforms.Normalize(tuple(config.mean), tuple(config.std)))
+  ds = ds.map(transforms.Normalize(resolve_normalization(config, source if role == 'train' else None)))
   ds = ds.batch(batch_size, drop_remainder=train)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
   if config.num_workers > 0:

@@ -1,6 +1,7 @@
 """Random-access sources of (image, mask, id) records: TFDS datasets and image folders.
 
-Every source yields the same record, whatever the dataset: `image` uint8 `[H, W, 3]`, `mask`
+Every source yields the same record, whatever the dataset: `image` `[H, W, C]` (uint8 as
+stored, other pixels as float32; `C` is `data.channels`, the same for every image), `mask`
 uint8 `[H, W]` of class ids, `id` str. Mask values are mapped through `data.label_map`;
 a value the map does not name is an error, never a silent class.
 """
@@ -11,11 +12,12 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tifffile
 from PIL import Image
 
 from resunet_jax.data import builders
@@ -92,11 +94,35 @@ class SegmentationSource(Sequence):
 
   Attributes:
     name: dataset and split, for messages.
+    channels: the channel count every image is checked to have; None: unchecked.
+    eight_bit: images must be uint8 (`check_image`).
   """
 
-  def __init__(self, base, name: str, image_key: str, mask_key: str, lut: np.ndarray | None):
+  def __init__(
+    self,
+    base,
+    name: str,
+    image_key: str,
+    mask_key: str,
+    lut: np.ndarray | None,
+    channels: int | None = None,
+    eight_bit: bool = False,
+    cache: Callable[[], tuple[pathlib.Path, str]] | None = None,
+  ):
     self._base, self.name = base, name
     self._image_key, self._mask_key, self._lut = image_key, mask_key, lut
+    self.channels, self.eight_bit, self._cache = channels, eight_bit, cache
+
+  def checked(self, channels: int | None, eight_bit: bool) -> SegmentationSource:
+    """The same records, each image checked for `channels` and, if `eight_bit`, uint8 pixels."""
+    return SegmentationSource(
+      self._base, self.name, self._image_key, self._mask_key, self._lut, channels, eight_bit, self._cache
+    )
+
+  @property
+  def cache(self) -> tuple[pathlib.Path, str]:
+    """Where statistics of these records are cached, and a fingerprint of the records."""
+    return self._cache()
 
   def __len__(self) -> int:
     return len(self._base)
@@ -111,7 +137,8 @@ class SegmentationSource(Sequence):
       ) from None
     record_id = record.get('id', record.get('file_name', str(index)))
     record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
-    return {'image': to_rgb(image, f'{self.name} {record_id}'), 'mask': self._map(mask, record_id), 'id': record_id}
+    image = check_image(image, f'{self.name} {record_id}', channels=self.channels, eight_bit=self.eight_bit)
+    return {'image': image, 'mask': self._map(mask, record_id), 'id': record_id}
 
   def _map(self, mask: np.ndarray, record_id: str) -> np.ndarray:
     mask = np.asarray(mask)
@@ -135,18 +162,68 @@ class SegmentationSource(Sequence):
     return mapped.astype(np.uint8)
 
 
-def to_rgb(image: np.ndarray, where: str) -> np.ndarray:
-  """uint8 `[H, W, 3]`: grey is repeated, RGBA's alpha dropped; anything else is an error."""
+INTEGER_DTYPES = ('uint8', 'int8', 'uint16', 'int16')  # exact in float32, as all image dtypes here
+FLOAT_DTYPES = ('float16', 'float32', 'float64')
+
+
+def check_image(image: np.ndarray, where: str, *, channels: int | None = None, eight_bit: bool = False) -> np.ndarray:
+  """An image as the pipeline takes it: uint8 `[H, W, C]` kept, any other pixels float32.
+
+  Args:
+    image: `[H, W]` or `[H, W, C]` of 8- or 16-bit integers or floats.
+    where: the file or record, for messages.
+    channels: the channel count every image must have (`data.channels`); None: any.
+    eight_bit: only uint8 pixels ('fixed' normalisation divides by 255: wider pixels would saturate).
+
+  Raises:
+    DataError: another shape, dtype or channel count, non-finite values, or wide pixels where
+      `eight_bit` is set. Nothing is converted silently (no channel repeated, added or dropped).
+  """
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
-  if image.dtype != np.uint8:
-    raise DataError(f'{where}: image dtype {image.dtype}; 8-bit images are expected')
-  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise DataError(f'{where}: image shape {image.shape}; expected grey, RGB or RGBA')
-  if image.shape[-1] == 1:
-    return np.repeat(image, 3, axis=-1)
-  return image[..., :3]
+  if image.ndim != 3:
+    raise DataError(f'{where}: image shape {image.shape}; expected [H, W] or [H, W, channels]')
+  if image.dtype.name not in INTEGER_DTYPES + FLOAT_DTYPES:
+    raise DataError(
+      f'{where}: {image.dtype} pixels cannot be read; images are 8- or 16-bit integers or floats: convert the file'
+    )
+  if channels is not None and image.shape[-1] != channels:
+    raise DataError(
+      f'{where}: image has {image.shape[-1]} channels but data.channels is {channels}; every image needs the '
+      f'same channel count (set --config.data.channels={image.shape[-1]} if all have {image.shape[-1]})'
+    )
+  if image.dtype == np.uint8:
+    return image
+  if eight_bit:
+    raise DataError(
+      f"{where}: {image.dtype} pixels ({image.min()}..{image.max()}); data.normalization='fixed' divides 8-bit "
+      'pixels by 255 and would saturate these: '
+      'set --config.data.normalization=dataset_zscore (or percentile, per_image)'
+    )
+  image = image.astype(np.float32)
+  if not np.isfinite(image).all():
+    raise DataError(f'{where}: image holds NaN or infinite values; replace them in the file')
+  return image
+
+
+def fit_channels(
+  image: np.ndarray, channels: int, where: str, *, eight_bit: bool = False
+) -> tuple[np.ndarray, str | None]:
+  """`image` (checked as `check_image` does) for a model of `channels` inputs, and a note when
+  converted: an 8-bit grey image is repeated and an 8-bit RGBA image loses its alpha for a
+  3-channel (RGB) model; any other mismatch is an error (prediction reads photos this way,
+  training never converts)."""
+  image = check_image(image, where, eight_bit=eight_bit)
+  have = image.shape[-1]
+  if have == channels:
+    return image, None
+  if image.dtype == np.uint8 and channels == 3 and have in (1, 4):
+    note = 'grey, repeated to RGB' if have == 1 else 'RGBA, alpha dropped'
+    return (np.repeat(image, 3, -1) if have == 1 else image[..., :3]), f'{where}: 8-bit {note} for the RGB model'
+  raise DataError(
+    f'{where}: image has {have} channels, the model takes {channels}; give it images like its training data'
+  )
 
 
 def prepare_embedded(name: str, directory: str | None) -> None:
@@ -183,7 +260,11 @@ def open_tfds(config: Any, role: str) -> SegmentationSource:
   label_map = config.get('label_map') or known.label_map
   image_key = config.get('image_key') or known.image_key
   mask_key = config.get('mask_key') or known.mask_key
-  return SegmentationSource(base, f'{name}[{split}]', image_key, mask_key, label_lut(label_map))
+
+  def cache() -> tuple[pathlib.Path, str]:  # the prepared dataset's versioned folder
+    return pathlib.Path(tfds.builder(name, data_dir=directory).data_dir), f'{name}|{split}|{image_key}'
+
+  return SegmentationSource(base, f'{name}[{split}]', image_key, mask_key, label_lut(label_map), cache=cache)
 
 
 def _stems(folder: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -209,6 +290,11 @@ class _FolderFiles(Sequence):
     return {'image': read_image(image_path), 'mask': read_mask(mask_path), 'id': stem}
 
 
+TIFF_SUFFIXES = ('.tif', '.tiff')
+CHANNEL_AXES = 'SCQI'  # tifffile's axis letters for samples, channels and pages stacked as channels
+COLOUR_MODES = ('P', 'PA', 'CMYK', 'YCbCr', 'LAB', 'HSV')  # colour encodings: read as RGB
+
+
 def _open_image(path: pathlib.Path, kind: str) -> Image.Image:
   try:
     return Image.open(path)
@@ -216,41 +302,91 @@ def _open_image(path: pathlib.Path, kind: str) -> Image.Image:
     raise DataError(f'cannot read {kind} {path}: {e}; replace or remove the file') from None
 
 
-WIDE_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F')  # 16-bit, 32-bit integer and float pixels
+def _tiff_series(path: pathlib.Path, kind: str) -> tuple[tuple[int, ...], str, Any]:
+  """The first series of a TIFF: its shape, axes and the open file (for `asarray`)."""
+  try:
+    tiff = tifffile.TiffFile(path)
+    series = tiff.series[0]
+    return series.shape, series.axes, tiff
+  except (OSError, ValueError, IndexError, tifffile.TiffFileError) as e:
+    raise DataError(f'cannot read {kind} {path}: {e}; replace or remove the file') from None
+
+
+def _tiff_layout(shape: tuple[int, ...], axes: str, path: pathlib.Path) -> tuple[list[int], tuple[int, int]]:
+  """The axis order that gives `[H, W, C]` (length-one axes dropped) and `(H, W)`."""
+  kept = [i for i, (size, axis) in enumerate(zip(shape, axes, strict=True)) if size > 1 or axis in 'YX']
+  names = ''.join(axes[i] for i in kept)
+  extra = [i for i in kept if axes[i] not in 'YX']
+  if 'Y' not in names or 'X' not in names or len(extra) > 1 or any(axes[i] not in CHANNEL_AXES for i in extra):
+    raise DataError(f'{path} holds a {axes} array of shape {shape}; a 2-D image (with channels) is expected')
+  order = [axes.index('Y'), axes.index('X'), *extra]
+  return order, (shape[order[0]], shape[order[1]])
+
+
+def _read_pixels(path: pathlib.Path, kind: str) -> np.ndarray:
+  """A file's pixels as stored: TIFF through tifffile (any dtype and channel count), other
+  formats through Pillow (palette and other colour encodings as RGB)."""
+  if path.suffix.lower() in TIFF_SUFFIXES:
+    shape, axes, tiff = _tiff_series(path, kind)
+    with tiff:
+      order, _ = _tiff_layout(shape, axes, path)
+      try:
+        pixels = tiff.series[0].asarray()
+      except (OSError, ValueError, tifffile.TiffFileError) as e:
+        raise DataError(f'cannot read {kind} {path}: {e}; replace or remove the file') from None
+    kept = [i for i in range(pixels.ndim) if i in order]
+    return pixels.reshape([pixels.shape[i] for i in kept]).transpose([kept.index(i) for i in order])
+  with _open_image(path, kind) as image:
+    try:
+      if image.mode in COLOUR_MODES:
+        image = image.convert('RGB')
+      elif image.mode == '1' or (kind == 'mask' and image.mode == 'LA'):
+        image = image.convert('L')
+      pixels = np.asarray(image)
+    except (OSError, ValueError) as e:
+      raise DataError(f'cannot read {kind} {path}: {e}; replace or remove the file') from None
+  if image.mode == 'I':  # Pillow's 32-bit integers: how it reads some 16-bit PNGs
+    if pixels.min() < 0 or pixels.max() > 65535:
+      raise DataError(f'{kind} {path} has 32-bit values {pixels.min()}..{pixels.max()}; save it as 16-bit or float')
+    pixels = pixels.astype(np.uint16)
+  return pixels.astype(pixels.dtype.newbyteorder('='))
+
+
+def _size(path: pathlib.Path, kind: str) -> tuple[int, int]:
+  """`(width, height)` of an image file from its header."""
+  if path.suffix.lower() in TIFF_SUFFIXES:
+    shape, axes, tiff = _tiff_series(path, kind)
+    with tiff:
+      height, width = _tiff_layout(shape, axes, path)[1]
+    return width, height
+  with _open_image(path, kind) as image:
+    return image.size
 
 
 def read_image(path: pathlib.Path) -> np.ndarray:
-  """An image file as uint8 `[H, W, 3]` (grey, palette and RGBA converted to RGB).
+  """An image file's pixels as stored, `[H, W, C]`: 8- or 16-bit integers or floats, any channels.
 
-  Raises:
-    DataError: an unreadable file, or 16-bit, 32-bit or float pixels, which converting to 8-bit
-      would saturate (a 12-bit microscopy image becomes almost white) without a word.
+  Checked by `check_image` where they are used. Raises DataError for an unreadable file.
   """
-  with _open_image(path, 'image') as image:
-    if image.mode in WIDE_MODES:
-      raise DataError(
-        f'image {path} has {image.mode} pixels (more than 8 bits); only 8-bit images are read so far: '
-        'scale it to 0..255 and save it as 8-bit'
-      )
-    try:
-      return np.asarray(image.convert('RGB'))
-    except (OSError, ValueError) as e:
-      raise DataError(f'cannot read image {path}: {e}; replace or remove the file') from None
+  pixels = _read_pixels(path, 'image')
+  return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def read_mask(path: pathlib.Path) -> np.ndarray:
   """A mask file as uint8 `[H, W]` values (palette indices kept; equal-channel RGB allowed)."""
-  with _open_image(path, 'mask') as image:
-    try:
-      mask = np.asarray(image.convert('L') if image.mode in ('1', 'LA') else image)
-    except (OSError, ValueError) as e:
-      raise DataError(f'cannot read mask {path}: {e}; replace or remove the file') from None
+  mask = _read_pixels(path, 'mask') if path.suffix.lower() in TIFF_SUFFIXES else None
+  if mask is None:
+    with _open_image(path, 'mask') as image:
+      try:
+        mask = np.asarray(image.convert('L') if image.mode in ('1', 'LA') else image)
+      except (OSError, ValueError) as e:
+        raise DataError(f'cannot read mask {path}: {e}; replace or remove the file') from None
   if mask.ndim == 3:
     if not (mask == mask[..., :1]).all():
       raise DataError(f'mask {path} is colour ({mask.shape[-1]} differing channels); save masks as class ids')
     mask = mask[..., 0]
   if mask.dtype != np.uint8:
-    if mask.min() < 0 or mask.max() > 255:
+    if mask.min() < 0 or mask.max() > 255 or (mask != np.round(mask)).any():
       raise DataError(f'mask {path} has values {mask.min()}..{mask.max()}; masks hold class ids 0..255')
     mask = mask.astype(np.uint8)
   return mask
@@ -293,21 +429,35 @@ def open_folder(config: Any, role: str) -> SegmentationSource:
     raise DataError(f"split '{role}' of folder dataset {root} is empty; add files or change data.holdout_percent")
   pairs = [(s, images[s], masks[s]) for s in stems]
   for stem, image_path, mask_path in pairs:  # Headers only: cheap, and fails before training.
-    with _open_image(image_path, 'image') as image, _open_image(mask_path, 'mask') as mask:
-      if image.size != mask.size:
-        raise DataError(
-          f'{stem}: image {image_path.name} is {image.size[0]}x{image.size[1]} but mask {mask_path.name} is '
-          f'{mask.size[0]}x{mask.size[1]}; they must match'
-        )
+    image_size, mask_size = _size(image_path, 'image'), _size(mask_path, 'mask')
+    if image_size != mask_size:
+      raise DataError(
+        f'{stem}: image {image_path.name} is {image_size[0]}x{image_size[1]} but mask {mask_path.name} is '
+        f'{mask_size[0]}x{mask_size[1]}; they must match'
+      )
   label_map = config.get('label_map') or {0: 0, 255: 1}
-  return SegmentationSource(_FolderFiles(pairs), f'folder {root} [{role}]', 'image', 'mask', label_lut(label_map))
+
+  def cache() -> tuple[pathlib.Path, str]:  # the folder itself; any change of a file changes the fingerprint
+    files = [(stem, path.stat().st_size, path.stat().st_mtime_ns) for stem, path, _ in pairs]
+    return root, f'{role}|' + hashlib.sha256(repr(files).encode()).hexdigest()
+
+  name = f'folder {root} [{role}]'
+  return SegmentationSource(_FolderFiles(pairs), name, 'image', 'mask', label_lut(label_map), cache=cache)
 
 
 def open_split(config: Any, role: str) -> SegmentationSource:
-  """The source for `role` of the dataset described by the data config section."""
-  if config.name == 'folder':
-    return open_folder(config, role)
-  return open_tfds(config, role)
+  """The source for `role` of the dataset described by the data config section, its images
+  checked for `data.channels` (None: the first training image's) and, under 'fixed'
+  normalisation, for 8-bit pixels."""
+  source = (open_folder if config.name == 'folder' else open_tfds)(config, role)
+  channels = config.get('channels') or image_channels(config, source if role == 'train' else None)
+  return source.checked(channels, eight_bit=(config.get('normalization') or 'fixed') == 'fixed')
+
+
+def image_channels(config: Any, train: SegmentationSource | None = None) -> int:
+  """The channel count of the dataset's first training image (what `data.channels=None` means)."""
+  train = train or (open_folder if config.name == 'folder' else open_tfds)(config, 'train')
+  return int(train[0]['image'].shape[-1])
 
 
 def num_classes(config: Any) -> int:

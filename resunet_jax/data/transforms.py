@@ -1,4 +1,4 @@
-"""Grain transforms on `{'image' uint8 [H, W, 3], 'mask' uint8 [H, W], ...}` records.
+"""Grain transforms on `{'image' [H, W, C] uint8 or float32, 'mask' uint8 [H, W], ...}` records.
 
 Geometric transforms move image and mask together (image resampled bilinearly, mask by
 nearest neighbour, so class ids stay class ids); photometric ones touch the image only.
@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from resunet_jax.data.normalization import Normalization
+
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int, box=None) -> tuple[np.ndarray, np.ndarray]:
   """Crops `box` (left, top, right, bottom; default whole) and resizes to `size` x `size`.
@@ -31,7 +33,12 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int, box=None) -> tup
     mask_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
   if image.shape[:2] == (size, size) and mask.shape == (size, size) and box == (0, 0, width, height):
     return image, mask
-  image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+  if image.dtype == np.uint8 and image.shape[-1] == 3:
+    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+  else:  # Channel by channel ('L' or 'F' images): Pillow's RGBA resize would weight by a 4th channel.
+    mode = 'L' if image.dtype == np.uint8 else 'F'
+    channels = [Image.fromarray(image[..., c].astype(image.dtype), mode) for c in range(image.shape[-1])]
+    image = np.stack([np.asarray(c.resize((size, size), Image.BILINEAR, box=box)) for c in channels], -1)
   mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST, box=mask_box))
   return image, mask
 
@@ -121,8 +128,11 @@ class RandomElastic(grain.transforms.RandomMap):
 class RandomColor(grain.transforms.RandomMap):
   """Brightness, contrast and gamma jitter on the image (the mask is untouched).
 
-  With `u` uniform in [-1, 1]: brightness adds `brightness * u` (of full scale), contrast
-  scales about the mean by `1 + contrast * u`, gamma raises to `exp(gamma * u)`.
+  With `u` uniform in [-1, 1], on pixels scaled to [0, 1]: brightness adds `brightness * u`,
+  contrast scales about the mean by `1 + contrast * u`, gamma raises to `exp(gamma * u)`.
+  uint8 pixels are scaled by 255 (all channels together); other pixels by each channel's own
+  minimum and maximum and mapped back after, as nnU-Net's gamma transform does, so the jitter
+  means the same on 8-bit, 16-bit and float images of any channel count.
   """
 
   brightness: float = 0.1
@@ -131,25 +141,30 @@ class RandomColor(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     b, c, g = rng.uniform(-1.0, 1.0, 3)
-    image = element['image'].astype(np.float32) / 255.0
+    image = element['image']
+    if image.dtype == np.uint8:
+      image = self._jitter(image.astype(np.float32) / 255.0, b, c, g)
+      return {**element, 'image': (image * 255.0 + 0.5).astype(np.uint8)}
+    low, high = image.min(axis=(0, 1)), image.max(axis=(0, 1))
+    span = np.where(high > low, high - low, 1.0).astype(np.float32)
+    jittered = self._jitter((image - low) / span, b, c, g) * span + low
+    return {**element, 'image': jittered.astype(np.float32)}
+
+  def _jitter(self, image: np.ndarray, b: float, c: float, g: float) -> np.ndarray:
     image = (image - image.mean()) * (1 + self.contrast * c) + image.mean() + self.brightness * b
-    image = np.clip(image, 0.0, 1.0) ** np.exp(self.gamma * g)
-    return {**element, 'image': (image * 255.0 + 0.5).astype(np.uint8)}
+    return np.clip(image, 0.0, 1.0) ** np.exp(self.gamma * g)
 
 
 @dataclasses.dataclass(frozen=True)
 class Normalize(grain.transforms.Map):
-  """To model inputs: image float32 `(x / 255 - mean) / std`, mask int32, `valid` float32."""
+  """To model inputs: image float32 by `normalization` (`data.normalization`), mask int32,
+  `valid` float32."""
 
-  mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-  std: tuple[float, ...] = (0.25, 0.25, 0.25)
+  normalization: Normalization
 
   def map(self, element: dict) -> dict:
-    image = (element['image'].astype(np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(
-      self.std, np.float32
-    )
     return {
-      'image': image,
+      'image': self.normalization(element['image']),
       'mask': element['mask'].astype(np.int32),
       'valid': np.float32(element.get('valid', 1.0)),
       'id': element['id'],

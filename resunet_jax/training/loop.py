@@ -59,7 +59,19 @@ def resolve(config) -> tuple[models.ModelConfig, data.DatasetInfo, dict]:
   model_config = configs.resolve_model(config.preset, config.model, num_classes=info.model_outputs)
   resolved = config.to_dict()
   resolved['model'] = model_config.to_dict()
+  stats = info.normalization.stats() if info.normalization.kind != 'fixed' else None
+  resolved['data'].update(channels=info.image_shape[-1], stats=stats or None)
   return model_config, info, resolved
+
+
+def with_resolved_data(config, resolved: dict):
+  """`config` with the data section's channels and statistics as resolved (what config.json says),
+  so that the run's pipelines use the recorded numbers."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.channels = resolved['data']['channels']
+    config.data.stats = resolved['data']['stats']
+  return config
 
 
 def summary(config) -> str:
@@ -170,6 +182,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   """
   parallel.initialize_distributed(config.parallel)
   model_config, info, resolved = resolve(config)
+  config = with_resolved_data(config, resolved)
   members = population.members(config, model_config)
   count = len(members)
   lead = jax.process_index() == 0

@@ -108,6 +108,24 @@ def plot_learning_curves(metrics_path: pathlib.Path, out_path: pathlib.Path) -> 
   plt.close(fig)
 
 
+def viewable(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+  """uint8 `[H, W, 3]` to look at, of an image `[H, W, C]` of any bit depth and channel count.
+
+  8-bit grey and RGB(A) images are shown as stored; others as their first three channels (or the
+  first alone, grey, when there are fewer than three), each stretched from its `percentiles` to
+  0..255, so a 12-bit or a normalised float image is neither black nor saturated.
+  """
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  shown = image[..., :3] if image.shape[-1] >= 3 else image[..., :1]
+  if image.dtype != np.uint8:
+    low, high = np.percentile(shown, percentiles, axis=(0, 1))
+    span = np.where(high > low, high - low, 1.0)
+    shown = (np.clip((shown - low) / span, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  return np.repeat(shown, 3, -1) if shown.shape[-1] == 1 else np.ascontiguousarray(shown)
+
+
 def overlay(image: np.ndarray, prediction: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
   """uint8 image with the nonzero prediction tinted."""
   out = image.astype(np.float32)

@@ -9,7 +9,7 @@ import pathlib
 import jax
 import ml_collections
 
-from resunet_jax import models, runtime
+from resunet_jax import configs, models, runtime
 from resunet_jax.errors import UserError
 from resunet_jax.training import checkpoint, parallel, population
 from resunet_jax.training import state as state_lib  # noqa: F401 (LoadedRun.state's type)
@@ -77,6 +77,7 @@ def load_run(
   try:
     resolved = json.loads(config_path.read_text())
     resolved['model'].pop('conv', None)  # runs before runtime.backend kept the backend here
+    resolved['data'] = {**configs.ADDED_KEYS['data'], **resolved['data']}  # runs before data.channels: RGB
     if 'population' not in resolved:
       raise UserError(
         f'{workdir} was trained before populations (2026-12-02): its checkpoints hold an older optimizer state; '
@@ -109,7 +110,7 @@ def load_run(
 
   mesh = parallel.make_mesh()
   model = models.UNet(model_config, layers=runtime.layers(backend))
-  shape = (1, config.data.image_size, config.data.image_size, 3)
+  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
   init, args = population.init_fn(config, model, shape, members)
   abstract = checkpoint.abstract_like(jax.eval_shape(init, *args), parallel.replicated(mesh))
   stacked, restored_step = ckpt.restore(abstract, step=step)

@@ -100,22 +100,3 @@ def test_batch_larger_than_the_shard(data_config):
     data.make_pipeline(data_config, 'train', batch_size=40, seed=0, train=True, shard_index=0, shard_count=2)
   with pytest.raises(DataError, match='batch size 0 must be at least 1'):
     data.make_pipeline(data_config, 'train', batch_size=0, seed=0, train=True)
-
-
-def test_grey_and_rgba_images_become_rgb():
-  grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
-  np.testing.assert_array_equal(data.sources.to_rgb(grey, 'x')[..., 2], grey)
-  rgba = np.zeros((3, 4, 4), np.uint8)
-  assert data.sources.to_rgb(rgba, 'x').shape == (3, 4, 3)
-  with pytest.raises(DataError, match='image dtype float32; 8-bit images are expected'):
-    data.sources.to_rgb(np.zeros((3, 4, 3), np.float32), 'x')
-
-
-@pytest.mark.parametrize(
-  ('pixels', 'mode'), [(np.full((8, 8), 4000, np.uint16), 'I;16'), (np.full((8, 8), -0.5, np.float32), 'F')]
-)
-def test_wide_images_are_refused_not_saturated(pixels, mode, tmp_path):
-  path = tmp_path / 'wide.tif'
-  Image.fromarray(pixels).save(path)  # a 12-bit value and a negative float: 8-bit would clip both
-  with pytest.raises(DataError, match=f'has {mode} pixels .*; only 8-bit images are read so far'):
-    data.sources.read_image(path)
