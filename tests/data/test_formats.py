@@ -72,7 +72,10 @@ def _train(commands, workdir, root, kind):
   return [r['dice'] for r in lines if r['split'] == 'validation']
 
 
-def test_files_keep_their_depth_and_channels(format_folders, tfds_dir):
+def test_files_keep_their_depth_and_channels(format_folders, tfds_dir, tmp_path):
+  ramp = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+  Image.fromarray(ramp).save(tmp_path / 'grey16.png')  # Pillow's I;16 mode
+  np.testing.assert_array_equal(data.sources.read_image(tmp_path / 'grey16.png'), ramp[..., None])
   config = data.default_config()
   config.name, config.data_dir = 'synthetic_roads/small', tfds_dir
   rgb = data.open_split(config, 'train')[0]['image']
