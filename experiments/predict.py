@@ -116,7 +116,8 @@ def main(argv: list[str]) -> None:
     raise cli.UserError(f'cannot create --output={output}: {e.strerror}') from None
   count = 0
   for stem, pixels in tqdm(list(_images(_INPUT.value, config)), unit='image'):
-    image, note = data.sources.fit_channels(pixels, norm.channels, stem, eight_bit=norm.kind == 'fixed')
+    fixed, per_image = norm.kind == 'fixed', norm.kind == 'per_image'
+    image, note = data.sources.fit_channels(pixels, norm.channels, stem, eight_bit=fixed, varying=per_image)
     if note:
       tqdm.write(f'note: {note}')
     logits = inference.sliding_window(

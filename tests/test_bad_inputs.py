@@ -307,6 +307,11 @@ API = {
     DataError,
     'image has 2 channels, the model takes 3',
   ),
+  'constant image under per-image normalisation': (
+    lambda: data.sources.check_image(np.full((4, 4, 2), 7, np.uint16), 'x', varying=True),
+    DataError,
+    "x: channel 0 is constant; data.normalization='per_image' cannot scale it",
+  ),
   'unknown normalisation': (
     lambda: data.normalization.check_kind('per-image'),
     DataError,

@@ -96,6 +96,7 @@ class SegmentationSource(Sequence):
     name: dataset and split, for messages.
     channels: the channel count every image is checked to have; None: unchecked.
     eight_bit: images must be uint8 (`check_image`).
+    varying: no image channel may be constant (`check_image`).
   """
 
   def __init__(
@@ -107,16 +108,17 @@ class SegmentationSource(Sequence):
     lut: np.ndarray | None,
     channels: int | None = None,
     eight_bit: bool = False,
+    varying: bool = False,
     cache: Callable[[], tuple[pathlib.Path, str]] | None = None,
   ):
     self._base, self.name = base, name
     self._image_key, self._mask_key, self._lut = image_key, mask_key, lut
-    self.channels, self.eight_bit, self._cache = channels, eight_bit, cache
+    self.channels, self.eight_bit, self.varying, self._cache = channels, eight_bit, varying, cache
 
-  def checked(self, channels: int | None, eight_bit: bool) -> SegmentationSource:
-    """The same records, each image checked for `channels` and, if `eight_bit`, uint8 pixels."""
+  def checked(self, channels: int | None, eight_bit: bool, varying: bool = False) -> SegmentationSource:
+    """The same records, each image checked by `check_image` with these arguments."""
     return SegmentationSource(
-      self._base, self.name, self._image_key, self._mask_key, self._lut, channels, eight_bit, self._cache
+      self._base, self.name, self._image_key, self._mask_key, self._lut, channels, eight_bit, varying, self._cache
     )
 
   @property
@@ -137,7 +139,8 @@ class SegmentationSource(Sequence):
       ) from None
     record_id = record.get('id', record.get('file_name', str(index)))
     record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
-    image = check_image(image, f'{self.name} {record_id}', channels=self.channels, eight_bit=self.eight_bit)
+    where = f'{self.name} {record_id}'
+    image = check_image(image, where, channels=self.channels, eight_bit=self.eight_bit, varying=self.varying)
     return {'image': image, 'mask': self._map(mask, record_id), 'id': record_id}
 
   def _map(self, mask: np.ndarray, record_id: str) -> np.ndarray:
@@ -166,7 +169,9 @@ INTEGER_DTYPES = ('uint8', 'int8', 'uint16', 'int16')  # exact in float32, as al
 FLOAT_DTYPES = ('float16', 'float32', 'float64')
 
 
-def check_image(image: np.ndarray, where: str, *, channels: int | None = None, eight_bit: bool = False) -> np.ndarray:
+def check_image(
+  image: np.ndarray, where: str, *, channels: int | None = None, eight_bit: bool = False, varying: bool = False
+) -> np.ndarray:
   """An image as the pipeline takes it: uint8 `[H, W, C]` kept, any other pixels float32.
 
   Args:
@@ -174,10 +179,12 @@ def check_image(image: np.ndarray, where: str, *, channels: int | None = None, e
     where: the file or record, for messages.
     channels: the channel count every image must have (`data.channels`); None: any.
     eight_bit: only uint8 pixels ('fixed' normalisation divides by 255: wider pixels would saturate).
+    varying: every channel must take more than one value ('per_image' divides by the image's std).
 
   Raises:
-    DataError: another shape, dtype or channel count, non-finite values, or wide pixels where
-      `eight_bit` is set. Nothing is converted silently (no channel repeated, added or dropped).
+    DataError: another shape, dtype or channel count, non-finite values, wide pixels where
+      `eight_bit` is set, or a constant channel where `varying` is. Nothing is converted silently
+      (no channel repeated, added or dropped).
   """
   image = np.asarray(image)
   if image.ndim == 2:
@@ -192,6 +199,11 @@ def check_image(image: np.ndarray, where: str, *, channels: int | None = None, e
     raise DataError(
       f'{where}: image has {image.shape[-1]} channels but data.channels is {channels}; every image needs the '
       f'same channel count (set --config.data.channels={image.shape[-1]} if all have {image.shape[-1]})'
+    )
+  if varying and (flat := np.flatnonzero(image.min((0, 1)) == image.max((0, 1)))).size:
+    raise DataError(
+      f"{where}: channel {int(flat[0])} is constant; data.normalization='per_image' cannot scale it: "
+      'remove the image or use dataset_zscore'
     )
   if image.dtype == np.uint8:
     return image
@@ -208,13 +220,13 @@ def check_image(image: np.ndarray, where: str, *, channels: int | None = None, e
 
 
 def fit_channels(
-  image: np.ndarray, channels: int, where: str, *, eight_bit: bool = False
+  image: np.ndarray, channels: int, where: str, *, eight_bit: bool = False, varying: bool = False
 ) -> tuple[np.ndarray, str | None]:
   """`image` (checked as `check_image` does) for a model of `channels` inputs, and a note when
   converted: an 8-bit grey image is repeated and an 8-bit RGBA image loses its alpha for a
   3-channel (RGB) model; any other mismatch is an error (prediction reads photos this way,
   training never converts)."""
-  image = check_image(image, where, eight_bit=eight_bit)
+  image = check_image(image, where, eight_bit=eight_bit, varying=varying)
   have = image.shape[-1]
   if have == channels:
     return image, None
@@ -448,10 +460,11 @@ def open_folder(config: Any, role: str) -> SegmentationSource:
 def open_split(config: Any, role: str) -> SegmentationSource:
   """The source for `role` of the dataset described by the data config section, its images
   checked for `data.channels` (None: the first training image's) and, under 'fixed'
-  normalisation, for 8-bit pixels."""
+  normalisation, for 8-bit pixels, under 'per_image' for channels that vary."""
   source = (open_folder if config.name == 'folder' else open_tfds)(config, role)
   channels = config.get('channels') or image_channels(config, source if role == 'train' else None)
-  return source.checked(channels, eight_bit=(config.get('normalization') or 'fixed') == 'fixed')
+  kind = config.get('normalization') or 'fixed'
+  return source.checked(channels, eight_bit=kind == 'fixed', varying=kind == 'per_image')
 
 
 def image_channels(config: Any, train: SegmentationSource | None = None) -> int:
