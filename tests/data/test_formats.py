@@ -13,6 +13,7 @@ from PIL import Image
 from resunet_jax import data
 from resunet_jax.data import folders, normalization
 from resunet_jax.errors import DataError
+from resunet_jax.training import checkpoint
 
 # name: (depth, channels, normalisation). 16-bit reaches 65,535 (x257); float is -1..1.
 FORMATS = {
@@ -159,6 +160,9 @@ def test_a_quick_run_trains_on_each_format(name, format_folders, shared, command
   saved = json.loads((workdir / 'config.json').read_text())['data']
   assert saved['channels'] == channels and saved['normalization'] == kind
   assert (saved['stats'] is None) == (kind == 'per_image')
+  ckpt = checkpoint.Checkpoints(workdir / 'checkpoints')
+  assert ckpt.read_config()['data']['stats'] == saved['stats']  # the checkpoint carries them too
+  ckpt.close()
   if name != 'uint16x3':
     return
   # Evaluation and prediction use the run's statistics: with the training files unreadable, then the
