@@ -34,8 +34,8 @@ from resunet_jax.errors import DataError, suggest
 
 KINDS = ('fixed', 'dataset_zscore', 'percentile', 'per_image')
 PERCENTILES = (0.5, 99.5)
-# Pixels drawn from each training image for the percentiles (nnU-Net draws 10,000 foreground voxels
-# per case); the mean and std of 'dataset_zscore' use every pixel.
+# Pixels drawn from each training image for the percentiles (nnU-Net likewise takes its percentiles
+# from voxels sampled per case); the mean and std of 'dataset_zscore' use every pixel.
 SAMPLES_PER_IMAGE = 16384
 _TINY = 1e-8  # 'per_image': the std floor of a constant input (a crop of a uniform background)
 
@@ -75,19 +75,23 @@ class Normalization:
       image = xp.clip(image, xp.asarray(self.low, xp.float32), xp.asarray(self.high, xp.float32))
     return (image - mean) / std
 
+  def _scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+    """`(scale, shift)` in pixel values: inputs are `(clipped pixels - shift) / scale`."""
+    unit = 255.0 if self.kind == 'fixed' else 1.0
+    return unit * np.asarray(self.std, np.float32), unit * np.asarray(self.mean, np.float32)
+
   def neutral(self, image: np.ndarray) -> np.ndarray:
     """Per channel, the pixel value that becomes 0 (the padding of an image smaller than a tile)."""
     if self.kind == 'per_image':
       return np.asarray(image, np.float32).mean(axis=(0, 1))
-    return np.asarray(self.mean, np.float32) * (255.0 if self.kind == 'fixed' else 1.0)
+    return self._scale_shift()[1]
 
   def unnormalise(self, inputs: np.ndarray) -> np.ndarray:
     """Pixel values of model inputs, where the rule can be undone ('percentile' gives the clipped
     pixels); 'per_image' returns the inputs (display stretches them anyway)."""
     if self.kind == 'per_image':
       return inputs
-    scale = 255.0 * np.asarray(self.std) if self.kind == 'fixed' else np.asarray(self.std)
-    shift = 255.0 * np.asarray(self.mean) if self.kind == 'fixed' else np.asarray(self.mean)
+    scale, shift = self._scale_shift()
     return inputs * scale + shift
 
   def describe(self) -> dict:
