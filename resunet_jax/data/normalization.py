@@ -1,13 +1,13 @@
 """Intensity normalisation: the rule of `config.data.normalization` and its training statistics.
 
-Kinds (nnU-Net derives its normalisation from the training data in the same way; Isensee et al.,
-Nature Methods 2021, "Methods: intensity normalization"):
+Kinds ('percentile' and 'per_image' are nnU-Net's rules for CT and for other modalities, Isensee
+et al., Nature Methods 2021, with statistics of every pixel where nnU-Net uses foreground voxels):
 - 'fixed': `(x / 255 - data.mean) / data.std`, for 8-bit images (what every run before this
   setting used).
 - 'dataset_zscore': `(x - mean_c) / std_c`, with each channel's mean and std over every pixel of
   the training split.
 - 'percentile': `x` clipped to the training split's 0.5 and 99.5 percentiles of channel `c`, then
-  z-scored with the clipped values' mean and std (nnU-Net's rule for CT).
+  z-scored with the clipped values' mean and std.
 - 'per_image': each model input z-scored per channel over its own pixels (a training crop, an
   evaluation image, a prediction tile).
 
