@@ -115,8 +115,8 @@ def main(argv: list[str]) -> None:
   except OSError as e:
     raise cli.UserError(f'cannot create --output={output}: {e.strerror}') from None
   count = 0
+  fixed, per_image = norm.kind == 'fixed', norm.kind == 'per_image'
   for stem, pixels in tqdm(list(_images(_INPUT.value, config)), unit='image'):
-    fixed, per_image = norm.kind == 'fixed', norm.kind == 'per_image'
     image, note = data.sources.fit_channels(pixels, norm.channels, stem, eight_bit=fixed, varying=per_image)
     if note:
       tqdm.write(f'note: {note}')

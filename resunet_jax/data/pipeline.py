@@ -90,8 +90,10 @@ def dataset_info(config: Any, roles: Sequence[str] = sources.SPLIT_ROLES) -> Dat
   """Opens (building an embedded dataset if needed) and describes the dataset; computes (or reads
   from the cache) the normalisation statistics the config does not record."""
   normalization_lib.check_kind(config.get('normalization') or 'fixed')
-  opened = {role: sources.open_split(config, role) for role in roles}
-  train = opened.get('train') or sources.open_split(config, 'train')
+  train = sources.open_split(config, 'train')  # first: the others take its channel count
+  opened = {
+    role: train if role == 'train' else sources.open_split(config, role, channels=train.channels) for role in roles
+  }
   train[0]  # noqa: B018 (its checks: a wrong depth or channel count fails here, before training)
   norm = resolve_normalization(config, train)
   shape = (config.image_size, config.image_size, train.channels)

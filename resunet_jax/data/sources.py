@@ -457,12 +457,12 @@ def open_folder(config: Any, role: str) -> SegmentationSource:
   return SegmentationSource(_FolderFiles(pairs), name, 'image', 'mask', label_lut(label_map), cache=cache)
 
 
-def open_split(config: Any, role: str) -> SegmentationSource:
+def open_split(config: Any, role: str, *, channels: int | None = None) -> SegmentationSource:
   """The source for `role` of the dataset described by the data config section, its images
-  checked for `data.channels` (None: the first training image's) and, under 'fixed'
-  normalisation, for 8-bit pixels, under 'per_image' for channels that vary."""
+  checked for `channels` (default `data.channels`, else the first training image's) and, under
+  'fixed' normalisation, for 8-bit pixels, under 'per_image' for channels that vary."""
   source = (open_folder if config.name == 'folder' else open_tfds)(config, role)
-  channels = config.get('channels') or image_channels(config, source if role == 'train' else None)
+  channels = channels or config.get('channels') or image_channels(config, source if role == 'train' else None)
   kind = config.get('normalization') or 'fixed'
   return source.checked(channels, eight_bit=kind == 'fixed', varying=kind == 'per_image')
 
