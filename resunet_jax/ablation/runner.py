@@ -90,25 +90,37 @@ class Stopped(Exception):
   sweep resumes it from its checkpoint); the runs finished before are kept."""
 
 
-_sigterm = {'requested': False}
+_sigterm = {'requested': False, 'depth': 0}
 
 
 @contextlib.contextmanager
 def sigterm_stops():
   """Within: SIGTERM stops the sweep at the next run boundary (`Stopped` from `run_population`),
-  whenever it arrives; during training, the training loop checkpoints and stops at once."""
+  whenever it arrives; during training, the training loop checkpoints and stops at once.
+
+  Nested uses (a study's stages around each stage's sweep) share the outermost one's flag, so a
+  SIGTERM between two sweeps, or while a population is measured, stops the next population
+  before it trains instead of after.
+  """
+  if _sigterm['depth']:
+    _sigterm['depth'] += 1
+    try:
+      yield
+    finally:
+      _sigterm['depth'] -= 1
+    return
 
   def handler(signum, frame):
     del signum, frame
     _sigterm['requested'] = True
 
-  _sigterm['requested'] = False
+  _sigterm.update(requested=False, depth=1)
   previous = signal.signal(signal.SIGTERM, handler)
   try:
     yield
   finally:
     signal.signal(signal.SIGTERM, previous)
-    _sigterm['requested'] = False
+    _sigterm.update(requested=False, depth=0)
 
 
 def skip_masks(depth: int) -> np.ndarray:
@@ -282,6 +294,8 @@ def run_population(
   if all(finished):
     return finished
   workdir = paths[0].parent if len(runs) == 1 else _population_dir(config, root)
+  if _sigterm['requested']:  # arrived while an earlier population was measured: train nothing more
+    raise Stopped(f'stopped by SIGTERM before training {workdir}; rerun the same command to resume')
   start = time.perf_counter()
   trained = loop.train_and_evaluate(config, workdir, verbose=False)
   if trained.stopped or _sigterm['requested']:  # a run cut short is not a result: measured once at its budget

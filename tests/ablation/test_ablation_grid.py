@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -130,3 +131,17 @@ def test_knockout_step_equals_one_call_per_mask(residual, num_classes):
     dice = jnp.mean(jnp.stack(per_class), 0)
     assert num_classes == 1 or len(set(np.asarray(predictions).ravel())) > 1  # classes really differ
     np.testing.assert_allclose(vmapped[:, row], dice, rtol=1e-6)
+
+
+def test_sigterm_between_populations_stops_the_next_before_it_trains(monkeypatch, tmp_path):
+  """A study nests a sweep's `sigterm_stops` in its own: a SIGTERM that arrives after one sweep
+  (or while a population is measured) must stop the next population before its training."""
+  monkeypatch.setattr(ablation.runner.loop, 'train_and_evaluate', lambda *a, **k: pytest.fail('trained after SIGTERM'))
+  config, previous = _load('quick'), signal.getsignal(signal.SIGTERM)
+  with ablation.runner.sigterm_stops():
+    with ablation.runner.sigterm_stops():  # a finished stage's sweep
+      pass
+    signal.raise_signal(signal.SIGTERM)
+    with ablation.runner.sigterm_stops(), pytest.raises(ablation.runner.Stopped, match='before training'):
+      ablation.runner.run_population(config, [config], tmp_path)
+  assert signal.getsignal(signal.SIGTERM) is previous
