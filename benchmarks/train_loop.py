@@ -41,12 +41,21 @@ def loop_rate(config) -> tuple[float, list[float]]:
     loop.train_and_evaluate(config, workdir, verbose=False)
     rows = reporting.read_metrics(pathlib.Path(workdir) / 'metrics.jsonl')
   rates = [row['images_per_sec'] for row in rows if row['split'] == 'train']
-  if len(rates) < 3:
-    raise cli.UserError(
-      f'--steps={config.train.num_steps} gives {len(rates)} logged interval(s) with train.log_every='
-      f'{config.train.log_every}; give --steps for at least 3'
-    )
   return statistics.median(rates[1:]), rates
+
+
+def check_intervals(train) -> None:
+  """Before training: the loop must log at least 3 intervals (the first, with the compile, is left out).
+
+  It logs every `log_every` steps, at every checkpoint and at the last step (`loop.train_and_evaluate`).
+  """
+  logged = [s for s in range(1, train.num_steps + 1) if not (s % train.log_every and s % train.checkpoint_every)]
+  count = len(set(logged) | {train.num_steps})
+  if count < 3:
+    raise cli.UserError(
+      f'--steps={train.num_steps} gives {count} logged interval(s) with train.log_every={train.log_every}; '
+      'give --steps for at least 3'
+    )
 
 
 def bare_rate(config, model_config, info) -> tuple[float, float]:
@@ -85,6 +94,7 @@ def main(argv: list[str]) -> None:
   config.preset = _MODEL.value
   config.train.num_steps = _STEPS.value
   config.train.eval_every = _STEPS.value  # one validation, at the end (not counted as training time)
+  check_intervals(config.train)
   model_config, info, _ = loop.resolve(config)
   loop_images_per_sec, intervals = loop_rate(config)
   bare_images_per_sec, bare_ms = bare_rate(config, model_config, info)
