@@ -20,9 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the study config."""
   config = ablation.grid.cpu_config()
   config.data.image_size = 32
-  # The stock layers since the depth stage (2026-12-02): the CPU backend's layers give a non-finite
+  # The stock layers since the depth stage (2026-12-02): the CPU backend's layers gave a non-finite
   # loss at the first step for GroupNorm networks of odd width (depth 2, base width 33; stock trains
-  # them), a bug not found yet. At width 8 both agree to rounding. The backend is not in a run's hash.
+  # them), a max-pool gradient bug fixed on 2026-12-03; the study stays on the stock layers it ran
+  # on since. At width 8 both agree to rounding. The backend is not in a run's hash.
   config.runtime.backend = 'stock'
   config.ablation.protocol = ablation.protocol.section()
   config.ablation.protocol.boundary = ('synthetic_cells/size32', 'synthetic_cells/three_class_size32')

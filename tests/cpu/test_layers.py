@@ -114,12 +114,10 @@ def test_the_cpu_set_is_a_hashable_module_attribute_like_the_stock_one():
   assert first == models.UNet(CASES['unet'], layers=functools.reduce(lambda a, _: a, [], cpu_layers.LAYERS))
 
 
-@pytest.mark.xfail(  # not strict: CI machines may differ; an XPASS in the summary says it is fixed there
-  strict=False,
-  reason='known bug (2026-12-02): with GroupNorm at an odd width the CPU layers give non-finite encoder '
-  "gradients at initialisation where the stock layers do not (found by the study's depth stage; not fixed)",
-)
 def test_groupnorm_at_an_odd_width_has_the_stock_gradients():
+  """Found by the study's depth stage (2026-12-02): the max-pool's gradient compared the input with
+  the forward's maxima, which XLA computed in another fusion; 225 windows at 66 channels matched
+  nothing, and every encoder gradient was non-finite (`cpu.layers._max_pool_bwd`)."""
   config = models.ModelConfig(base_width=33, depth=2, norm='group', init='he', skips='none')
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   y = (jax.random.uniform(jax.random.key(2), (2, 16, 16, 1)) > 0.9).astype(jnp.float32)
