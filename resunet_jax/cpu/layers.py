@@ -40,10 +40,14 @@ def _max_pool(x: jax.Array) -> jax.Array:
   benchmarks/README.md. Where a window holds tied maxima the gradient is shared between them
   rather than given to the first (both are valid subgradients; after a ReLU the tied zeros get
   none either way), as `jnp.max`'s own gradient does. The backward pass finds the maxima again
-  from the input and the output, which the network keeps anyway (the skip and the next
-  convolution's input), instead of keeping a float32 mask the size of the input (30 MB of U-Net
-  base 64's training peak at batch 4, 128x128). Reverse mode only, like the oneDNN
-  convolutions.
+  from the input, which the network keeps anyway (the skip), instead of keeping a float32 mask
+  the size of the input (30 MB of U-Net base 64's training peak at batch 4, 128x128). It takes
+  them from the input itself, not from the forward's output: compared with the output, the
+  compiled backward of a GroupNorm network at 66 channels found no equal input in 225 of 2,112
+  windows, although the same two arrays copied out to NumPy match in every window (XLA's CPU
+  backend, not reduced further), so those windows had no maximum and the gradient was
+  non-finite (tests/cpu/test_layers.py::test_groupnorm_at_an_odd_width_has_the_stock_gradients).
+  Reverse mode only, like the oneDNN convolutions.
   """
   return _windows(x).max(axis=(2, 4))
 
@@ -68,6 +72,8 @@ def _max_pool_fwd(x):
 
 def _max_pool_bwd(x, g):
   blocks = _windows(x)
+  # Elementwise maxima of the four positions: an expression XLA does not merge with the forward's
+  # reduction (its output is what the comparison must not read; see `_max_pool`).
   y = functools.reduce(jnp.maximum, (blocks[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)))
   at_max = blocks == y[:, :, None, :, None, :]
   ties = _sum_windows(at_max.astype(g.dtype))  # as a reduction, XLA would materialise the mask early

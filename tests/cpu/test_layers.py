@@ -115,9 +115,9 @@ def test_the_cpu_set_is_a_hashable_module_attribute_like_the_stock_one():
 
 
 def test_groupnorm_at_an_odd_width_has_the_stock_gradients():
-  """Found by the study's depth stage (2026-12-02): the max-pool's gradient compared the input with
-  the forward's maxima, which XLA computed in another fusion; 225 windows at 66 channels matched
-  nothing, and every encoder gradient was non-finite (`cpu.layers._max_pool_bwd`)."""
+  """Found by the study's depth stage (2026-12-02): compiled, the max-pool's gradient found no input
+  equal to the forward's maxima in 225 windows at 66 channels (in NumPy all match), and every
+  encoder gradient was non-finite (`cpu.layers._max_pool_bwd`)."""
   config = models.ModelConfig(base_width=33, depth=2, norm='group', init='he', skips='none')
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   y = (jax.random.uniform(jax.random.key(2), (2, 16, 16, 1)) > 0.9).astype(jnp.float32)
