@@ -85,3 +85,21 @@ def test_a_config_files_preset_is_trained_unless_model_is_given(train, tmp_path,
   given = train(f'--config={config}', '--model=resunet_zhang', '--summary', env=env)
   assert given.returncode == 0, given.stderr
   assert 'model: resunet_zhang ModelConfig(' in given.stdout and "norm='batch'" in given.stdout
+
+
+def test_the_models_package_imports_only_jax_flax_and_the_standard_library():
+  """What a researcher imports stays plain Flax: nothing of the package outside `models` (data,
+  training, the CPU backend) and no other third-party library, at any depth of a module."""
+  import ast
+
+  allowed = {'jax', 'flax', *sys.stdlib_module_names}
+  for path in sorted((ROOT / 'resunet_jax' / 'models').glob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module]
+      else:
+        continue
+      for name in names:
+        assert name.startswith('resunet_jax.models') or name.split('.')[0] in allowed, f'{path.name} imports {name}'

@@ -9,12 +9,19 @@ skips, no normalisation, biases on, 1x1 head). Presets are named sets of overrid
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 
-from resunet_jax.errors import suggest as _suggest
+
+def _suggest(name: str, valid) -> str:
+  """ " (did you mean 'x'?)" for the closest of `valid`, or '' (`errors.suggest`'s rule, kept here:
+  `models` imports nothing of the package outside it)."""
+  close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
+  return f" (did you mean '{close[0]}'?)" if close else ''
+
 
 NORMS = ('none', 'batch', 'group', 'layer')
 UPSAMPLES = ('nearest', 'bilinear', 'transpose')
