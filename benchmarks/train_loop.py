@@ -45,12 +45,8 @@ def loop_rate(config) -> tuple[float, list[float]]:
 
 
 def check_intervals(train) -> None:
-  """Before training: the loop must log at least 3 intervals (the first, with the compile, is left out).
-
-  It logs every `log_every` steps, at every checkpoint and at the last step (`loop.train_and_evaluate`).
-  """
-  logged = [s for s in range(1, train.num_steps + 1) if not (s % train.log_every and s % train.checkpoint_every)]
-  count = len(set(logged) | {train.num_steps})
+  """Before training: the loop must log at least 3 intervals (the first, with the compile, is left out)."""
+  count = len(loop.logged_steps(train))
   if count < 3:
     raise cli.UserError(
       f'--steps={train.num_steps} gives {count} logged interval(s) with train.log_every={train.log_every}; '

@@ -4,9 +4,10 @@ from one preloaded interpreter (`commands`); the environment of every test.
 
 Set before JAX is imported, so this process, both xdist workers and every command they start
 inherit it: one persistent JAX compilation cache of every program, fresh for each session (the
-commands compile the same few quick runs dozens of times), LLVM's optimiser off (`commands.FAST_COMPILE`), and no
-relaunch with the CPU process settings (`resunet_jax.cpu.hostmem`: it would start each command
-twice; tests/cpu/test_hostmem.py starts it on purpose).
+commands compile the same few quick runs dozens of times), LLVM's optimiser off
+(`commands.FAST_COMPILE`), and no relaunch with the CPU process settings
+(`resunet_jax.cpu.hostmem`: it would start each command twice; tests/cpu/test_hostmem.py starts
+it on purpose).
 """
 
 import fcntl

@@ -160,6 +160,17 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _checkpoints(step: int, train) -> bool:
+  """Whether the loop checkpoints after `step` (every `train.checkpoint_every` and the last)."""
+  return step == train.num_steps or step % train.checkpoint_every == 0
+
+
+def logged_steps(train) -> list[int]:
+  """The steps an uninterrupted run from step 0 logs training metrics at: every
+  `train.log_every`, and every step it checkpoints after."""
+  return [s for s in range(1, train.num_steps + 1) if _checkpoints(s, train) or s % train.log_every == 0]
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, verbose: bool = True) -> RunResult:
   """Trains, evaluates and checkpoints `config`'s population in `workdir` (resuming what is there).
 
@@ -268,7 +279,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
         bar.update(1)
         final = step == config.train.num_steps
         stop = preemption.should_stop(step, config.train.log_every)
-        save = final or stop or step % config.train.checkpoint_every == 0
+        save = stop or _checkpoints(step, config.train)
         if save or step % config.train.log_every == 0:
           _check_stopped(members_run, members, reported, ckpt, lead)
           values = members_run.last_metrics()
