@@ -489,7 +489,8 @@ def train(
     committed: run_id -> a row of an earlier results.csv (`read_rows`): such a run's
       `result.json` is written from its row (`result_from_row`) instead of training it.
     into: the dict the results go into (a new one by default), filled population by population.
-    saved: called after each trained population (keeps the study's tables current).
+    saved: called before the first population trains and after each trained one (keeps the
+      study's tables current, also when a study is stopped in its first population).
   """
   unique = list(dict.fromkeys(runs))
   groups: dict[tuple, list[Run]] = {}
@@ -510,11 +511,13 @@ def train(
     print(f'{label}: {len(unique)} runs in {len(groups)} populations, {sum(done.values())} already done')
   bar, live = reporting.progress_bar(show=show, total=len(unique), initial=sum(done.values()), unit='run')
   out: dict[Run, runner.Result] = {} if into is None else into
+  for run_ in unique:
+    if done[run_]:
+      out[run_] = seeded[run_] if run_ in seeded else runner.Result.load(paths[run_])
+  if saved is not None and not all(done.values()):
+    saved()  # the tables list this stage's finished runs before the first population trains
   with bar:
     for members in groups.values():
-      for run_ in members:
-        if done[run_]:
-          out[run_] = seeded[run_] if run_ in seeded else runner.Result.load(paths[run_])
       todo = [run_ for run_ in members if not done[run_]]
       if not todo:
         continue
@@ -544,6 +547,8 @@ def train(
         bar.update(len(ordered))
         if show and not live:
           reporting.progress_line(f'{label}: {first.data} {first.arm} {first.recipe} {first.steps} steps done')
+  for run_ in (run_ for members in groups.values() for run_ in members):
+    out[run_] = out.pop(run_)  # population order, however many were read back: a resumed table is the same
   return out
 
 

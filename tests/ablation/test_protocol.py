@@ -293,6 +293,11 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
     protocol.run(config, tmp_path / 'first', command='c')
   assert len(protocol.read_rows(output / 'results.csv')) == sum(calls) > 0  # every finished population is kept
   assert 'None yet' in (output / 'report.md').read_text()  # no interim verdicts
+  (output / 'report.md').unlink()  # resumed, then stopped in its first population: the stage's finished runs are listed
+  monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=len(calls)))
+  with pytest.raises(RuntimeError, match='killed'):
+    protocol.run(config, tmp_path / 'first', command='c')
+  assert f'| tune | {sum(calls)} | ' in (output / 'report.md').read_text()
 
   def secondary(run_config):  # projection runs at B (6 steps) belong to the secondary stage only
     return run_config.model.shortcut == 'projection' and int(run_config.train.num_steps) == 6
@@ -301,7 +306,8 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   with pytest.raises(RuntimeError, match='killed'):
     protocol.run(config, tmp_path / 'first', command='c')
   rows = protocol.read_rows(output / 'results.csv')
-  assert not any(row['stage'] == 'secondary' for row in rows) and any(row['stage'] == 'depth' for row in rows)
+  assert any(row['stage'] == 'depth' for row in rows)  # stopped at the secondary stage's first projection population
+  assert not any(row['stage'] == 'secondary' and row['block'] == 'projection' for row in rows)
   report = (output / 'report.md').read_text()  # primary and depth complete: the verdicts, before the secondary stage
   assert 'None yet' not in report and '## Secondary analyses' in report and (output / 'depth_gain.png').exists()
   (output / 'report.md').unlink()  # stopped again before any new run finishes: the report is still rewritten
