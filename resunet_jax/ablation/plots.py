@@ -201,7 +201,8 @@ def primary_runs(rows, path: pathlib.Path) -> None:
       if interval.n > 1:
         axis.errorbar(x + 0.3, interval.mean, yerr=interval.half_width, fmt='ks', markersize=3, capsize=3)
     axis.set_xticks(range(len(arms)), arms, fontsize=7)
-    axis.set(title=f'{analysis.short(name)}: primary runs at B', ylabel='test Dice', ylim=(0, 1))
+    title = f'{analysis.short(name)}: primary runs, {_steps(primary, name)} steps'
+    axis.set(title=title, ylabel='test Dice', ylim=(0, 1))
   _save(fig, path)
 
 
@@ -222,14 +223,37 @@ def depth_gain(rows, path: pathlib.Path) -> None:
     intervals = [stats.t_interval(by[d] for by in gains.values() if d in by) for d in depths]
     axis.errorbar(depths, [i.mean for i in intervals], yerr=[i.half_width for i in intervals], fmt='ko-', capsize=3)
     axis.axhline(0, color='black', linewidth=0.5)
-    axis.set(title=f'{analysis.short(name)}: residual gain without skips', xlabel='depth', ylabel='test Dice gain')
+    title = f'{analysis.short(name)}: residual gain without skips, {_steps(rows, name, "depth")} steps'
+    axis.set(title=title, xlabel='depth', ylabel='test Dice gain')
     axis.set_xticks(depths)
   _save(fig, path)
 
 
-def study_figures(rows, directory: pathlib.Path) -> list[str]:
-  """Writes the study's figures into `directory`; returns their file names."""
-  figures = {'robustness.png': robustness, 'primary_runs.png': primary_runs, 'depth_gain.png': depth_gain}
-  for name, draw in figures.items():
+def _steps(rows, data: str, stage: str | None = None) -> str:
+  """The training budget(s) of a dataset's rows (of one stage), for a title."""
+  return '/'.join(
+    str(s) for s in sorted({row['steps'] for row in rows if row['data'] == data and stage in (None, row['stage'])})
+  )
+
+
+STUDY_FIGURES = {'robustness.png': robustness, 'primary_runs.png': primary_runs, 'depth_gain.png': depth_gain}
+# PROTOCOL.md amendment 8: the verdict stages' figures again, from the plateau stages' rows
+PLATEAU_FIGURES = {'primary_runs_plateau.png': primary_runs, 'depth_gain_plateau.png': depth_gain}
+
+
+def study_figure_names(plateau: bool) -> list[str]:
+  """The file names `study_figures` writes."""
+  return [*STUDY_FIGURES, *(PLATEAU_FIGURES if plateau else ())]
+
+
+def study_figures(rows, directory: pathlib.Path, *, plateau: bool = False) -> list[str]:
+  """Writes the study's figures into `directory`; returns their file names. With `plateau`
+  (both plateau stages complete) the primary runs and the depth gain are drawn again from the
+  plateau stages' rows (`analysis.at_plateau`)."""
+  for name, draw in STUDY_FIGURES.items():
     draw(rows, directory / name)
-  return list(figures)
+  if plateau:
+    repeated = analysis.at_plateau(rows)
+    for name, draw in PLATEAU_FIGURES.items():
+      draw(repeated, directory / name)
+  return study_figure_names(plateau)

@@ -588,9 +588,12 @@ def run(
     for name in settings.datasets
   }
 
-  def save() -> None:  # verdicts once the primary and depth stages are complete (the stopping rule)
+  def save(draw: bool = False) -> None:  # verdicts once the primary and depth stages are complete (the stopping rule)
     final = all(len(stages.get(name, {})) == planned.get(name, -1) for name in VERDICT_STAGES)
-    write(stages, plan, config, output, command=command, planned=planned, final=final, baselines=baselines, keep=table)
+    write(
+      stages, plan, config, output, command=command, planned=planned, final=final, baselines=baselines, keep=table,
+      draw=draw,
+    )  # fmt: skip
 
   def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str, measure_fn) -> dict[Run, runner.Result]:
     stages[name], planned[name] = {}, len(set(runs))
@@ -598,7 +601,7 @@ def run(
       runs, base, root, knockouts=knockouts, measure_fn=measure_fn, label=name, committed=committed,
       into=stages[name], saved=save,
     )  # fmt: skip
-    save()  # also when every run was read back: the report follows the code that reads the table
+    save(draw=True)  # also when every run was read back: the report follows the code that reads the table
     return out
 
   with runner.sigterm_stops():  # SIGTERM: the study stops after (or inside) the current population
@@ -781,6 +784,7 @@ def write(
   final: bool = False,
   baselines: dict[str, float] | None = None,
   keep: Sequence[dict] = (),
+  draw: bool = True,
 ) -> dict[str, pathlib.Path]:
   """Writes the study's `results.csv` (every stage's rows so far), `plan.json` (once the
   tuning stage has made the plan) and `report.md` (`analysis.markdown`: verdicts, secondary
@@ -793,6 +797,9 @@ def write(
     keep: rows of the table read at the start (`read_rows`); those of a (stage, run) not in
       `stages` yet stay in the table, so that a study stopped before it reaches a stage again
       never drops that stage's committed rows.
+    draw: draw the figures (when `final`); else the report links those already drawn. The study
+      draws them at the end of each stage: they show the tuning, verdict and plateau stages,
+      which change only there, and drawing them after every population was most of a write.
   """
   output = pathlib.Path(output)
   settings = config.ablation.protocol
@@ -835,7 +842,13 @@ def write(
     for stage in ('tune', 'initial', *STAGES[1:], *(s for s in ADDED_STAGES if s in stages))
   }
   rows_back = read_rows(paths['results'])  # the report is what a reader recomputes from the table
-  figures = plots.study_figures(rows_back, output) if final else []
+  plateau = analysis.plateau_complete(progress)
+  if not final:
+    figures = []
+  elif draw:
+    figures = plots.study_figures(rows_back, output, plateau=plateau)
+  else:
+    figures = [name for name in plots.study_figure_names(plateau) if (output / name).exists()]
   text = analysis.markdown(
     rows_back, progress=progress, plan=summary or {'command': command}, final=final, figures=figures
   )

@@ -26,6 +26,7 @@ def _row(stage, data, block, skips, seed, *, recipe='he-group', depth=4, **value
     'run_id': f'{stage}{data}{block}{skips}{seed}{recipe}{depth}{values.get("learning_rate", "")}',
     'learning_rate': 1e-3,
     'width': 8,
+    'steps': 1000,
     'params': 1000 + 50 * (block != 'plain'),
     **values,
   }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resunet_jax import configs
-from resunet_jax.ablation import analysis, measures, protocol, runner
+from resunet_jax.ablation import analysis, measures, plots, protocol, runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -374,6 +374,8 @@ def test_where_cut_4_capped_b_the_verdict_stages_run_again_at_the_plateau(tfds_d
     assert [a[:-1] for a in arms(stage)] == [a[:-1] for a in arms(repeated)]
   report = (output / 'report.md').read_text()
   first, plateau_part = report.split('## Verdicts at the plateau budget (6 steps; PROTOCOL.md amendment 8)')
+  for name in plots.PLATEAU_FIGURES:  # the verdict stages' figures again, from the plateau rows
+    assert (output / name).stat().st_size > 1000 and f'![{name}]({name})' in plateau_part
   assert {r['steps'] for r in analysis.at_plateau(rows) if r['stage'] in ('primary', 'depth')} == {6}
   at_b, at_plateau = analysis.decisions(rows), analysis.decisions(analysis.at_plateau(rows))
   for verdict in at_plateau:
