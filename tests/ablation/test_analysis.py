@@ -3,6 +3,7 @@ from its stage's rows, every verdict of the rule, claim 2's validity check, the 
 
 import csv
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -284,3 +285,24 @@ def test_the_report_says_when_the_budget_cap_is_not_a_plateau():
   flat = [dict(row, val_dice=0.5) for row in rows]
   assert analysis.pilot_plateau(flat) == 300
   assert 'rule alone' not in analysis.markdown(flat, progress={}, plan={'cuts': [], 'budget': 300}, final=False)
+
+
+def test_the_committed_study_report_is_what_its_committed_table_gives():
+  """A reader recomputes every verdict and secondary line of docs/ablation/study/report.md from
+  the results.csv beside it (issue 19's acceptance): a report written by older analysis code, or
+  edited by hand, fails here. Rerunning the study's command (nothing left to train) rewrites it."""
+  study = pathlib.Path(__file__).parents[2] / 'docs' / 'ablation' / 'study'
+  rows = protocol.read_rows(study / 'results.csv')
+  report = (study / 'report.md').read_text()
+  if '## Secondary analyses' not in report:
+    pytest.skip('the committed study has no verdicts yet')
+  at_b, _, rest = report.partition('## Verdicts at the plateau budget')
+  at_plateau, _, secondary = rest.partition('## Secondary analyses') if rest else ('', '', at_b)
+  sections = [
+    (analysis.verdict_lines(rows), at_b),
+    (analysis.secondary_lines(rows) + analysis.knockout_lines(rows), secondary),
+  ]
+  if rest:
+    sections.append((analysis.verdict_lines(analysis.at_plateau(rows)), at_plateau))
+  for lines, text in sections:
+    assert [line for line in lines if line not in text] == []
