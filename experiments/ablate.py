@@ -45,10 +45,8 @@ def _main(argv: list[str]) -> None:
   start = time.perf_counter()
   command = shlex.join(['python', 'experiments/ablate.py', *sys.argv[1:]])
   if 'ablation' in config and 'protocol' in config.ablation:  # the pre-registered study: staged runs, its own report
-    stages, plan = ablation.protocol.run(config, workdir, command=command)
-    paths = ablation.protocol.write(
-      stages, plan, config, ablation.protocol.output_dir(config, workdir), command=command
-    )
+    ablation.protocol.run(config, workdir, command=command)  # writes the tables itself, last when it ends
+    paths = ablation.protocol.table_paths(ablation.protocol.output_dir(config, workdir))
     print(f'study in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
     for name, path in paths.items():
       print(f'  {name:<16} {path}')

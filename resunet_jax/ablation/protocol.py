@@ -773,6 +773,12 @@ def result_from_row(row: dict) -> runner.Result:
   )
 
 
+def table_paths(output: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """The study's tables in its output folder (`write`)."""
+  output = pathlib.Path(output)
+  return {'results': output / 'results.csv', 'plan': output / 'plan.json', 'report': output / 'report.md'}
+
+
 def write(
   stages,
   plan: Plan | None,
@@ -810,7 +816,7 @@ def write(
     for row in keep
     if (row['stage'], row['run_id']) not in present
   ]
-  paths = {'results': output / 'results.csv', 'plan': output / 'plan.json', 'report': output / 'report.md'}
+  paths = table_paths(output)
   if jax.process_index() != 0:
     return paths
   output.mkdir(parents=True, exist_ok=True)

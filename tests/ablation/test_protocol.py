@@ -2,8 +2,11 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import runpy
+import shlex
+import sys
 
 import jax
 import numpy as np
@@ -278,9 +281,20 @@ def _fake_population(calls, fail_after=None, fail_if=lambda run_config: False, r
   return run_population
 
 
-def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir(tfds_dir, tmp_path, monkeypatch):
+def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir(
+  tfds_dir, tmp_path, monkeypatch, commands
+):
   output = tmp_path / 'committed'
   config = _quick_study(tfds_dir, output)
+  args = [
+    '--config=experiments/configs/ablate_study_quick.py',
+    f'--config.data.data_dir={tfds_dir}',
+    '--config.ablation.compilation_cache=False',
+    f'--config.ablation.protocol.output={output}',
+    f'--workdir={tmp_path / "fourth"}',
+  ]
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  command = shlex.join(['python', 'experiments/ablate.py', *args])  # the report's, in every run alike
   calls, initialised = [], []
 
   def initial(run_config):
@@ -290,13 +304,13 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   monkeypatch.setattr(measures, 'initial', initial)
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=5))
   with pytest.raises(RuntimeError, match='killed'):
-    protocol.run(config, tmp_path / 'first', command='c')
+    protocol.run(config, tmp_path / 'first', command=command)
   assert len(protocol.read_rows(output / 'results.csv')) == sum(calls) > 0  # every finished population is kept
   assert 'None yet' in (output / 'report.md').read_text()  # no interim verdicts
   (output / 'report.md').unlink()  # resumed, then stopped in its first population: the stage's finished runs are listed
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=len(calls)))
   with pytest.raises(RuntimeError, match='killed'):
-    protocol.run(config, tmp_path / 'first', command='c')
+    protocol.run(config, tmp_path / 'first', command=command)
   assert f'| tune | {sum(calls)} | ' in (output / 'report.md').read_text()
 
   def secondary(run_config):  # projection runs at B (6 steps) belong to the secondary stage only
@@ -304,7 +318,7 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
 
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_if=secondary))
   with pytest.raises(RuntimeError, match='killed'):
-    protocol.run(config, tmp_path / 'first', command='c')
+    protocol.run(config, tmp_path / 'first', command=command)
   rows = protocol.read_rows(output / 'results.csv')
   assert any(row['stage'] == 'depth' for row in rows)  # stopped at the secondary stage's first projection population
   assert not any(row['stage'] == 'secondary' and row['block'] == 'projection' for row in rows)
@@ -312,10 +326,10 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   assert 'None yet' not in report and '## Secondary analyses' in report and (output / 'depth_gain.png').exists()
   (output / 'report.md').unlink()  # stopped again before any new run finishes: the report is still rewritten
   with pytest.raises(RuntimeError, match='killed'):
-    protocol.run(config, tmp_path / 'first', command='c')
+    protocol.run(config, tmp_path / 'first', command=command)
   assert (output / 'report.md').read_text() == report
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls))
-  stages, plan = protocol.run(config, tmp_path / 'second', command='c')  # an empty workdir: the table seeds it
+  stages, plan = protocol.run(config, tmp_path / 'second', command=command)  # an empty workdir: the table seeds it
   trained = sum(calls)
   table = (output / 'results.csv').read_text()
   trained_ids = {row['run_id'] for row in protocol.read_rows(output / 'results.csv') if row['stage'] != 'initial'}
@@ -343,10 +357,16 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
     assert f'**{verdict.label}**' in report
   monkeypatch.setattr(runner, 'run_population', _fake_population(calls, fail_after=0))  # nothing left to train
   (output / 'report.md').unlink()
-  again, _ = protocol.run(config, tmp_path / 'third', command='c')
+  again, _ = protocol.run(config, tmp_path / 'third', command=command)
   assert (output / 'results.csv').read_text() == table
   assert (output / 'report.md').read_text() == report  # rewritten, by the code that reads the table
   assert again == stages and len(initialised) == 14  # nothing measured again either
+  # The study's command in an empty workdir (a fresh clone): nothing trained or measured, and the
+  # tables are those protocol.run wrote (it once wrote them again after, without the baselines).
+  (output / 'report.md').unlink()
+  result = commands.run([sys.executable, 'experiments/ablate.py', *args], env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (output / 'results.csv').read_text() == table and (output / 'report.md').read_text() == report
 
 
 def test_where_cut_4_capped_b_the_verdict_stages_run_again_at_the_plateau(tfds_dir, tmp_path, monkeypatch):
