@@ -214,7 +214,7 @@ def depth_gain(rows, path: pathlib.Path) -> None:
     for d in analysis.datasets(rows)
     if len({depth for by in analysis.depth_gains(rows, d).values() for depth in by}) > 1
   ]
-  fig, axes = _panels(max(len(data), 1), max(len(data), 1), size=(4.0, 3.0))
+  fig, axes = _panels(max(len(data), 1), max(len(data), 1), size=(4.5, 3.0))
   for axis, name in zip(axes, data, strict=False):
     gains = analysis.depth_gains(rows, name)
     depths = sorted({depth for by in gains.values() for depth in by})
@@ -223,7 +223,7 @@ def depth_gain(rows, path: pathlib.Path) -> None:
     intervals = [stats.t_interval(by[d] for by in gains.values() if d in by) for d in depths]
     axis.errorbar(depths, [i.mean for i in intervals], yerr=[i.half_width for i in intervals], fmt='ko-', capsize=3)
     axis.axhline(0, color='black', linewidth=0.5)
-    title = f'{analysis.short(name)}: residual gain without skips, {_steps(rows, name, "depth")} steps'
+    title = f'{analysis.short(name)}: residual gain, no skips, {_steps(rows, name, "depth")} steps'
     axis.set(title=title, xlabel='depth', ylabel='test Dice gain')
     axis.set_xticks(depths)
   _save(fig, path)
