@@ -4,7 +4,8 @@ r"""Trains a grid of skip/residual ablations over seeds and writes a report with
   python experiments/ablate.py --config=experiments/configs/ablate_quick.py --workdir=runs/ablate-quick
   python experiments/ablate.py --config=experiments/configs/ablate_depth.py   # claim 4: depth 2..6
   python experiments/ablate.py --config.ablation.seeds=5 --config.train.num_steps=600
-  python experiments/ablate.py --config=experiments/configs/ablate_study.py --workdir=runs/ablate_study  # the study
+
+The pre-registered studies have commands of their own (studies/*/run.py).
 
 Every run lives in WORKDIR/runs/<hash of its resolved config>/; a finished one is read back,
 not trained again, so re-running a finished sweep only rewrites the report and an
@@ -44,13 +45,6 @@ def _main(argv: list[str]) -> None:
   )
   start = time.perf_counter()
   command = shlex.join(['python', 'experiments/ablate.py', *sys.argv[1:]])
-  if 'ablation' in config and 'protocol' in config.ablation:  # the pre-registered study: staged runs, its own report
-    ablation.protocol.run(config, workdir, command=command)  # writes the tables itself, last when it ends
-    paths = ablation.protocol.table_paths(ablation.protocol.output_dir(config, workdir))
-    print(f'study in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
-    for name, path in paths.items():
-      print(f'  {name:<16} {path}')
-    return
   results = ablation.sweep(config, workdir)
   output = pathlib.Path(config.ablation.get('output') or workdir)
   output.mkdir(parents=True, exist_ok=True)
@@ -58,9 +52,7 @@ def _main(argv: list[str]) -> None:
   print(f'{len(results)} runs in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
   for name, path in paths.items():
     print(f'  {name:<16} {path}')
-  studies = ablation.report.group(results)
-  registered = ablation.report.skip_path_section(studies)  # a pre-registered family's verdicts, else the sweep's
-  print('\n'.join(registered or ablation.report.claim_verdicts(studies, config.ablation.target_dice)))
+  print('\n'.join(ablation.report.claim_verdicts(ablation.report.group(results), config.ablation.target_dice)))
 
 
 if __name__ == '__main__':

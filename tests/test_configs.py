@@ -6,9 +6,11 @@ import pathlib
 import pytest
 
 from resunet_jax import ablation, configs, data, models
+from studies.skip_residual import protocol
 from resunet_jax.errors import UserError
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'configs').glob('*.py'))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted([*(ROOT / 'experiments' / 'configs').glob('*.py'), *(ROOT / 'studies').glob('*/config*.py'), *(ROOT / 'studies').glob('*/configs/*.py')])
 
 
 def _load(path):
@@ -26,23 +28,24 @@ def test_the_configs_the_issues_name_exist():
     'ablate.py',
     'ablate_quick.py',
     'ablate_depth.py',
-    'ablate_tpu_pod.py',
-    'ablate_study.py',
-    'ablate_study_quick.py',
-    'ablate_skips.py',
   } <= {p.name for p in CONFIGS}
+  studies = {str(p.relative_to(ROOT)) for p in CONFIGS if p.parts[-3:-1] != ('experiments', 'configs')}
+  assert studies == {
+    'studies/skip_paths/config.py',
+    *(f'studies/skip_residual/configs/{name}.py' for name in ('study', 'quick', 'gpu', 'tpu_pod')),
+  }
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 @pytest.mark.parametrize('name', list(models.PRESETS))
 def test_config_builds(path, name):
   config = _load(path)
   base = configs.base_config()
   if 'ablation' in config and 'protocol' in config.ablation:  # the study: its settings, and its tuning runs build
     assert set(config.ablation) == {*ablation.section(), 'protocol'}
-    assert set(config.ablation.protocol) == set(ablation.protocol.section())
-    runs = ablation.protocol.tune_runs(config.ablation.protocol, ablation.protocol.base_config(config))
-    assert runs and all(run.config(ablation.protocol.base_config(config)).train.num_steps > 0 for run in runs)
+    assert set(config.ablation.protocol) == set(protocol.section())
+    runs = protocol.tune_runs(config.ablation.protocol, protocol.base_config(config))
+    assert runs and all(run.config(protocol.base_config(config)).train.num_steps > 0 for run in runs)
   elif 'ablation' in config:  # an ablation grid: every run of it must build too
     assert ablation.run_specs(config)
     assert set(config.ablation) == set(ablation.section())

@@ -103,3 +103,27 @@ def test_the_models_package_imports_only_jax_flax_and_the_standard_library():
         continue
       for name in names:
         assert name.startswith('resunet_jax.models') or name.split('.')[0] in allowed, f'{path.name} imports {name}'
+
+
+def test_one_rule_decides_every_verdict_word():
+  """`ablation.decision.decide` is the only code that picks a verdict word: no other module of the
+  library or of a study spells one out as a value."""
+  import ast
+
+  words = {'supported', 'not supported', 'inconclusive', 'inconclusive at this budget', 'equivalent within +-delta'}
+  sources = [*(ROOT / 'resunet_jax').rglob('*.py'), *(ROOT / 'studies').rglob('*.py')]
+  for path in sources:
+    if path == ROOT / 'resunet_jax' / 'ablation' / 'decision.py':
+      continue
+    tree = ast.parse(path.read_text())
+    literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not literals & words, f'{path.relative_to(ROOT)} spells out a verdict word: {literals & words}'
+
+
+def test_the_ablation_library_imports_no_study():
+  """`resunet_jax.ablation` is general: importing it loads no module of `studies/`."""
+  import subprocess
+
+  code = 'import sys, resunet_jax.ablation; print(sorted(m for m in sys.modules if m.startswith("studies")))'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+  assert out.strip() == '[]'

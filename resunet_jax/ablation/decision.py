@@ -1,4 +1,4 @@
-"""The pre-registered decision rule of the ablation study (docs/ablation/PROTOCOL.md, section "Decision rule").
+"""The one verdict rule of every ablation report: paired t-tests, TOST equivalence and Holm, four words.
 
 Each claim of the design note, on each dataset, is one `Endpoint`: an effect estimate signed
 so that the claim predicts a positive value, its standard error and degrees of freedom (for
@@ -17,9 +17,10 @@ verdict is, in this order of precedence:
                                effect is smaller than delta, the smallest effect of interest
   'supported'                  the adjusted claim p is below alpha
   'not supported'              the adjusted opposite p is below alpha
-  'inconclusive'               none of them
+  'inconclusive'               none of them, or the endpoint was declared invalid before the
+                               test (`Endpoint.invalid`: a pre-registered validity check failed)
 
-Nothing else changes a verdict: the report prints what `decide` returns.
+Nothing else changes a verdict: every report prints what `decide` returns.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Endpoint:
     se: its standard error (0: known exactly, e.g. identical seeds).
     df: degrees of freedom of its t distribution; 0 means no test is possible (one seed).
     delta: the equivalence margin (> 0), in the units of `estimate`.
+    invalid: why a pre-registered validity check rules the test out ('' when it holds): the
+      verdict is then 'inconclusive', and the endpoint still counts in its Holm family.
   """
 
   name: str
@@ -59,6 +62,7 @@ class Endpoint:
   se: float
   df: int
   delta: float
+  invalid: str = ''
 
   @classmethod
   def paired(cls, name: str, differences: Sequence[float], delta: float) -> Endpoint:
@@ -143,7 +147,9 @@ def decide(endpoints: Sequence[Endpoint], alpha: float = ALPHA) -> list[Decision
   equivalence = holm([max(e.p_above(-e.delta), e.p_below(e.delta)) for e in endpoints])
   decisions = []
   for endpoint, p_claim, p_opposite, p_equivalence in zip(endpoints, claim, opposite, equivalence, strict=True):
-    if p_equivalence < alpha:
+    if endpoint.invalid:
+      verdict = INCONCLUSIVE
+    elif p_equivalence < alpha:
       verdict = EQUIVALENT
     elif p_claim < alpha:
       verdict = SUPPORTED

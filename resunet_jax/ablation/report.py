@@ -2,9 +2,10 @@
 
 Every number in the report is a mean over seeds with its 95% t-interval, or a difference
 paired by seed with its interval (`stats`). Each of the design note's four claims about
-residual connections gets a verdict that quotes its numbers: 'supported' when the interval of
-the residual-minus-plain difference lies wholly on the claimed side of zero, 'not supported'
-when it lies wholly on the other side, 'inconclusive at this budget' when it spans zero.
+residual connections gets the verdict of `decision.decide`, the one rule of every report, over
+the sweep's endpoints (`ENDPOINTS`, Holm over all of them); a sweep's verdicts are exploratory,
+its arms and margins not fixed before the runs. A pre-registered study passes its own verdict
+section (`markdown(verdicts=...)`), built on the same rule.
 """
 
 from __future__ import annotations
@@ -29,20 +30,6 @@ CLAIMS = (
   'residual connections ease vanishing gradients',
   'residual connections sharpen edges and details',
   'residual connections allow deeper networks',
-)
-# How each claim is measured, and what the measure cannot tell apart.
-MEASURES = (
-  'the first validation step at which Dice reaches the target, residual against plain with all skips, '
-  'paired by seed; and the area under the validation-Dice curve',
-  "the bottleneck's gradient share (log10 of its per-parameter gradient RMS over the whole network's), "
-  'with all skips. With long skips the decoder can bypass the bottleneck, so a small share can mean '
-  'bypassed as well as vanished (Drozdzal et al. 2016 saw deep layers barely update with long skips '
-  'only); the study tables give the share of the no-skip arms too',
-  'boundary F1 (higher is better) and HD95 (lower). Both improve with overall accuracy, so the Dice '
-  'difference is quoted beside them: an edge gain well above the Dice gain would point at sharper edges '
-  'as such',
-  'the Dice difference (residual minus plain, all skips) at each depth of a depth sweep; supported when it '
-  'is positive at the deepest depth and its increase from the shallowest depth, paired by seed, is positive',
 )
 _LABELS = {
   'dice': 'Dice',
@@ -183,153 +170,111 @@ def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
     writer.writerows(rows)
 
 
-def _verdict(interval: stats.Interval, claimed_sign: int) -> str:
-  side = interval.excludes_zero()
-  if side == claimed_sign:
-    return 'supported'
-  if side == -claimed_sign:
-    return 'not supported'
-  return 'inconclusive at this budget'
+# The exploratory endpoint of each claim: (the run score compared, equivalence margin, what it measures).
+# Claim 4's is the change of the residual-minus-plain Dice gain from the shallowest depth to the deepest.
+ENDPOINTS = (
+  ('auc', 0.02, 'the validation-Dice AUC (normalised by the budget), residual minus plain with all skips'),
+  (
+    'grad_share',
+    0.3,
+    "the bottleneck's gradient share (log10 of its per-parameter gradient RMS over the network's), residual "
+    'minus plain with all skips; with long skips the decoder can bypass the bottleneck, so a small share can '
+    'mean bypassed as well as vanished (Drozdzal et al. 2016)',
+  ),
+  ('boundary_f1', 0.01, 'boundary F1, residual minus plain with all skips, the Dice difference beside it'),
+  ('dice', 0.01, 'the change of the Dice gain (residual minus plain, all skips) from the shallowest to the deepest depth'),
+)
 
 
-def claim_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
-  """One line per claim and study that can test it, with the numbers it rests on."""
-  lines = []
-  pairs = []  # (label, plain arm, residual arm) with all skips, at each depth
+def _claim_pairs(studies: dict[str, list[Arm]]) -> list[tuple[str, Arm, Arm]]:
+  """(label, plain arm, residual arm) with all skips, at every depth and skip variant."""
+  pairs = []
   for name, arms in studies.items():
     several = len({a.depth for a in arms}) > 1
     for depth, plain, residual in _full_pairs(arms):
       label = f'{name}, depth {depth}' if several else name
       pairs.append((f'{label}, {plain.variant} skips' if plain.variant else label, plain, residual))
-  if not pairs:
-    return [
-      f'{i}. {claim}: not tested (no study has plain and residual arms with all skips)'
-      for i, claim in enumerate(CLAIMS, 1)
-    ]
+  return pairs
 
-  def diff(key, a, b, censor=False):
-    return stats.paired_difference(a.values(key, target, censor=censor), b.values(key, target, censor=censor))
 
-  per_claim: list[list[str]] = [[], [], []]
-  for label, plain, residual in pairs:
-    steps = diff('steps_to_target', plain, residual, censor=True)  # plain - residual: > 0 is faster
-    reached = len(residual.values('steps_to_target', target)), len(plain.values('steps_to_target', target))
-    verdict = _verdict(steps, +1)
-    if verdict == 'supported' and reached[0] < len(residual.results):
-      verdict = 'inconclusive at this budget'  # a censored residual run understates its steps
-    auc = diff('auc', residual, plain)
-    censored = reached != (len(residual.results), len(plain.results))
-    per_claim[0].append(
-      f'{label}: {verdict} — residual reaches validation Dice {target:g} {steps.format(0)} steps sooner '
-      f'(plain minus residual; reached by {reached[0]}/{len(residual.results)} residual and '
-      f'{reached[1]}/{len(plain.results)} plain runs{", the others counted at the budget" if censored else ""}); '
-      f'validation-Dice AUC difference {auc.format()}'
+def _paired(a: Arm, b: Arm, key: str, target: float) -> dict[int, float]:
+  """`{seed: a - b}` of a run score, over the seeds both have."""
+  values_a, values_b = a.values(key, target), b.values(key, target)
+  return {s: values_a[s] - values_b[s] for s in sorted(values_a.keys() & values_b.keys())}
+
+
+def claim_decisions(studies: dict[str, list[Arm]], target: float) -> list[tuple[int, str, decision.Decision, str]]:
+  """Every claim's endpoints in the sweep, decided by `decision.decide` (Holm over all of them).
+
+  Returns:
+    (claim index 0-3, label, its decision, the numbers printed beside it), claims in order.
+  """
+  found: list[tuple[int, str, decision.Endpoint, str]] = []
+  for label, plain, residual in _claim_pairs(studies):
+    steps = stats.paired_difference(
+      plain.values('steps_to_target', target, censor=True), residual.values('steps_to_target', target, censor=True)
     )
-    share = diff('grad_share', residual, plain)
-    shares = [stats.t_interval(arm.values('grad_share', target).values()).format(2) for arm in (residual, plain)]
-    per_claim[1].append(
-      f'{label}: {_verdict(share, +1)} — bottleneck gradient share (log10 of its per-parameter gradient '
-      f"RMS over the network's) {shares[0]} residual vs {shares[1]} plain; difference {share.format(2)}"
+    reached = [f'{len(a.values("steps_to_target", target))}/{len(a.results)}' for a in (residual, plain)]
+    shares = [stats.t_interval(a.values('grad_share', target).values()).format(2) for a in (residual, plain)]
+    hd95 = stats.paired_difference(residual.values('hd95', target), plain.values('hd95', target))
+    dice = stats.paired_difference(residual.values('dice', target), plain.values('dice', target))
+    context = (
+      f'validation Dice {target:g} reached {steps.format(0)} steps sooner (plain minus residual; by {reached[0]} '
+      f'residual and {reached[1]} plain runs, the others counted at the budget)',
+      f'shares {shares[0]} residual vs {shares[1]} plain',
+      f'HD95 difference {hd95.format(2)} px; Dice difference {dice.format()}',
     )
-    f1, hd = diff('boundary_f1', residual, plain), diff('hd95', residual, plain)
-    per_claim[2].append(
-      f'{label}: {_verdict(f1, +1)} — boundary F1 difference (residual minus plain) {f1.format()}; '
-      f'HD95 difference {hd.format(2)} px; Dice difference {diff("dice", residual, plain).format()}'
-    )
-  for index, found in enumerate([*per_claim, _depth_verdicts(studies, target)]):
-    lines += [f'{index + 1}. **{CLAIMS[index]}**. Measured by {MEASURES[index]}.']
-    lines += [f'   - {line}' for line in found]
-  return lines
-
-
-# docs/ablation/SKIPS_PROTOCOL.md: (name, (residual, variant) of the arm, of the arm it is compared with)
-SKIP_ENDPOINTS = (
-  ('A1: plain attention - plain concat', (False, 'attention'), (False, '')),
-  ('A2: residual attention - residual concat', (True, 'attention'), (True, '')),
-  ('N1: plain nested - plain concat', (False, 'nested'), (False, '')),
-  ('N2: residual nested - residual concat', (True, 'nested'), (True, '')),
-  ('R1: residual concat - plain concat', (True, ''), (False, '')),
-  ('R2: residual attention - plain attention', (True, 'attention'), (False, 'attention')),
-  ('R3: residual nested - plain nested', (True, 'nested'), (False, 'nested')),
-)
-SKIP_DELTA = 0.02  # Dice: the equivalence margin of SKIPS_PROTOCOL.md
-
-
-def skip_path_decisions(arms: Sequence[Arm]) -> list[decision.Decision]:
-  """The verdicts of SKIPS_PROTOCOL.md's endpoints over one study's arms with every skip: each a
-  per-seed paired difference of test Dice, Holm-corrected over the endpoints the study has. Empty
-  unless it has both a concat and another skip kind, each with every seed of the others."""
-  full = {(a.residual, a.variant): a for a in arms if a.skips == '1' * a.depth}
-  if '' not in {variant for _, variant in full} or len({variant for _, variant in full}) < 2:
-    return []
-  if len({frozenset(a.results) for a in full.values()}) != 1:
-    return []  # the stopping rule: verdicts only once every arm has all its seeds
-  endpoints = [
-    decision.Endpoint.paired(
-      name,
-      [full[arm].results[s].test['dice'] - full[other].results[s].test['dice'] for s in sorted(full[arm].results)],
-      SKIP_DELTA,
-    )
-    for name, arm, other in SKIP_ENDPOINTS
-    if arm in full and other in full
-  ]
-  return decision.decide(endpoints) if endpoints else []
-
-
-def skip_path_section(studies: dict[str, list[Arm]]) -> list[str]:
-  """The report's table of `skip_path_decisions`, per study that has them."""
-  lines = []
-  for name, arms in studies.items():
-    decisions = skip_path_decisions(arms)
-    if not decisions:
-      continue
-    rows = [
-      [
-        d.endpoint.name,
-        d.effect.format(),
-        f'{d.p_claim:.3g}',
-        f'{d.p_opposite:.3g}',
-        f'{d.p_equivalence:.3g}',
-        f'**{d.label}**',
-      ]
-      for d in decisions
-    ]
-    lines += [
-      f'## Skip paths in study `{name}` (pre-registered: docs/ablation/SKIPS_PROTOCOL.md)',
-      '',
-      'Test Dice differences paired by seed [95% t-interval]; one-sided p-values Holm-adjusted over '
-      f'the {len(decisions)} endpoints; equivalence margin {SKIP_DELTA:g}.',
-      '',
-      *_table(['endpoint', 'effect', 'p claim', 'p opposite', 'p equivalence', 'verdict'], rows),
-      '',
-    ]
-  return lines
-
-
-def _depth_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
-  lines = []
+    for claim, ((key, delta, _), text) in enumerate(zip(ENDPOINTS[:3], context, strict=True)):
+      endpoint = decision.Endpoint.paired(label, list(_paired(residual, plain, key, target).values()), delta)
+      found.append((claim, label, endpoint, text))
   for name, arms in studies.items():
     for variant in dict.fromkeys(a.variant for a in arms):
-      gaps = []  # (depth, {seed: residual Dice - plain Dice})
-      for depth, plain, residual in _full_pairs(arms, variant):
-        dice_r, dice_p = residual.values('dice', target), plain.values('dice', target)
-        gaps.append((depth, {s: dice_r[s] - dice_p[s] for s in dice_r.keys() & dice_p.keys()}))
+      gaps = [(d, _paired(r, p, 'dice', target)) for d, p, r in _full_pairs(arms, variant)]
       if len(gaps) < 2:
         continue
       (shallow, first), (deep, last) = gaps[0], gaps[-1]
-      # The claim is an interaction: the residual gain grows with depth. Seeds are the blocks: seed s
-      # fixes the data order at every depth, so the per-seed change of the gain is paired.
-      widening = stats.paired_difference(last, first)
-      verdict = _verdict(stats.t_interval(last.values()), +1)
-      if verdict == 'supported':
-        verdict = _verdict(widening, +1)
-      table = '; '.join(f'depth {d}: {stats.t_interval(g.values()).format()}' for d, g in gaps)
+      # Seed s fixes the data order at every depth, so the per-seed change of the gain is paired.
+      change = [last[s] - first[s] for s in sorted(last.keys() & first.keys())]
       label = f'{name}, {variant} skips' if variant else name
+      table = '; '.join(f'depth {d}: {stats.t_interval(g.values()).format()}' for d, g in gaps)
+      text = f'Dice gain by depth: {table}; the change from depth {shallow} to {deep} is the endpoint'
+      found.append((3, label, decision.Endpoint.paired(label, change, ENDPOINTS[3][1]), text))
+  decided = decision.decide([endpoint for _, _, endpoint, _ in found]) if found else []
+  return [(c, label, d, text) for (c, label, _, text), d in zip(found, decided, strict=True)]
+
+
+def claim_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
+  """One line per claim and study that can test it: the verdict `decision.decide` gives, its effect
+  [95% interval] and the numbers beside it."""
+  decided = claim_decisions(studies, target)
+  lines = []
+  for index, claim in enumerate(CLAIMS):
+    lines.append(f'{index + 1}. **{claim}**. Measured by {ENDPOINTS[index][2]} (margin {ENDPOINTS[index][1]:g}).')
+    found = [(label, d, text) for c, label, d, text in decided if c == index]
+    lines += [f'   - {label}: {d.label} — {d.effect.format()}; {text}' for label, d, text in found]
+    if not found:
       lines.append(
-        f'{label}: {verdict} — Dice difference (residual minus plain) by depth: {table}; '
-        f'its change from depth {shallow} to {deep}: {widening.format()}'
+        '   - not tested in this grid: run the depth sweep, --config=experiments/configs/ablate_depth.py'
+        if index == 3
+        else '   - not tested (no study has plain and residual arms with all skips)'
       )
-  return lines or ['not tested in this grid: run the depth sweep, --config=experiments/configs/ablate_depth.py']
+  return lines
+
+
+def decision_table(decisions: Sequence[decision.Decision]) -> list[str]:
+  """A family's decisions as a Markdown table: endpoint, effect [95% CI], the Holm-adjusted p-values, verdict."""
+  rows = [
+    [
+      d.endpoint.name,
+      d.effect.format(),
+      f'{d.p_claim:.3g}',
+      f'{d.p_opposite:.3g}',
+      f'{d.p_equivalence:.3g}',
+      f'**{d.label}**',
+    ]
+    for d in decisions
+  ]
+  return _table(['endpoint', 'effect', 'p claim', 'p opposite', 'p equivalence', 'verdict'], rows)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -460,8 +405,20 @@ def _platform() -> str:
   return f'{count} {name}{"s" if count > 1 else ""}, {os.cpu_count()} CPU cores, jax {jax.__version__}'
 
 
-def markdown(pairs: Sequence[tuple[RunSpec, Result]], *, target: float, command: str, figures: Sequence[str]) -> str:
-  """The whole `report.md` of a sweep."""
+def markdown(
+  pairs: Sequence[tuple[RunSpec, Result]],
+  *,
+  target: float,
+  command: str,
+  figures: Sequence[str],
+  verdicts: Sequence[str] | None = None,
+) -> str:
+  """The whole `report.md` of a sweep.
+
+  Args:
+    verdicts: a pre-registered study's own verdict section (built on `decision`), which then
+      replaces the exploratory claim verdicts (`claim_verdicts`): one family carries the verdict words.
+  """
   studies = group(pairs)
   seeds = sorted({spec.seed for spec, _ in pairs})
   lines = [
@@ -477,11 +434,10 @@ def markdown(pairs: Sequence[tuple[RunSpec, Result]], *, target: float, command:
     "the whole network's, averaged over logged steps (more negative: more vanishing).",
     '',
   ]
-  registered = skip_path_section(studies)
-  if registered:  # a pre-registered family: its verdicts alone carry verdict words (SKIPS_PROTOCOL.md)
-    lines += registered
+  if verdicts is not None:
+    lines += verdicts
   else:
-    lines += ["## Verdicts on the design note's claims", '', *claim_verdicts(studies, target), '']
+    lines += ["## Verdicts on the design note's claims (exploratory)", '', *claim_verdicts(studies, target), '']
   for name, arms in studies.items():
     lines += _study_section(name, arms, target)
   if figures:
@@ -490,9 +446,14 @@ def markdown(pairs: Sequence[tuple[RunSpec, Result]], *, target: float, command:
 
 
 def write(
-  pairs: Sequence[tuple[RunSpec, Result]], directory: pathlib.Path, *, target: float, command: str
+  pairs: Sequence[tuple[RunSpec, Result]],
+  directory: pathlib.Path,
+  *,
+  target: float,
+  command: str,
+  verdicts: Sequence[str] | None = None,
 ) -> dict[str, pathlib.Path]:
-  """Writes `results.csv`, `knockouts.csv`, the figures and `report.md` into `directory`.
+  """Writes `results.csv`, `knockouts.csv`, the figures and `report.md` (`markdown`) into `directory`.
 
   Returns:
     Output name -> path.
@@ -506,6 +467,6 @@ def write(
   write_csv(result_rows(pairs, target), paths['results'])
   write_csv(knockout_rows(pairs), paths['knockouts'])
   figures = plots.write_all(group(pairs), target, directory)
-  paths['report'].write_text(markdown(pairs, target=target, command=command, figures=figures))
+  paths['report'].write_text(markdown(pairs, target=target, command=command, figures=figures, verdicts=verdicts))
   paths.update({name.removesuffix('.png'): directory / name for name in figures})
   return paths

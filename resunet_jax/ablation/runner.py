@@ -344,7 +344,7 @@ def run_population(
   return results
 
 
-def _use_compilation_cache(directory: pathlib.Path) -> None:
+def use_compilation_cache(directory: pathlib.Path) -> None:
   # Seeds of one arm compile the same programs: JAX's persistent cache turns the second and
   # later compilations into a disk read (about 5 s -> 1 s per step function on a 2-core CPU).
   # A cache the user configured already (JAX_COMPILATION_CACHE_DIR) is kept; else one in the sweep.
@@ -376,7 +376,7 @@ def sweep(config, root: str | pathlib.Path, *, progress: bool = True) -> list[tu
   groups = grid.populations(specs, group=config.ablation.populations)
   root.mkdir(parents=True, exist_ok=True)
   if config.ablation.compilation_cache:
-    _use_compilation_cache(root / 'compilation_cache')
+    use_compilation_cache(root / 'compilation_cache')
   done = {spec: (run_dir(spec.config, root) / 'result.json').exists() for spec in specs}
   show = progress and jax.process_index() == 0
   finished = sum(done.values())

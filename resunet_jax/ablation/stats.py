@@ -37,12 +37,6 @@ class Interval:
   def half_width(self) -> float:
     return (self.high - self.low) / 2
 
-  def excludes_zero(self) -> int:
-    """+1 when the whole interval is above 0, -1 when below, 0 otherwise (or undefined)."""
-    if not (math.isfinite(self.low) and math.isfinite(self.high)):
-      return 0
-    return 1 if self.low > 0 else -1 if self.high < 0 else 0
-
   def format(self, digits: int = 3) -> str:
     """'0.812 [0.790, 0.834]', or '0.812 (n=1)' without an interval."""
     if self.n < 2:

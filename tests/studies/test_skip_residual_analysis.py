@@ -1,14 +1,16 @@
-"""The study's analysis (ablation.analysis) on synthetic results.csv rows: each claim's endpoint
+"""The skip/residual study's analysis (studies/skip_residual/analysis.py) on synthetic results.csv rows: each claim's endpoint
 from its stage's rows, every verdict of the rule, claim 2's validity check, the CSV round trip."""
 
 import csv
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
 
-from resunet_jax.ablation import analysis, decision, protocol
+from resunet_jax.ablation import decision
+from studies.skip_residual import analysis, protocol
 
 DATASETS = ('synthetic_roads/size32', 'synthetic_cells/size32')
 SEEDS = range(10)
@@ -121,7 +123,7 @@ def test_claim_2_is_inconclusive_when_its_measure_does_not_flag_the_failed_arm()
   assert flagged.label == decision.SUPPORTED and not flagged.reason
   missed = _verdicts(_rows(effects, fail=(('plain', 'lecun-none'), -0.95)))  # above plain's trained -1.0
   assert missed[(2, 'roads')].label == decision.INCONCLUSIVE
-  assert missed[(2, 'roads')].decided.verdict == decision.SUPPORTED  # what the test alone said
+  assert missed[(2, 'roads')].decided.p_claim < decision.ALPHA  # the test alone would say supported
   assert missed[(2, 'roads')].reason == 'the measure does not flag the failed arm'
   assert missed[(1, 'roads')].label == decision.SUPPORTED  # the other claims keep theirs
   check = analysis.validity(_rows(effects, fail=(('plain', 'lecun-none'), -0.95)), DATASETS[0])
@@ -225,13 +227,13 @@ def test_the_arm_table_counts_failures_and_leaves_out_repeated_runs():
 
 
 def test_the_final_report_adds_secondary_analyses_and_figures_only_when_final(tmp_path):
-  from resunet_jax.ablation import plots  # matplotlib: only this test needs it
+  from studies.skip_residual import figures  # matplotlib: only this test needs it
 
   rows = _rows({1: 0.1, 2: 2.0, 3: 0.05, 4: 0.02})
-  figures = plots.study_figures(rows, tmp_path)
-  assert figures == ['robustness.png', 'primary_runs.png', 'depth_gain.png']
-  assert all((tmp_path / name).stat().st_size > 1000 for name in figures)
-  final = analysis.markdown(rows, progress={}, plan={}, final=True, figures=figures)
+  drawn = figures.study_figures(rows, tmp_path)
+  assert drawn == ['robustness.png', 'primary_runs.png', 'depth_gain.png']
+  assert all((tmp_path / name).stat().st_size > 1000 for name in drawn)
+  final = analysis.markdown(rows, progress={}, plan={}, final=True, figures=drawn)
   assert '## Secondary analyses' in final and '![depth_gain.png](depth_gain.png)' in final
   assert "Claim 2's validity check on roads passes" in final and 'Depth without skips on roads' in final
   interim = analysis.markdown(rows, progress={}, plan={}, final=False)
@@ -288,10 +290,10 @@ def test_the_report_says_when_the_budget_cap_is_not_a_plateau():
 
 
 def test_the_committed_study_report_is_what_its_committed_table_gives():
-  """A reader recomputes every verdict and secondary line of docs/ablation/study/report.md from
+  """A reader recomputes every verdict and secondary line of studies/skip_residual/results/report.md from
   the results.csv beside it (issue 19's acceptance): a report written by older analysis code, or
   edited by hand, fails here. Rerunning the study's command (nothing left to train) rewrites it."""
-  study = pathlib.Path(__file__).parents[2] / 'docs' / 'ablation' / 'study'
+  study = pathlib.Path(__file__).parents[2] / 'studies' / 'skip_residual' / 'results'
   rows = protocol.read_rows(study / 'results.csv')
   report = (study / 'report.md').read_text()
   if '## Secondary analyses' not in report:
@@ -306,3 +308,91 @@ def test_the_committed_study_report_is_what_its_committed_table_gives():
     sections.append((analysis.verdict_lines(analysis.at_plateau(rows)), at_plateau))
   for lines, text in sections:
     assert [line for line in lines if line not in text] == []
+
+
+STUDY = pathlib.Path(__file__).parents[2] / 'studies' / 'skip_residual'
+VERDICT_STAGES = {'at B': 'primary', 'at the plateau': 'plateau_primary'}
+
+
+def _report_sections():
+  """The committed report's verdict tables: 'at B' and 'at the plateau' -> its text."""
+  report = (STUDY / 'results' / 'report.md').read_text()
+  at_b, _, rest = report.partition('## Verdicts at the plateau budget')
+  return {'at B': at_b.partition('## Verdicts\n')[2], 'at the plateau': rest.partition('## Secondary analyses')[0]}
+
+
+def test_the_committed_report_has_no_verdict_or_headline_line_the_table_does_not_give():
+  """The other way round from the test above: no stale or extra line in a verdict section."""
+  rows = protocol.read_rows(STUDY / 'results' / 'results.csv')
+  given = {'at B': analysis.verdict_lines(rows), 'at the plateau': analysis.verdict_lines(analysis.at_plateau(rows))}
+  for name, text in _report_sections().items():
+    written = [line for line in text.splitlines() if line.startswith(('| ', '- '))]
+    assert written and [line for line in written if line not in given[name]] == [], name
+
+
+def _csv_rows():
+  """results.csv read with the csv module alone (no project code)."""
+  with (STUDY / 'results' / 'results.csv').open() as f:
+    return list(csv.DictReader(f))
+
+
+def _fmt_interval(mean, low, high):
+  return f'{mean:.3f} [{low:.3f}, {high:.3f}]'
+
+
+def test_claims_1_and_3_recomputed_with_scipy_from_the_committed_table():
+  """An oracle independent of `analysis` and `decision`: claim 1 as scipy's paired t-test of the
+  validation-Dice AUC (identity minus plain, all skips, by seed) and claim 3 as an OLS fit with
+  scipy's t quantile, straight from results.csv; the report prints the same effect and interval."""
+  from scipy import linalg
+  from scipy import stats as scipy_stats
+
+  rows = _csv_rows()
+  tuning = {row['seed'] for row in rows if row['stage'] == 'tune'}
+  sections = _report_sections()
+  for name, stage in VERDICT_STAGES.items():
+    for data, short in (('synthetic_roads/size32', 'roads'), ('synthetic_cells/size32', 'cells')):
+      picked = [
+        r for r in rows if (r['stage'], r['data'], r['skips']) == (stage, data, 'all') and r['seed'] not in tuning
+      ]
+      auc = {block: {r['seed']: float(r['val_auc']) for r in picked if r['block'] == block} for block in ('identity', 'plain')}
+      seeds = sorted(auc['identity'].keys() & auc['plain'].keys())
+      a, b = np.array([auc['identity'][s] for s in seeds]), np.array([auc['plain'][s] for s in seeds])
+      assert len(seeds) == 10 and scipy_stats.ttest_rel(a, b).df == 9
+      low, high = scipy_stats.t.interval(0.95, len(seeds) - 1, loc=(a - b).mean(), scale=scipy_stats.sem(a - b))
+      row_1 = f'| 1: {analysis.CLAIMS[1]} | {short} | {_fmt_interval((a - b).mean(), low, high)} |'
+      assert row_1 in sections[name], (name, row_1)
+      fit = [r for r in picked if r['block'] in ('identity', 'plain')]
+      x = np.array([[1.0, float(r['dice']), float(r['block'] == 'identity')] for r in fit])
+      y = np.array([float(r['boundary_f1_1px']) for r in fit])
+      coef, residuals, *_ = linalg.lstsq(x, y)
+      df = len(y) - 3
+      se = np.sqrt(float(residuals) / df * linalg.inv(x.T @ x)[2, 2])
+      half = scipy_stats.t.ppf(0.975, df) * se
+      row_3 = f'| 3: {analysis.CLAIMS[3]} | {short} | {_fmt_interval(coef[2], coef[2] - half, coef[2] + half)} |'
+      assert row_3 in sections[name], (name, row_3)
+
+
+def test_every_verdict_and_headline_number_the_readme_quotes_is_in_the_report():
+  """The study's README quotes its report: each verdict cell (word and interval) is in the report's
+  row for that claim and dataset, and each bold number is in the report."""
+  readme = (STUDY / 'README.md').read_text()
+  report = (STUDY / 'results' / 'report.md').read_text()
+  sections = _report_sections()
+  tables = re.findall(r'Verdicts (at the plateau|at B)[^\n]*\n\n\|[^\n]*\n\|[^\n]*\n((?:\|[^\n]*\n)+)', readme)
+  assert [name for name, _ in tables] == ['at the plateau', 'at B']
+  interval = r'-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]'
+  checked = 0
+  for name, body in tables:
+    for line in body.strip().splitlines():
+      claim = int(line[2])
+      for short, cell in zip(('roads', 'cells'), line.strip('|').split('|')[1:], strict=True):
+        verdict = cell.strip().split(':')[0]
+        (row,) = [r for r in sections[name].splitlines() if r.startswith(f'| {claim}: ') and f'| {short} |' in r]
+        assert f'**{verdict}**' in row, (name, claim, short)
+        for number in re.findall(interval, cell):
+          assert f'| {number} |' in row, (name, claim, short, number)
+          checked += 1
+  assert checked >= 14
+  bold = [' '.join(n.split()) for n in re.findall(r'\*\*\+?(-?\d[^*]*)\*\*', readme)]
+  assert len(bold) >= 15 and [number for number in bold if number not in report] == []

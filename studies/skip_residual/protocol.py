@@ -1,4 +1,4 @@
-"""The pre-registered skip/residual study (docs/ablation/PROTOCOL.md) as staged, resumable runs.
+"""The pre-registered skip/residual study (PROTOCOL.md beside this file) as staged, resumable runs.
 
 Stages, each reading the results of the ones before it:
 
@@ -51,9 +51,10 @@ import numpy as np
 
 from resunet_jax import configs, models
 from resunet_jax import data as data_lib
-from resunet_jax.ablation import analysis, grid, measures, plots, runner, stats
+from resunet_jax.ablation import grid, runner, stats
 from resunet_jax.errors import UserError
 from resunet_jax.training import loop, reporting
+from studies.skip_residual import analysis, figures, measures
 
 RECIPES = {  # name -> (model.init, model.norm), in the protocol's table order
   'lecun-none': ('lecun', 'none'),
@@ -74,12 +75,12 @@ STAGES = ('tune', 'pilot', 'primary', 'depth', 'secondary')  # the order they ru
 ADDED_STAGES = ('boundary', 'plateau_primary', 'plateau_depth')
 PLATEAU_STAGES = analysis.PLATEAU_STAGES  # -> the stage they repeat
 VERDICT_STAGES = ('primary', 'depth')  # the verdicts need these complete; 'secondary' carries none
-CUTS = (
-  'pilot: the longest budget on one seed',
-  "secondary: the 'lecun-none' arms on the first dataset only",
-  'depth: the first dataset only',
-  'B capped at the middle budget',
-)
+CUTS = {  # name -> what it does (PROTOCOL.md, "Compute budget"), in the order they apply
+  'pilot_one_seed': 'pilot: the longest budget on one seed',
+  'secondary_first_dataset': "secondary: the 'lecun-none' arms on the first dataset only",
+  'depth_first_dataset': 'depth: the first dataset only',
+  'budget_capped': 'B capped at the middle budget',
+}
 
 
 def section() -> ml_collections.ConfigDict:
@@ -171,7 +172,7 @@ class Run:
 def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` without its `ablation` section: what every run starts from."""
   if 'ablation' not in config or 'protocol' not in config.ablation:
-    raise UserError('the config has no `ablation.protocol` section; use experiments/configs/ablate_study.py')
+    raise UserError('the config has no `ablation.protocol` section; use studies/skip_residual/configs/study.py')
   base = config.copy_and_resolve_references()
   with base.unlocked():
     del base['ablation']
@@ -265,13 +266,13 @@ def tune_runs(settings, base) -> list[Run]:
   ]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Plan:
-  """The choices the tuning and pilot stages lead to."""
+  """The choices the tuning and pilot stages lead to (a value: a later stage replaces it)."""
 
   choice: dict[tuple[str, str, str], tuple[str, float]]  # (data, block, skips) -> (recipe, rate)
   lecun: dict[tuple[str, str, str], float]  # the best rate under 'lecun-none'
-  cuts: list[str]
+  cuts: tuple[str, ...]  # names in `CUTS`
   projected_minutes: float
   budget: int | None = None  # B, once the pilot is done
   rates: dict[tuple[str, str, str, str], float] = dataclasses.field(default_factory=dict)  # + recipe: its best rate
@@ -291,13 +292,11 @@ def plan_from_tuning(settings, base, tuned: dict[Run, runner.Result]) -> Plan:
     for arm, results in by_arm.items()
     for recipe in dict.fromkeys(run.recipe for run in results)
   }
-  cuts: list[str] = []
-  plan = Plan(choice, lecun, cuts, 0.0, rates=rates)
   for count in range(len(CUTS) + 1):
-    plan.cuts = list(CUTS[:count])
+    plan = Plan(choice, lecun, tuple(CUTS)[:count], 0.0, rates=rates)
     rest = [run for stage in STAGES[1:] for run in stage_runs(stage, settings, base, plan, assume_budget=True)]
     unique = {run for run in rest if run not in tuned}
-    plan.projected_minutes = seconds_per_step * sum(run.steps for run in unique) / 60
+    plan = dataclasses.replace(plan, projected_minutes=seconds_per_step * sum(run.steps for run in unique) / 60)
     if plan.projected_minutes <= settings.budget_minutes:
       break
   return plan
@@ -314,7 +313,7 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
   budgets = tuple(settings.budgets)
   budget = plan.budget
   if budget is None and assume_budget:
-    budget = budgets[1] if CUTS[3] in plan.cuts else budgets[-1]
+    budget = budgets[1] if 'budget_capped' in plan.cuts else budgets[-1]
   runs: list[Run] = []
 
   def add(data, block, skips, seeds, steps, *, recipe=None, lr=None, at_depth=depth, at_width=width):
@@ -328,7 +327,7 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
     seeds = range(settings.tune_seed, settings.tune_seed + settings.pilot_seeds)
     for data, block, skips in itertools.product(settings.datasets, PRIMARY_BLOCKS, SKIPS):
       for steps in budgets:
-        add(data, block, skips, seeds[:1] if steps == budgets[-1] and CUTS[0] in plan.cuts else seeds, steps)
+        add(data, block, skips, seeds[:1] if steps == budgets[-1] and 'pilot_one_seed' in plan.cuts else seeds, steps)
     return runs
   if budget is None:
     raise ValueError(f'the {stage} stage needs the plateau budget; run the pilot first')
@@ -350,12 +349,12 @@ def stage_runs(stage: str, settings, base, plan: Plan, *, assume_budget: bool = 
             continue  # a primary arm, at B with the primary tier's seeds
           add(data, block, skips, seeds, budget, recipe=recipe, lr=plan.rates[(data, block, skips, recipe)])
         continue
-      if CUTS[1] in plan.cuts and data != settings.datasets[0]:
+      if 'secondary_first_dataset' in plan.cuts and data != settings.datasets[0]:
         continue
       for block, skips in itertools.product(PRIMARY_BLOCKS, SKIPS):
         add(data, block, skips, seeds, budget, recipe='lecun-none', lr=plan.lecun[(data, block, skips)])
   elif stage == 'depth':
-    datasets = settings.datasets[:1] if CUTS[2] in plan.cuts else settings.datasets
+    datasets = settings.datasets[:1] if 'depth_first_dataset' in plan.cuts else settings.datasets
     for data in datasets:
       reference = param_count(Run(data, 'plain', 'he-none', 'none', depth, width, 1e-3, budget, 0), base)
       for other in settings.other_depths:
@@ -578,7 +577,7 @@ def run(
   committed = {row['run_id']: row for row in table if row['stage'] in STAGES + ADDED_STAGES}
   initial = {row['run_id']: row for row in table if row['stage'] == 'initial'}
   if config.ablation.compilation_cache:
-    runner._use_compilation_cache(root / 'compilation_cache')  # noqa: SLF001
+    runner.use_compilation_cache(root / 'compilation_cache')
   stages: dict[str, dict[Run, runner.Result]] = {}
   planned: dict[str, int] = {}
   plan: Plan | None = None
@@ -609,7 +608,7 @@ def run(
     stage('tune', tune_runs(settings, base), knockouts=False, measure_fn=no_test_use)
     plan = plan_from_tuning(settings, base, stages['tune'])
     if jax.process_index() == 0:
-      cuts = '; '.join(plan.cuts) or 'none'
+      cuts = '; '.join(CUTS[c] for c in plan.cuts) or 'none'
       minutes = f'{plan.projected_minutes:.0f} min (budget {settings.budget_minutes:g})'
       print(f'projected rest of the study: {minutes}; cuts: {cuts}')
     networks = initial_runs(settings, base, plan)
@@ -623,9 +622,7 @@ def run(
       )
     budgets = tuple(settings.budgets)
     uncapped = plateau(arms, budgets, settings.plateau_tolerance)
-    plan.budget = uncapped
-    if CUTS[3] in plan.cuts:
-      plan.budget = min(plan.budget, budgets[1])
+    plan = dataclasses.replace(plan, budget=min(uncapped, budgets[1]) if 'budget_capped' in plan.cuts else uncapped)
     if jax.process_index() == 0:
       print(f'plateau budget B = {plan.budget} steps')
     for name in STAGES[2:]:
@@ -794,7 +791,7 @@ def write(
 ) -> dict[str, pathlib.Path]:
   """Writes the study's `results.csv` (every stage's rows so far), `plan.json` (once the
   tuning stage has made the plan) and `report.md` (`analysis.markdown`: verdicts, secondary
-  analyses and the figures of `plots.study_figures` only when `final`) into the folder
+  analyses and the figures of `figures.study_figures` only when `final`) into the folder
   `output`, each table replaced atomically.
 
   Args:
@@ -838,7 +835,7 @@ def write(
     summary = {
       'command': command,
       'choice': choice,
-      'cuts': plan.cuts,
+      'cuts': [CUTS[c] for c in plan.cuts],
       'projected_minutes': plan.projected_minutes,
       'budget': plan.budget,
     }
@@ -850,14 +847,14 @@ def write(
   rows_back = read_rows(paths['results'])  # the report is what a reader recomputes from the table
   plateau = analysis.plateau_complete(progress)
   if not final:
-    figures = []
+    drawn = []
   elif draw:
-    figures = plots.study_figures(rows_back, output, plateau=plateau)
+    drawn = figures.study_figures(rows_back, output, plateau=plateau)
   else:
-    figures = [name for name in plots.study_figure_names(plateau) if (output / name).exists()]
+    drawn = [name for name in figures.study_figure_names(plateau) if (output / name).exists()]
   text = analysis.markdown(
-    rows_back, progress=progress, plan=summary or {'command': command}, final=final, figures=figures
+    rows_back, progress=progress, plan=summary or {'command': command}, final=final, figures=drawn
   )
   replace(paths['report'], text + '\n')
-  paths.update({name.removesuffix('.png'): output / name for name in figures})
+  paths.update({name.removesuffix('.png'): output / name for name in drawn})
   return paths

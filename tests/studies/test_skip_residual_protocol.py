@@ -1,4 +1,4 @@
-"""The staged study (ablation.protocol): its choices, stages, cuts, configs; and its per-run measures."""
+"""The staged skip/residual study (studies/skip_residual/protocol.py): its choices, stages, cuts, configs; and its per-run measures."""
 
 import dataclasses
 import json
@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from resunet_jax import configs
-from resunet_jax.ablation import analysis, measures, plots, protocol, runner
+from resunet_jax.ablation import runner
+from studies.skip_residual import analysis, figures, measures, protocol
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _study_config():
-  return runpy.run_path(str(ROOT / 'experiments/configs/ablate_study.py'))['get_config']()
+  return runpy.run_path(str(ROOT / 'studies/skip_residual/configs/study.py'))['get_config']()
 
 
 def _result(final_dice: float, wall_s: float = 0.0, steps: int = 300) -> runner.Result:
@@ -110,7 +111,7 @@ def test_stages_follow_the_plan_and_the_cuts_apply_in_order(tfds_dir):
   plan = protocol.plan_from_tuning(settings, base, tuned)
   assert set(plan.choice.values()) == {('lecun-none', 1e-2)}
   # 30 s per 300-step run is 0.1 s per member-step: the rest needs far more than 150 minutes
-  assert plan.cuts == list(protocol.CUTS) and plan.projected_minutes > settings.budget_minutes
+  assert plan.cuts == tuple(protocol.CUTS) and plan.projected_minutes > settings.budget_minutes
   pilot = protocol.stage_runs('pilot', settings, base, plan)
   longest = [run for run in pilot if run.steps == 3000]
   assert len(pilot) == 2 * 4 * (2 + 2 + 1) and {run.seed for run in longest} == {1000}
@@ -207,7 +208,7 @@ def test_initial_gradients_are_those_of_the_runs_first_step(tfds_dir):
 
 
 def _quick_study(tfds_dir, output):
-  config = runpy.run_path(str(ROOT / 'experiments/configs/ablate_study_quick.py'))['get_config']()
+  config = runpy.run_path(str(ROOT / 'studies/skip_residual/configs/quick.py'))['get_config']()
   config.data.data_dir = tfds_dir
   config.ablation.compilation_cache = False
   config.ablation.protocol.output = str(output)
@@ -287,14 +288,14 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   output = tmp_path / 'committed'
   config = _quick_study(tfds_dir, output)
   args = [
-    '--config=experiments/configs/ablate_study_quick.py',
+    '--config=studies/skip_residual/configs/quick.py',
     f'--config.data.data_dir={tfds_dir}',
     '--config.ablation.compilation_cache=False',
     f'--config.ablation.protocol.output={output}',
     f'--workdir={tmp_path / "fourth"}',
   ]
   env = {**os.environ, 'XLA_FLAGS': ''}
-  command = shlex.join(['python', 'experiments/ablate.py', *args])  # the report's, in every run alike
+  command = shlex.join(['python', 'studies/skip_residual/run.py', *args])  # the report's, in every run alike
   calls, initialised = [], []
 
   def initial(run_config):
@@ -364,7 +365,7 @@ def test_a_study_keeps_its_table_current_and_resumes_from_it_in_an_empty_workdir
   # The study's command in an empty workdir (a fresh clone): nothing trained or measured, and the
   # tables are those protocol.run wrote (it once wrote them again after, without the baselines).
   (output / 'report.md').unlink()
-  result = commands.run([sys.executable, 'experiments/ablate.py', *args], env=env)
+  result = commands.run([sys.executable, 'studies/skip_residual/run.py', *args], env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (output / 'results.csv').read_text() == table and (output / 'report.md').read_text() == report
 
@@ -379,7 +380,7 @@ def test_where_cut_4_capped_b_the_verdict_stages_run_again_at_the_plateau(tfds_d
   monkeypatch.setattr(measures, 'initial', lambda run_config: {'log10_grad_ratio': -0.5 * run_config.model.residual})
   monkeypatch.setattr(runner, 'run_population', _fake_population([], residual_gain=0.005))
   stages, plan = protocol.run(config, tmp_path / 'work', command='c')
-  assert plan.budget == 4 and protocol.CUTS[3] in plan.cuts
+  assert plan.budget == 4 and 'budget_capped' in plan.cuts
   rows = protocol.read_rows(output / 'results.csv')
 
   def arms(stage):
@@ -394,7 +395,7 @@ def test_where_cut_4_capped_b_the_verdict_stages_run_again_at_the_plateau(tfds_d
     assert [a[:-1] for a in arms(stage)] == [a[:-1] for a in arms(repeated)]
   report = (output / 'report.md').read_text()
   first, plateau_part = report.split('## Verdicts at the plateau budget (6 steps; PROTOCOL.md amendment 8)')
-  for name in plots.PLATEAU_FIGURES:  # the verdict stages' figures again, from the plateau rows
+  for name in figures.PLATEAU_FIGURES:  # the verdict stages' figures again, from the plateau rows
     assert (output / name).stat().st_size > 1000 and f'![{name}]({name})' in plateau_part
   assert {r['steps'] for r in analysis.at_plateau(rows) if r['stage'] in ('primary', 'depth')} == {6}
   at_b, at_plateau = analysis.decisions(rows), analysis.decisions(analysis.at_plateau(rows))

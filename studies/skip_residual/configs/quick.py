@@ -1,6 +1,6 @@
 """The study's stages in miniature, for tests: tiny network, 2 recipes x 2 rates, budgets of 3-6 steps.
 
-python experiments/ablate.py --config=experiments/configs/ablate_study_quick.py --workdir=runs/study-quick
+python studies/skip_residual/run.py --config=studies/skip_residual/configs/quick.py --workdir=runs/study-quick
 """
 
 import pathlib
@@ -9,8 +9,9 @@ import runpy
 import ml_collections
 
 from resunet_jax import ablation
+from studies.skip_residual import protocol
 
-_quick = runpy.run_path(str(pathlib.Path(__file__).with_name('quick.py')))['get_config']
+_quick = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[3] / 'experiments/configs/quick.py'))['get_config']
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.num_sample_images = 1
   config.train.eval_every = 2
   config.ablation = ablation.section()
-  settings = config.ablation.protocol = ablation.protocol.section()
+  settings = config.ablation.protocol = protocol.section()
   settings.datasets = ('synthetic_roads/small',)
   settings.recipes = ('lecun-none', 'he-group')
   settings.learning_rates = (1e-3, 1e-2)

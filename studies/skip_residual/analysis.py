@@ -1,10 +1,10 @@
-"""The study's pre-registered analysis (docs/ablation/PROTOCOL.md), from its results.csv rows alone.
+"""The study's pre-registered analysis (PROTOCOL.md beside this file), from its results.csv rows alone.
 
 `decisions(rows)` is every verdict of the study: a reader recomputes them from the committed
 table with
 
-  from resunet_jax.ablation import analysis, protocol
-  analysis.decisions(protocol.read_rows('docs/ablation/study/results.csv'))
+  from studies.skip_residual import analysis, protocol
+  analysis.decisions(protocol.read_rows('studies/skip_residual/results/results.csv'))
 
 The eight primary endpoints (claims 1-4 x two datasets), each residual (`identity`) minus
 `plain`, paired by seed, each arm at its own chosen recipe and learning rate:
@@ -21,7 +21,7 @@ The eight primary endpoints (claims 1-4 x two datasets), each residual (`identit
 Holm over the eight (`decision.decide`). Claim 2's validity check comes first: among the no-skip
 (block, recipe) arms of the tuning stage, every arm that failed to train (its rows' `failed` set
 at every learning rate: `protocol.rows`) must have a lower measure than every arm that trained;
-otherwise claim 2 is 'inconclusive' on that dataset whatever its test says.
+otherwise the endpoint is marked invalid and `decide` calls it 'inconclusive' whatever its test says.
 """
 
 from __future__ import annotations
@@ -152,6 +152,16 @@ def slopes(gains: dict[int, dict[int, float]]) -> list[float]:
   return out
 
 
+def _slope_gains(gains: dict[int, dict[int, float]]) -> str:
+  """', mean gain ... at depths ... over the N seeds with every depth' (the seeds `slopes` uses), or ''."""
+  every = set.union(set(), *(set(by) for by in gains.values())) if gains else set()
+  seeds = [seed for seed in sorted(gains) if set(gains[seed]) == every]
+  if len(every) < 2 or not seeds:
+    return ''
+  means = ', '.join(f'{np.mean([gains[s][d] for s in seeds]):.3f}' for d in sorted(every))
+  return f' (mean gain {means} at depths {", ".join(map(str, sorted(every)))}, over the {len(seeds)} seeds with every depth)'
+
+
 def claim4(rows, data) -> decision.Endpoint:
   return decision.Endpoint.paired(f'claim 4 / {short(data)}', slopes(depth_gains(rows, data)), DELTAS[4])
 
@@ -194,28 +204,36 @@ def validity(rows, data) -> Validity:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-  """One endpoint's verdict as the report prints it: the rule's (`decision.Decision`), or
-  'inconclusive' with the reason where claim 2's validity check fails."""
+  """One endpoint's verdict: `decided` is `decision.decide`'s, with claim 2's validity check
+  (an `Endpoint.invalid` reason) already in it."""
 
   claim: int
   data: str
   decided: decision.Decision
-  label: str
-  reason: str = ''
+
+  @property
+  def label(self) -> str:
+    return self.decided.label
+
+  @property
+  def reason(self) -> str:
+    return self.decided.endpoint.invalid
+
+
+INVALID = 'the measure does not flag the failed arm'  # claim 2's validity check failed
 
 
 def decisions(rows: Sequence[dict]) -> list[Verdict]:
   """Every primary endpoint's verdict, claims in order, datasets in table order (Holm over all)."""
   build = {1: claim1, 2: claim2, 3: claim3, 4: claim4}
   keys = [(claim, data) for claim in build for data in datasets(rows)]
-  decided = decision.decide([build[claim](rows, data) for claim, data in keys])
-  out = []
-  for (claim, data), result in zip(keys, decided, strict=True):
-    label, reason = result.label, ''
+  endpoints = []
+  for claim, data in keys:
+    endpoint = build[claim](rows, data)
     if claim == 2 and not validity(rows, data).valid:
-      label, reason = decision.INCONCLUSIVE, 'the measure does not flag the failed arm'
-    out.append(Verdict(claim, data, result, label, reason))
-  return out
+      endpoint = dataclasses.replace(endpoint, invalid=INVALID)
+    endpoints.append(endpoint)
+  return [Verdict(claim, data, d) for (claim, data), d in zip(keys, decision.decide(endpoints), strict=True)]
 
 
 def failures(rows: Sequence[dict]) -> dict[tuple[str, str, str], tuple[int, int]]:
@@ -252,6 +270,7 @@ def headline(rows: Sequence[dict]) -> dict[str, dict]:
       'plain_no_skips_logit_std': stats.t_interval(initial.get('logit_std', {}).values()),
       'plain_no_skips_dead_relu': stats.t_interval(initial.get('dead_relu', {}).values()),
       'depth_slope': claim4(rows, data).interval(),
+      'depth_gains': _slope_gains(depth_gains(rows, data)),
       **{
         f'bootstrap_{skips}_skips': '[{}, {}]'.format(
           *(_fmt(v) for v in hierarchical_bootstrap(per_image_differences(rows, stage='primary', data=data, skips=s)))
@@ -371,11 +390,14 @@ def markdown(
   trained = [row for row in rows if row['stage'] != 'initial']
   hours = sum(row.get('wall_s', 0.0) for row in {row['run_id']: row for row in trained}.values()) / 3600
   lines = [
-    '# The skip/residual study (docs/ablation/PROTOCOL.md)',
+    '# The skip/residual study (studies/skip_residual/PROTOCOL.md)',
     '',
-    f'Command: `{plan.get("command", "python experiments/ablate.py --config=experiments/configs/ablate_study.py")}`',
+    f'Command: `{plan.get("command", "python studies/skip_residual/run.py")}`',
     '',
-    f'Compute so far: {hours:.2f} h of training and measurement (the sum over finished runs).',
+    f'Compute so far: {hours:.2f} h of training and measurement (the sum over finished runs). '
+    f'results.csv has {len(rows)} rows: {len({row["run_id"] for row in trained})} distinct trained runs '
+    f'(a run two stages share is one run in two rows) and {len(rows) - len(trained)} networks measured at '
+    'initialisation without training.',
     '',
     '| stage | runs done | planned |',
     '|---|---|---|',
@@ -407,8 +429,9 @@ def markdown(
         f'## Verdicts at the plateau budget ({pilot_plateau(rows)} steps; PROTOCOL.md amendment 8)',
         '',
         'The primary and depth stages trained again at the budget the plateau rule gives, which cut 4 '
-        'had capped; the same endpoints, tests and Holm family. Both sets of verdicts stand in the '
-        'report; these answer the question at the plateau.',
+        'had capped: the same endpoints and tests, Holm-adjusted as a family of their own. Amendment 8 '
+        'was made after the verdicts at B had been read, so these verdicts are post hoc; both sets stand '
+        'in the report.',
         '',
         *verdict_lines(at_plateau(rows)),
         '',
@@ -509,7 +532,7 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
       f'({numbers["bootstrap_no_skips"]}); plain without skips {numbers["plain_no_skips_dice"].format()} '
       f'(logit std at initialisation {numbers["plain_no_skips_logit_std"].format()}, dead ReLU fraction '
       f'{numbers["plain_no_skips_dead_relu"].format()}); depth slope of the residual gain '
-      f'{numbers["depth_slope"].format(4)} per level.'
+      f'{numbers["depth_slope"].format(4)} per level{numbers["depth_gains"]}.'
     )
   return lines
 

@@ -1,4 +1,4 @@
-"""The study's per-run measures beyond the mean test metrics (docs/ablation/PROTOCOL.md).
+"""The study's per-run measures beyond the mean test metrics (PROTOCOL.md beside this file).
 
 - `initial`: the network at initialisation on its run's first training batch: per-block
   gradient RMS (claim 2), the spread of the logits and the fraction of dead ReLU channels.
