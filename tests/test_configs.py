@@ -6,11 +6,17 @@ import pathlib
 import pytest
 
 from resunet_jax import ablation, configs, data, models
-from studies.skip_residual import protocol
 from resunet_jax.errors import UserError
+from studies.skip_residual import protocol
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted([*(ROOT / 'experiments' / 'configs').glob('*.py'), *(ROOT / 'studies').glob('*/config*.py'), *(ROOT / 'studies').glob('*/configs/*.py')])
+CONFIGS = sorted(
+  [
+    *(ROOT / 'experiments' / 'configs').glob('*.py'),
+    *(ROOT / 'studies').glob('*/config*.py'),
+    *(ROOT / 'studies').glob('*/configs/*.py'),
+  ]
+)
 
 
 def _load(path):

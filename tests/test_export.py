@@ -167,11 +167,11 @@ def test_bad_artefacts_get_one_line_errors(tmp_path, monkeypatch):
 
 def test_the_readme_orbax_snippet_restores_a_runs_parameters(trained_run):
   workdir, _ = trained_run
-  text = (ROOT / 'README.md').read_text()
+  text = (ROOT / 'docs' / 'export.md').read_text()
   snippet = text.split('<!-- plain-orbax -->')[1].split('```python')[1].split('```')[0]
   assert 'resunet_jax' not in snippet  # Orbax and JAX only
   namespace = {}
-  exec(snippet, namespace)  # noqa: S102 (the README's own code)
+  exec(snippet, namespace)  # noqa: S102 (the docs' own code)
   step, params = namespace['restore_params'](str(workdir / 'checkpoints'))
   run = restore.load_run(workdir, 'latest', 'stock')
   assert step == run.step

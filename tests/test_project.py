@@ -1,4 +1,4 @@
-"""The project's promises: the README's example runs, its commands are what CI and users run."""
+"""The project's promises: the README's example runs, its commands and the docs pages' are what CI and users run."""
 
 import os
 import pathlib
@@ -9,10 +9,20 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
+PAGES = {
+  path.relative_to(ROOT): path.read_text() for path in [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
+}
 
 
-def _blocks(language):
-  return re.findall(rf'```{language}\n(.*?)```', README, flags=re.S)
+def _blocks(language, text=README):
+  return re.findall(rf'```{language}\n(.*?)```', text, flags=re.S)
+
+
+def test_the_readme_is_short_and_shows_the_modules_first():
+  lines = README.splitlines()
+  assert len(lines) <= 250
+  assert any(line == '## Use the modules in your own code' for line in lines[:80])
+  assert '```python' in '\n'.join(lines[:80])
 
 
 def test_readme_module_example_runs_as_written(capsys):
@@ -29,14 +39,17 @@ def test_quickstart_is_two_commands_and_ci_runs_both():
   assert 'pytest' in setup_and_test
   ci = (ROOT / '.ci' / 'run').read_text().splitlines()
   assert setup_and_test in ci and setup_and_train in ci
-  tools = [b for b in _blocks('bash') if 'evaluate.py' in b]  # the main run's, and a pruned UNet++'s
-  assert len(tools) == 2
+  everywhere = {page: _blocks('bash', text) for page, text in PAGES.items()}
+  blocks = [block for found in everywhere.values() for block in found]
+  tools = [b for b in blocks if 'evaluate.py' in b]  # the main run's (README, docs/evaluation.md), a pruned UNet++'s
+  assert len(tools) == 3
   for command in (line for block in tools for line in block.strip().splitlines()):
     assert command in ci, command
-  (formats,) = [b for b in _blocks('bash') if 'write_folder.py' in b]  # the image-format commands
+  (formats,) = [b for b in blocks if 'write_folder.py' in b]  # the image-format commands (docs/data.md)
   for command in formats.strip().splitlines():
     assert command in ci, command
-  exports = [b for b in _blocks('bash') if 'export.py' in b]
+  exports = [b for b in blocks if 'export.py' in b]
+  assert len(exports) >= 2  # the pruned UNet++'s (README) and the export page's
   for command in (line for block in exports for line in block.strip().splitlines()):
     assert 'export.py' not in command or command in ci, command
 

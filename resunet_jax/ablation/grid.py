@@ -32,7 +32,7 @@ def section() -> ml_collections.ConfigDict:
   c.test_split = 'test'  # final metrics and knock-outs; validation drives the curves
   c.compilation_cache = True  # reuse compiled steps across seeds ($JAX_COMPILATION_CACHE_DIR, else in the sweep dir)
   c.populations = True  # train the seeds (and plain/residual pairs) of an arm as one population where exact
-  # Folder of the report, CSVs and figures ('': the workdir); e.g. docs/ablation/skips, committed.
+  # Folder of the report, CSVs and figures ('': the workdir); e.g. a study's results/ folder, committed.
   c.output = ''
   c.studies = ml_collections.ConfigDict()
   return c

@@ -182,7 +182,11 @@ ENDPOINTS = (
     'mean bypassed as well as vanished (Drozdzal et al. 2016)',
   ),
   ('boundary_f1', 0.01, 'boundary F1, residual minus plain with all skips, the Dice difference beside it'),
-  ('dice', 0.01, 'the change of the Dice gain (residual minus plain, all skips) from the shallowest to the deepest depth'),
+  (
+    'dice',
+    0.01,
+    'the change of the Dice gain (residual minus plain, all skips) from the shallowest to the deepest depth',
+  ),
 )
 
 

@@ -54,7 +54,7 @@ class Result:
       give each level, level 0 first: '1' kept, '0' zeroed, '-' no skip in this arm.
     wall_s: seconds of the call that finished the run.
     extra: what the sweep's `measure` hook returned (`run_population`), e.g. the study's
-      `ablation.measures` (numbers, and lists of per-image values); empty without one.
+      `studies/skip_residual/measures.py` (numbers, and lists of per-image values); empty without one.
   """
 
   run_id: str

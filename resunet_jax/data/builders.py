@@ -144,7 +144,7 @@ class SyntheticRoads(_SyntheticBuilder):
     roads are about 6% of pixels.
   - Configs: `default` 128x128, 2000/200/200; `size64` 64x64, 2000/200/200 (rendered at
     that size, so 1 px roads stay 1 px; the CPU-sized ablation grids use it); `size32` the
-    centre 32x32 of the `size64` scenes, 2000/200/200 (docs/ablation/PROTOCOL.md); `small`
+    centre 32x32 of the `size64` scenes, 2000/200/200 (studies/skip_residual/PROTOCOL.md); `small`
     64x64, 64/16/16.
   - Features: `image` uint8 [H, W, 3] (PNG), `mask` uint8 [H, W] class ids, `id` text.
   - Generation: deterministic from the config's seed; no download.

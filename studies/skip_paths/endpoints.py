@@ -21,7 +21,9 @@ DELTA = 0.02  # Dice: the protocol's equivalence margin
 
 def test_dice(arms: Sequence[report.Arm]) -> dict[tuple[bool, str], dict[int, float]]:
   """(residual, variant) -> {seed: test Dice} of each arm with every skip."""
-  return {(a.residual, a.variant): {s: r.test['dice'] for s, r in a.results.items()} for a in arms if a.skips == '1' * a.depth}
+  return {
+    (a.residual, a.variant): {s: r.test['dice'] for s, r in a.results.items()} for a in arms if a.skips == '1' * a.depth
+  }
 
 
 def decisions(dice: dict[tuple[bool, str], dict[int, float]]) -> list[decision.Decision]:

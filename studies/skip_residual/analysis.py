@@ -159,7 +159,9 @@ def _slope_gains(gains: dict[int, dict[int, float]]) -> str:
   if len(every) < 2 or not seeds:
     return ''
   means = ', '.join(f'{np.mean([gains[s][d] for s in seeds]):.3f}' for d in sorted(every))
-  return f' (mean gain {means} at depths {", ".join(map(str, sorted(every)))}, over the {len(seeds)} seeds with every depth)'
+  return (
+    f' (mean gain {means} at depths {", ".join(map(str, sorted(every)))}, over the {len(seeds)} seeds with every depth)'
+  )
 
 
 def claim4(rows, data) -> decision.Endpoint:

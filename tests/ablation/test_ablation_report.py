@@ -47,7 +47,10 @@ def _pairs(residual_better: bool, depths=(2,)):
       # seed): its interval's width is the t multiplier's (4.303 at 2 degrees of freedom).
       jitter, other = 0.01 * seed, 0.02 * seed
       good = dict(
-        dice=0.8 + jitter, boundary_f1=0.85 + jitter, curve=[(50, 0.3), (100, 0.6), (150, 0.7)], bottleneck_grad=0.5 + jitter
+        dice=0.8 + jitter,
+        boundary_f1=0.85 + jitter,
+        curve=[(50, 0.3), (100, 0.6), (150, 0.7)],
+        bottleneck_grad=0.5 + jitter,
       )
       bad = dict(
         dice=0.6 + other, boundary_f1=0.7 + other, curve=[(50, 0.1), (100, 0.3), (150, 0.55)], bottleneck_grad=0.01

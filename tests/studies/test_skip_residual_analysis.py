@@ -1,5 +1,6 @@
-"""The skip/residual study's analysis (studies/skip_residual/analysis.py) on synthetic results.csv rows: each claim's endpoint
-from its stage's rows, every verdict of the rule, claim 2's validity check, the CSV round trip."""
+"""The skip/residual study's analysis on synthetic results.csv rows: each claim's endpoint from its
+stage's rows, every verdict of the rule, claim 2's validity check, the CSV round trip; and the
+committed report against its table, its README and scipy."""
 
 import csv
 import json
@@ -355,7 +356,10 @@ def test_claims_1_and_3_recomputed_with_scipy_from_the_committed_table():
       picked = [
         r for r in rows if (r['stage'], r['data'], r['skips']) == (stage, data, 'all') and r['seed'] not in tuning
       ]
-      auc = {block: {r['seed']: float(r['val_auc']) for r in picked if r['block'] == block} for block in ('identity', 'plain')}
+      auc = {
+        block: {r['seed']: float(r['val_auc']) for r in picked if r['block'] == block}
+        for block in ('identity', 'plain')
+      }
       seeds = sorted(auc['identity'].keys() & auc['plain'].keys())
       a, b = np.array([auc['identity'][s] for s in seeds]), np.array([auc['plain'][s] for s in seeds])
       assert len(seeds) == 10 and scipy_stats.ttest_rel(a, b).df == 9

@@ -1,4 +1,4 @@
-"""The staged skip/residual study (studies/skip_residual/protocol.py): its choices, stages, cuts, configs; and its per-run measures."""
+"""The staged skip/residual study (studies/skip_residual/protocol.py): choices, stages, cuts, configs, measures."""
 
 import dataclasses
 import json
@@ -118,13 +118,13 @@ def test_stages_follow_the_plan_and_the_cuts_apply_in_order(tfds_dir):
   assert {run.seed for run in pilot} == {1000, 1001} and all(run.block in protocol.PRIMARY_BLOCKS for run in pilot)
   with pytest.raises(ValueError, match='plateau budget'):
     protocol.stage_runs('primary', settings, base, plan)
-  plan.budget = 1000
+  plan = dataclasses.replace(plan, budget=1000)
   primary = protocol.stage_runs('primary', settings, base, plan)
   assert len(primary) == 2 * 4 * 10 and {run.steps for run in primary} == {1000}
   assert {run.seed for run in primary} == set(range(10))
   secondary = protocol.stage_runs('secondary', settings, base, plan)
   lecun = [run for run in secondary if run.block in protocol.PRIMARY_BLOCKS]
-  assert {run.data for run in lecun} == {settings.datasets[0]}  # cut 2
+  assert {run.data for run in lecun} == {settings.datasets[0]}  # secondary_first_dataset
   wide = {run.width for run in secondary if run.block == 'plain-wide'}
   (width,) = wide
   identity = protocol.param_count(
@@ -138,13 +138,13 @@ def test_stages_follow_the_plan_and_the_cuts_apply_in_order(tfds_dir):
   # the closest integer width; at base 8 that is 8 itself (491,137 and 621,460 at 9 against 519,089)
   assert all(gap(width) <= gap(w) for w in range(8, 17))
   depth = protocol.stage_runs('depth', settings, base, plan)
-  assert {run.data for run in depth} == {settings.datasets[0]}  # cut 3
+  assert {run.data for run in depth} == {settings.datasets[0]}  # depth_first_dataset
   for run in depth:  # each block within tolerance of its own depth-4 network
     assert run.skips == 'none' and run.depth in (2, 3, 5)
     own = protocol.param_count(dataclasses.replace(run, depth=4, width=8), base)
     assert abs(protocol.param_count(run, base) / own - 1) < settings.depth_param_tolerance
   settings.budget_minutes = 1e9
-  assert protocol.plan_from_tuning(settings, base, tuned).cuts == []
+  assert protocol.plan_from_tuning(settings, base, tuned).cuts == ()
   settings.factorial = True  # a GPU's secondary stage: the 20 other arms of each dataset, each at its recipe's rate
   # he-group does best at the smallest rate, every other recipe at the largest
   plan = protocol.plan_from_tuning(
@@ -152,7 +152,7 @@ def test_stages_follow_the_plan_and_the_cuts_apply_in_order(tfds_dir):
     base,
     _tuned(settings, base, lambda run: 0.5 + run.learning_rate * (-1 if run.recipe == 'he-group' else 1)),
   )
-  plan.budget = 1000
+  plan = dataclasses.replace(plan, budget=1000)
   factorial = protocol.stage_runs('secondary', settings, base, plan)
   arms = {(run.data, run.block, run.recipe, run.skips) for run in factorial if run.block != 'plain-wide'}
   assert len(arms) == 2 * (3 * 4 * 2 - 4) and {run.seed for run in factorial} == set(range(5))

@@ -8,7 +8,7 @@ the earlier grid), with every tier at 10 seeds, the secondary stage as the whole
 and no compute cuts. Populations vmap their members on an accelerator (`runtime.members`
 'auto'). Tables to studies/skip_residual/results_gpu64/, resumable like the CPU study's. The 128x128
 study is the same with `data.image_size = 128` and the full-size datasets
-('synthetic_roads', 'synthetic_cells') in `ablation.protocol.datasets`.
+('synthetic_roads', 'synthetic_cells') in `config.ablation.protocol.datasets`.
 """
 
 import pathlib

@@ -1,8 +1,9 @@
-"""The pre-registered study (studies/skip_residual/PROTOCOL.md) at the note's full size on a TPU pod (or a GPU cluster).
+"""The skip/residual study (PROTOCOL.md) at the note's full size on a TPU pod (or a GPU cluster).
 
   # every worker runs the same command, as in experiments/launch/tpu_pod.sh, with a --workdir
   # on storage every worker sees (e.g. a gcsfuse mount of a bucket):
-  python studies/skip_residual/run.py --config=studies/skip_residual/configs/tpu_pod.py --workdir=/mnt/shared/skip_residual
+  python studies/skip_residual/run.py --config=studies/skip_residual/configs/tpu_pod.py \
+    --workdir=/mnt/shared/skip_residual
 
 The stages and tests of the CPU study (`study.py`) on the full 128x128 datasets with the
 note's network: depth 4, base width 64 (so the equal-parameter `plain-wide` control has a
