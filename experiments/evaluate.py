@@ -15,8 +15,8 @@ from resunet_jax import cli
 
 cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
 
-from resunet_jax import evaluation, losses, runtime  # noqa: E402
-from resunet_jax.training import parallel, restore  # noqa: E402
+from resunet_jax import losses, runtime  # noqa: E402
+from resunet_jax.training import evaluation, parallel, restore  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
 _SPLIT = flags.DEFINE_string('split', 'test', "Split: 'train', 'validation', 'test' or a raw split string.")
@@ -35,7 +35,15 @@ def main(argv: list[str]) -> None:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --split=test')
   run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value, _PRUNE.value)
   _, eval_fn = parallel.compile_steps('jit', run.mesh, losses.LossWeights())
-  per_image, _ = evaluation.evaluate_split(eval_fn, run.state, run.config, run.mesh, role=_SPLIT.value)
+  per_image, _ = evaluation.evaluate_split(
+    eval_fn,
+    run.state,
+    run.config.data,
+    run.mesh,
+    batch_size=run.config.train.batch_size,
+    boundary_tolerance=run.config.train.boundary_tolerance,
+    role=_SPLIT.value,
+  )
   record = evaluation.report(per_image, tolerance=run.config.train.boundary_tolerance)
   record.update(split=_SPLIT.value, checkpoint_step=run.step, workdir=str(_WORKDIR.value))
   name = _SPLIT.value.replace('/', '_').replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pct')

@@ -19,7 +19,6 @@ from ml_collections import config_dict
 
 from resunet_jax import data, models, runtime
 from resunet_jax.errors import UserError
-from resunet_jax.training import population
 
 
 def model_section() -> ml_collections.ConfigDict:
@@ -60,6 +59,18 @@ def train_section() -> ml_collections.ConfigDict:
   return c
 
 
+def population_section() -> ml_collections.ConfigDict:
+  """The `config.population` section with its defaults (one member: an ordinary run)."""
+  c = ml_collections.ConfigDict()
+  c.seeds = 1  # members' seeds: config.seed, config.seed + 1, ...
+  c.learning_rates = ()  # peak learning rates; () is (train.learning_rate,)
+  c.weight_decays = ()  # () is (train.weight_decay,)
+  # multipliers on every block's residual shortcut (model.residual=True only); () trains at 1
+  # without the input; 0 makes the member the plain model (training.population.stand_in_reason)
+  c.residual_scales = ()
+  return c
+
+
 def parallel_section() -> ml_collections.ConfigDict:
   """The `config.parallel` section: step strategy and multi-host start-up."""
   c = ml_collections.ConfigDict()
@@ -83,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = data.default_config()
   config.train = train_section()
   config.parallel = parallel_section()
-  config.population = population.section()
+  config.population = population_section()
   config.runtime = runtime.section()
   return config
 

@@ -52,7 +52,7 @@ _PRELOAD = (
   'tqdm',
   'resunet_jax.cli',
   'resunet_jax.ablation',
-  'resunet_jax.evaluation',
+  'resunet_jax.training.evaluation',
   'resunet_jax.inference',
   'resunet_jax.training.loop',
   'resunet_jax.training.restore',

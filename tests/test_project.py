@@ -140,3 +140,31 @@ def test_the_ablation_library_imports_no_study():
   code = 'import sys, resunet_jax.ablation; print(sorted(m for m in sys.modules if m.startswith("studies")))'
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
   assert out.strip() == '[]'
+
+
+def _package_imports(path):
+  """The `resunet_jax.*` and `studies.*` modules a file imports, at any depth of it."""
+  import ast
+
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names |= {node.module} | {f'{node.module}.{alias.name}' for alias in node.names}
+  return {name for name in names if name.split('.')[0] in ('resunet_jax', 'studies')}
+
+
+def test_imports_run_one_way():
+  """configs owns the config sections and imports nothing of training; training (evaluation
+  included) imports neither the ablation tools nor the command line; the library no study."""
+  package = ROOT / 'resunet_jax'
+  above = {
+    package / 'configs.py': ('resunet_jax.training', 'resunet_jax.ablation', 'resunet_jax.cli', 'studies'),
+    **{path: ('resunet_jax.ablation', 'resunet_jax.cli', 'studies') for path in (package / 'training').glob('*.py')},
+    **{path: ('studies', 'resunet_jax.cli') for path in (package / 'ablation').glob('*.py')},
+  }
+  for path, forbidden in above.items():
+    bad = [name for name in _package_imports(path) if name.startswith(forbidden)]
+    assert not bad, f'{path.relative_to(ROOT)} imports {bad}'
+  assert not (package / 'evaluation.py').exists()  # it lives in training/, below the loop that calls it

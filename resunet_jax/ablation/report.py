@@ -20,10 +20,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from resunet_jax import evaluation, models
+from resunet_jax import models
 from resunet_jax.ablation import decision, plots, stats
 from resunet_jax.ablation.grid import RunSpec, variant_name
 from resunet_jax.ablation.runner import Result
+from resunet_jax.training import evaluation
 
 CLAIMS = (
   'residual connections speed up convergence',

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from resunet_jax import configs, evaluation, models
+from resunet_jax import configs, models
 from resunet_jax.ablation import grid
-from resunet_jax.training import loop, parallel, reporting, restore, steps
+from resunet_jax.training import evaluation, loop, parallel, reporting, restore, steps
 
 
 @dataclasses.dataclass
@@ -151,7 +151,13 @@ def knockout_dice(loaded: restore.LoadedRun, role: str, scales: dict[str, np.nda
   scales = jax.tree.map(jnp.asarray, scales)
   rows, valid, ids = [], [], []
   for batch, out in evaluation.map_split(
-    knockout_fn, loaded.state, loaded.config, loaded.mesh, role=role, args=(scales,)
+    knockout_fn,
+    loaded.state,
+    loaded.config.data,
+    loaded.mesh,
+    role=role,
+    batch_size=loaded.config.train.batch_size,
+    args=(scales,),
   ):
     rows.append(out['dice'])
     valid.append(batch['valid'])
@@ -166,7 +172,9 @@ def skip_means(loaded: restore.LoadedRun, role: str = 'train') -> list[np.ndarra
   means_fn = parallel.compile_eval(steps.skip_means_step, loaded.mesh)
   rows: dict[str, list] = {}
   valid, ids = [], []
-  for batch, out in evaluation.map_split(means_fn, loaded.state, loaded.config, loaded.mesh, role=role):
+  for batch, out in evaluation.map_split(
+    means_fn, loaded.state, loaded.config.data, loaded.mesh, role=role, batch_size=loaded.config.train.batch_size
+  ):
     for name, value in out.items():
       rows.setdefault(name, []).append(value)
     valid.append(batch['valid'])
@@ -308,7 +316,15 @@ def run_population(
     # the final weights: the same budget for every arm
     loaded = restore.load_run(workdir, 'latest', config.runtime.backend, member=member.index)
     eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
-    per_image, _ = evaluation.evaluate_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=test_split)
+    per_image, _ = evaluation.evaluate_split(
+      eval_fn,
+      loaded.state,
+      loaded.config.data,
+      loaded.mesh,
+      batch_size=loaded.config.train.batch_size,
+      boundary_tolerance=loaded.config.train.boundary_tolerance,
+      role=test_split,
+    )
     records = reporting.read_metrics(loaded.directory / 'metrics.jsonl')
     arm_model, _, _ = loop.resolve(run_config)
     params = {name: p for name, p in loaded.state.params.items()}

@@ -22,10 +22,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resunet_jax import configs, data, evaluation, losses, models, runtime
+from resunet_jax import configs, data, losses, models, runtime
 from resunet_jax.cpu import hostmem
 from resunet_jax.errors import PeerLostError, UserError
-from resunet_jax.training import checkpoint, parallel, population, reporting
+from resunet_jax.training import checkpoint, evaluation, parallel, population, reporting
 from resunet_jax.training import state as state_lib
 
 
@@ -351,7 +351,15 @@ def _evaluate(members_run: population.Population, config, mesh, keep: int) -> tu
   """Each member's validation summary and up to `keep` sample predictions."""
   summaries, samples = [], []
   for member_state in members_run.member_states():
-    per_image, member_samples = evaluation.evaluate_split(members_run.eval_fn, member_state, config, mesh, keep=keep)
+    per_image, member_samples = evaluation.evaluate_split(
+      members_run.eval_fn,
+      member_state,
+      config.data,
+      mesh,
+      batch_size=config.train.batch_size,
+      boundary_tolerance=config.train.boundary_tolerance,
+      keep=keep,
+    )
     summaries.append(evaluation.summarize(per_image))
     samples.append(member_samples)
   return summaries, samples

@@ -27,22 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resunet_jax import data, losses, models, runtime
+from resunet_jax import configs, data, losses, models, runtime
 from resunet_jax.errors import UserError
 from resunet_jax.training import checkpoint, parallel
 from resunet_jax.training import state as state_lib
-
-
-def section() -> ml_collections.ConfigDict:
-  """The `config.population` section with its defaults (one member: an ordinary run)."""
-  c = ml_collections.ConfigDict()
-  c.seeds = 1  # members' seeds: config.seed, config.seed + 1, ...
-  c.learning_rates = ()  # peak learning rates; () is (train.learning_rate,)
-  c.weight_decays = ()  # () is (train.weight_decay,)
-  # multipliers on every block's residual shortcut (model.residual=True only); () trains at 1
-  # without the input; 0 makes the member the plain model (see stand_in_reason)
-  c.residual_scales = ()
-  return c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +102,7 @@ def member_config(config, member: Member) -> ml_collections.ConfigDict:
   alone.seed = member.seed
   alone.train.learning_rate = member.learning_rate
   alone.train.weight_decay = member.weight_decay
-  alone.population = section()
+  alone.population = configs.population_section()
   if member.residual_scale is not None:
     alone.population.residual_scales = (member.residual_scale,)
   return alone

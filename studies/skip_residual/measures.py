@@ -23,8 +23,8 @@ import numpy as np
 import optax
 from scipy import ndimage
 
-from resunet_jax import data, evaluation, losses, metrics, models
-from resunet_jax.training import loop, parallel, restore, steps
+from resunet_jax import data, losses, metrics, models
+from resunet_jax.training import evaluation, loop, parallel, restore, steps
 from resunet_jax.training import state as state_lib
 
 TOLERANCES = (0, 1, 2)  # px, boundary F1
@@ -196,7 +196,9 @@ def edges(loaded: restore.LoadedRun, role: str = 'test', *, per_image: bool = Fa
   """
   eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
   rows, counts, ids, valid = [], [], [], []
-  for batch, out in evaluation.map_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=role):
+  for batch, out in evaluation.map_split(
+    eval_fn, loaded.state, loaded.config.data, loaded.mesh, role=role, batch_size=loaded.config.train.batch_size
+  ):
     for prediction, truth in zip(out['predictions'], batch['mask'], strict=True):
       rows.append(image_scores(prediction == 1, truth == 1))
       if widths:
@@ -226,6 +228,14 @@ def class_dice(loaded: restore.LoadedRun, role: str = 'test') -> dict[str, float
   absent from both), averaged over the split's images; for `synthetic_cells/three_class_*`
   class 2 is the cell boundary, the 1-2 px borders between touching cells included."""
   eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
-  per_image, _ = evaluation.evaluate_split(eval_fn, loaded.state, loaded.config, loaded.mesh, role=role)
+  per_image, _ = evaluation.evaluate_split(
+    eval_fn,
+    loaded.state,
+    loaded.config.data,
+    loaded.mesh,
+    batch_size=loaded.config.train.batch_size,
+    boundary_tolerance=loaded.config.train.boundary_tolerance,
+    role=role,
+  )
   means = np.asarray(per_image['class_dice'], np.float64).mean(0)
   return {f'class_dice_{k}': float(value) for k, value in enumerate(means)}

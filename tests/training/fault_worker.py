@@ -23,8 +23,7 @@ import sys
 KIND, AT = os.environ['FAULT'].split(':')
 AT = int(AT)
 
-from resunet_jax import evaluation  # noqa: E402
-from resunet_jax.training import checkpoint, parallel  # noqa: E402
+from resunet_jax.training import checkpoint, evaluation, parallel  # noqa: E402
 
 
 def die(sig=signal.SIGKILL):

@@ -36,24 +36,27 @@ def _encode(ids: list[str], width: int = 64) -> np.ndarray:
   return rows
 
 
-def map_split(fn, state, config, mesh, *, role: str, args: tuple = ()) -> Iterator[tuple[dict, dict]]:
+def map_split(
+  fn, state, data_config, mesh, *, role: str, batch_size: int, args: tuple = ()
+) -> Iterator[tuple[dict, dict]]:
   """One pass over a split: yields each host batch and this process's rows of `fn`'s outputs.
 
   Args:
     fn: a function compiled with `parallel.compile_eval`: `fn(state, global batch, *args)`
       returning a dict of arrays whose leading axis is the batch.
     state: the train state.
-    config: the experiment config.
+    data_config: the experiment's `data` section.
     mesh: the device mesh.
     role: 'validation' | 'test' | 'train' (or a raw split string).
+    batch_size: the global batch (`train.batch_size`), split over the processes.
     args: further (replicated) arguments of `fn`.
 
   Yields:
     `(batch, rows)`: the process-local batch (`image`, `mask`, `valid`, `id`) and `fn`'s
     outputs as numpy, the rows of that batch in its order. Padding rows have `valid = 0`.
   """
-  per_process = max(config.train.batch_size // jax.process_count(), 1)
-  pipeline = data.make_pipeline(config.data, role, batch_size=per_process, seed=0, train=False)
+  per_process = max(batch_size // jax.process_count(), 1)
+  pipeline = data.make_pipeline(data_config, role, batch_size=per_process, seed=0, train=False)
   sharding = parallel.batch_sharding(mesh)
   for batch in pipeline:
     out = fn(state, data.to_global(batch, sharding), *args)
@@ -76,14 +79,26 @@ def gather_rows(local: dict[str, np.ndarray], ids: list[str]) -> dict[str, np.nd
   return rows
 
 
-def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', keep: int = 0) -> tuple[dict, dict]:
+def evaluate_split(
+  eval_fn,
+  state,
+  data_config,
+  mesh,
+  *,
+  batch_size: int,
+  boundary_tolerance: float,
+  role: str = 'validation',
+  keep: int = 0,
+) -> tuple[dict, dict]:
   """Per-image metrics of `state` on a split, over all processes.
 
   Args:
     eval_fn: the compiled `steps.eval_step` (from `parallel.compile_steps`).
     state: the train state.
-    config: the experiment config.
+    data_config: the experiment's `data` section.
     mesh: the device mesh.
+    batch_size: the global batch (`train.batch_size`).
+    boundary_tolerance: boundary F1's tolerance in pixels (`train.boundary_tolerance`).
     role: 'validation' | 'test' | 'train' (or a raw split string).
     keep: sample images (of process 0's first examples) to return for figures.
 
@@ -94,11 +109,11 @@ def evaluate_split(eval_fn, state, config, mesh, *, role: str = 'validation', ke
   rows: dict[str, list] = {name: [] for name in (*METRICS, 'class_dice', 'valid')}
   ids: list[str] = []
   samples = {'image': [], 'mask': [], 'prediction': []}
-  norm = data.resolve_normalization(config.data) if keep else None
-  for batch, out in map_split(eval_fn, state, config, mesh, role=role):
+  norm = data.resolve_normalization(data_config) if keep else None
+  for batch, out in map_split(eval_fn, state, data_config, mesh, role=role, batch_size=batch_size):
     per_class = metrics.class_scores(out)
     outputs = out['tp'].shape[-1]
-    edges = metrics.boundary_scores(out['predictions'], batch['mask'], outputs, config.train.boundary_tolerance)
+    edges = metrics.boundary_scores(out['predictions'], batch['mask'], outputs, boundary_tolerance)
     rows['class_dice'].append(per_class['dice'])
     rows['dice'].append(per_class['dice'].mean(-1))
     rows['iou'].append(per_class['iou'].mean(-1))
