@@ -35,15 +35,7 @@ def main(argv: list[str]) -> None:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --split=test')
   run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value, _PRUNE.value)
   _, eval_fn = parallel.compile_steps('jit', run.mesh, losses.LossWeights())
-  per_image, _ = evaluation.evaluate_split(
-    eval_fn,
-    run.state,
-    run.config.data,
-    run.mesh,
-    batch_size=run.config.train.batch_size,
-    boundary_tolerance=run.config.train.boundary_tolerance,
-    role=_SPLIT.value,
-  )
+  per_image = run.evaluate(_SPLIT.value, eval_fn)
   record = evaluation.report(per_image, tolerance=run.config.train.boundary_tolerance)
   record.update(split=_SPLIT.value, checkpoint_step=run.step, workdir=str(_WORKDIR.value))
   name = _SPLIT.value.replace('/', '_').replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pct')

@@ -8,8 +8,8 @@ the `models.Layers` that `UNet(..., layers=...)` is built from.
   only (benchmarks/README.md has the figures). Needs the `cpu` extra.
 - 'auto' (default): 'cpu' where JAX runs on one CPU device with AVX-512 and the CPU backend
   loads, else 'stock' (a custom call is not partitioned over a sharded batch, GPUs and TPUs
-  have their own kernels, and on a CPU without AVX-512 oneDNN 3.2's AVX2 kernels crashed a
-  small ResUNet's training step in most runs, 2026-12-01; 'cpu' still forces them).
+  have their own kernels, and the AVX2 kernels are not yet shown safe: benchmarks/README.md;
+  'cpu' still forces them).
 
 Both sets have the same parameter trees and values (to float32 rounding), so a checkpoint
 written with one restores and trains on with the other; the backend is not part of a run's
@@ -50,7 +50,7 @@ def _cpu_layers() -> models.Layers | None:
   except onednn.OneDNNUnavailable as e:
     # Without the wheels (the extra not installed, not Linux x86-64) stock is the expected path; a failed build is not.
     level = logging.INFO if isinstance(e, onednn.OneDNNNotInstalled) else logging.WARNING
-    logging.log(level, 'Using the stock layers (2x slower on CPU): %s', e)
+    logging.log(level, 'Using the stock layers (slower on CPU): %s', e)
     return None
 
 
@@ -98,10 +98,8 @@ def member_map(name: str, members: int) -> str:
   - 'vmap': one program over every member (`jax.vmap` over the leading member axis); what
     accelerators are for, and the only way to split members over devices.
   - 'loop': one compiled single-member program, called once per member each step. On XLA's CPU
-    backend a vmapped convolution with per-member kernels becomes a grouped convolution, and
-    there the vmapped step of 8 ablation-sized ResUNets ran at 0.21x the speed of 8 single steps,
-    `lax.map` over members at 0.07x, one program unrolled over them at 1.04x but compiled 8x
-    longer (45 s), the loop at 1.0x with one compile (benchmarks/README.md, "Populations").
+    backend a vmapped convolution with per-member kernels becomes a slow grouped convolution;
+    the loop compiles once and is the fastest there (benchmarks/README.md, "Populations").
   - 'auto': 'loop' on the CPU or for a single member, else 'vmap'.
 
   Both give every member the results of its run alone, to float32 rounding (bit-identical with

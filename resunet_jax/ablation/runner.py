@@ -150,15 +150,7 @@ def knockout_dice(loaded: restore.LoadedRun, role: str, scales: dict[str, np.nda
   knockout_fn = parallel.compile_eval(steps.knockout_step, loaded.mesh, extra_args=1)
   scales = jax.tree.map(jnp.asarray, scales)
   rows, valid, ids = [], [], []
-  for batch, out in evaluation.map_split(
-    knockout_fn,
-    loaded.state,
-    loaded.config.data,
-    loaded.mesh,
-    role=role,
-    batch_size=loaded.config.train.batch_size,
-    args=(scales,),
-  ):
+  for batch, out in loaded.map_split(knockout_fn, role, args=(scales,)):
     rows.append(out['dice'])
     valid.append(batch['valid'])
     ids.extend(str(i) for i in batch['id'])
@@ -172,9 +164,7 @@ def skip_means(loaded: restore.LoadedRun, role: str = 'train') -> list[np.ndarra
   means_fn = parallel.compile_eval(steps.skip_means_step, loaded.mesh)
   rows: dict[str, list] = {}
   valid, ids = [], []
-  for batch, out in evaluation.map_split(
-    means_fn, loaded.state, loaded.config.data, loaded.mesh, role=role, batch_size=loaded.config.train.batch_size
-  ):
+  for batch, out in loaded.map_split(means_fn, role):
     for name, value in out.items():
       rows.setdefault(name, []).append(value)
     valid.append(batch['valid'])
@@ -315,16 +305,7 @@ def run_population(
     member_start = time.perf_counter()
     # the final weights: the same budget for every arm
     loaded = restore.load_run(workdir, 'latest', config.runtime.backend, member=member.index)
-    eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
-    per_image, _ = evaluation.evaluate_split(
-      eval_fn,
-      loaded.state,
-      loaded.config.data,
-      loaded.mesh,
-      batch_size=loaded.config.train.batch_size,
-      boundary_tolerance=loaded.config.train.boundary_tolerance,
-      role=test_split,
-    )
+    per_image = loaded.evaluate(test_split)
     records = reporting.read_metrics(loaded.directory / 'metrics.jsonl')
     arm_model, _, _ = loop.resolve(run_config)
     params = {name: p for name, p in loaded.state.params.items()}

@@ -1,42 +1,20 @@
 """Process settings of a run on CPU: huge pages for XLA's large host buffers, a kept block, setup memory returned.
 
-This docstring is the one place that describes them. They apply to a command-line run whose
-JAX platform is the CPU (`relaunch_for_cpu`, which each tool calls first, before its heavy
-imports, through `cli.relaunch_for_cpu`; `cli.run` calls it too): every way
-of starting a tool (`python X.py`, `python -m X`, with interpreter flags) relaunches the same
-command once. A run that will use an accelerator (`JAX_PLATFORMS` naming another platform
-first, or, with none named, a JAX plugin for a GPU or TPU installed) starts unchanged, and so
-does any process that is not a tool (importing the package changes nothing).
-`RESUNET_HUGE_PAGES=0` switches all of it off, `RESUNET_KEEP_BLOCKS=0` the kept block alone.
+They apply to a command-line run whose JAX platform is the CPU: `relaunch_for_cpu` (called by
+each tool through `cli`, before its heavy imports) re-executes the command once, same process
+id, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc reads tunables only at start; 2.35 and
+later) and `keep_blocks.c` preloaded, and then runs JAX's CPU computations synchronously.
+`release_free_memory` (glibc's `malloc_trim(0)`), once after the first compile, returns what
+compiling freed and switches the kept block on. A run on an accelerator, a process that is not
+a tool, another C library, `RESUNET_HUGE_PAGES=0` (all of it off) and `RESUNET_KEEP_BLOCKS=0`
+(the kept block off) start unchanged.
 
-XLA's CPU runtime allocates each step's temporary buffers anew and frees them at its end. glibc
-serves blocks that large with a fresh `mmap`, so every step touches its ~100 MB of temporaries
-as new 4 KiB pages: about 22,000 page faults per training step of the base-16 U-Net at batch 4,
-128x128, a fifth of its time (benchmarks/README.md, "Page faults"). With glibc's tunable
-`glibc.malloc.hugetlb=1` malloc asks for transparent huge pages (2 MiB) on those mappings,
-which takes the faults to ~0 for 3-8% more peak memory. Keeping the freed memory instead
-(mallopt: one arena, no mmap, no trimming) removes the faults too but fragments the heap: up to
-1.7x the peak memory, measured and not kept.
-
-glibc reads its tunables once, at process start, so `relaunch_for_cpu()` re-executes the
-command with `GLIBC_TUNABLES` set (same process id, before any work). Other C libraries, and
-glibc before 2.35 (which ignores the tunable), run unchanged.
-
-Huge pages make the faults few, but each step's temporaries are still new pages that the
-kernel zeroes (4.3% of U-Net base 64's time). The relaunch therefore also preloads
-`keep_blocks.c` (compiled on first use with `$CC`, else gcc, by `native.compile_library`), which
-keeps one freed block of 32 MiB or more for the next such allocation once switched on, and
-runs JAX's CPU computations synchronously (`jax_cpu_enable_async_dispatch=False`), so that one
-step's temporaries are freed before the next step allocates its own and take the kept pages:
-U-Net base 64 training 2.07-2.11 -> 2.30-2.39 images/s, ResUNet base 16 26.5-28.0 -> 28.5-29.3.
-`RESUNET_KEEP_BLOCKS=0` leaves it out (huge pages only); without a C compiler it is left out.
-
-Compiling and initialising a model frees a lot of small blocks that glibc keeps for reuse
-rather than returning them, and a training step allocates its temporaries on top of them:
-`release_free_memory()` (glibc's `malloc_trim(0)`), called once after the first compile, takes
-the peak memory of U-Net base 64 training down by about 145 MB (benchmarks/README.md). It also
-switches the kept block on: keeping blocks during setup would hold the initialiser's
-temporaries through compiling.
+Why: XLA's CPU runtime allocates each step's large temporaries anew, and glibc serves them with
+fresh `mmap`s whose 4 KiB pages fault and are zeroed every step. Huge pages take the faults to
+about zero; the kept block (one freed block of 32 MiB or more, reused by the next allocation of
+that size) avoids the zeroing; synchronous dispatch frees one step's temporaries before the next
+allocates. The measured effects, and what was tried and dropped (`mallopt`, which fragments the
+heap), are in benchmarks/README.md ("Page faults" and the CPU table).
 """
 
 from __future__ import annotations

@@ -36,17 +36,13 @@ def _max_pool(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2 of `[B, H, W, C]` (H and W even) as a reshape and a max.
 
   The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`; on XLA's CPU backend its
-  gradient is 2.5x faster than `reduce_window`'s (select-and-scatter), see
-  benchmarks/README.md. Where a window holds tied maxima the gradient is shared between them
-  rather than given to the first (both are valid subgradients; after a ReLU the tied zeros get
-  none either way), as `jnp.max`'s own gradient does. The backward pass finds the maxima again
-  from the input, which the network keeps anyway (the skip), instead of keeping a float32 mask
-  the size of the input (30 MB of U-Net base 64's training peak at batch 4, 128x128). It takes
-  them from the input itself, not from the forward's output: compared with the output, the
-  compiled backward of a GroupNorm network at 66 channels found no equal input in 225 of 2,112
-  windows, although the same two arrays copied out to NumPy match in every window (XLA's CPU
-  backend, not reduced further), so those windows had no maximum and the gradient was
-  non-finite (tests/cpu/test_layers.py::test_groupnorm_at_an_odd_width_has_the_stock_gradients).
+  gradient avoids `reduce_window`'s slow select-and-scatter (figures: benchmarks/README.md).
+  Tied maxima share a window's gradient (a valid subgradient, as `jnp.max`'s own). The backward
+  pass finds the maxima again from the input, which the network keeps anyway (the skip), instead
+  of keeping a float32 mask the size of the input. It takes them from the input itself, never by
+  comparing the input with the forward's output: compiled by XLA's CPU backend that comparison
+  found no equal input in some windows, which made the gradient non-finite
+  (tests/cpu/test_layers.py::test_groupnorm_at_an_odd_width_has_the_stock_gradients).
   Reverse mode only, like the oneDNN convolutions.
   """
   return _windows(x).max(axis=(2, 4))
@@ -178,8 +174,8 @@ def upsample_concat_conv(
   batch, height, width, _ = low.shape
   if size == 3 and batch * height * width < channels:
     # Fewer input positions than channels: the step is bound by reading the kernels, which the
-    # four parities' form makes 16/9 as large (and assembles and reorders on every call). At
-    # U-Net base 64, batch 4, 128x128, the 8x8 level ran no faster so (65-70 ms either way).
+    # four parities' form makes 16/9 as large (and assembles and reorders on every call), so it
+    # gains nothing there (benchmarks/README.md).
     x = upsample_concat(low, skip)
     if relu:
       return onednn.conv_bias_relu(x, kernel, bias)
@@ -202,8 +198,8 @@ class ConvTranspose2x2(nn.ConvTranspose):
   flax's module. A stride-2 2x2 transposed convolution writes each input pixel to its own 2x2
   output block, so it is `einsum('bhwc,ijco->bhiwjo')` with the kernel flipped in both spatial
   axes (flax's `transpose_kernel=False` convention), then a reshape. XLA's CPU backend lowers
-  flax's form to a dilated convolution whose backward pass is 5-8x slower than this matmul
-  (benchmarks/README.md). Other kernel sizes and strides run flax's module.
+  flax's form to a dilated convolution whose backward pass is several times slower than this
+  matmul (benchmarks/README.md). Other kernel sizes and strides run flax's module.
   """
 
   @nn.compact

@@ -11,7 +11,7 @@ import ml_collections
 
 from resunet_jax import configs, models, runtime
 from resunet_jax.errors import UserError
-from resunet_jax.training import checkpoint, parallel, population
+from resunet_jax.training import checkpoint, evaluation, parallel, population, steps
 from resunet_jax.training import state as state_lib  # noqa: F401 (LoadedRun.state's type)
 
 
@@ -45,6 +45,33 @@ class LoadedRun:
   def apply(self, variables: dict, images: jax.Array) -> jax.Array:
     """Logits of `images` `[N, H, W, C]` in inference mode, with the member's train-time scales."""
     return self.model.apply(variables, images, train=False, **self.state.scales)
+
+  def map_split(self, fn, role: str, args: tuple = ()):
+    """`evaluation.map_split` of a `parallel.compile_eval` function over the split `role`, at the run's batch size."""
+    batch_size = self.config.train.batch_size
+    return evaluation.map_split(
+      fn, self.state, self.config.data, self.mesh, role=role, batch_size=batch_size, args=args
+    )
+
+  def evaluate(self, role: str, eval_fn=None) -> dict:
+    """`evaluation.evaluate_split`'s per-image metrics of the split `role` under the run's settings.
+
+    Args:
+      role: 'validation' | 'test' | 'train' (or a raw split string).
+      eval_fn: a compiled `steps.eval_step`; None compiles one on the run's mesh.
+    """
+    eval_fn = eval_fn or parallel.compile_eval(steps.eval_step, self.mesh)
+    train = self.config.train
+    per_image, _ = evaluation.evaluate_split(
+      eval_fn,
+      self.state,
+      self.config.data,
+      self.mesh,
+      batch_size=train.batch_size,
+      boundary_tolerance=train.boundary_tolerance,
+      role=role,
+    )
+    return per_image
 
 
 def load_run(

@@ -196,9 +196,7 @@ def edges(loaded: restore.LoadedRun, role: str = 'test', *, per_image: bool = Fa
   """
   eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
   rows, counts, ids, valid = [], [], [], []
-  for batch, out in evaluation.map_split(
-    eval_fn, loaded.state, loaded.config.data, loaded.mesh, role=role, batch_size=loaded.config.train.batch_size
-  ):
+  for batch, out in loaded.map_split(eval_fn, role):
     for prediction, truth in zip(out['predictions'], batch['mask'], strict=True):
       rows.append(image_scores(prediction == 1, truth == 1))
       if widths:
@@ -227,15 +225,6 @@ def class_dice(loaded: restore.LoadedRun, role: str = 'test') -> dict[str, float
   """`class_dice_<k>`: class k's Dice per image (`metrics.class_scores`: 1 where the class is
   absent from both), averaged over the split's images; for `synthetic_cells/three_class_*`
   class 2 is the cell boundary, the 1-2 px borders between touching cells included."""
-  eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
-  per_image, _ = evaluation.evaluate_split(
-    eval_fn,
-    loaded.state,
-    loaded.config.data,
-    loaded.mesh,
-    batch_size=loaded.config.train.batch_size,
-    boundary_tolerance=loaded.config.train.boundary_tolerance,
-    role=role,
-  )
+  per_image = loaded.evaluate(role)
   means = np.asarray(per_image['class_dice'], np.float64).mean(0)
   return {f'class_dice_{k}': float(value) for k, value in enumerate(means)}

@@ -491,7 +491,7 @@ def test_width_counts_bin_strokes_by_their_width():
 
 
 def test_class_dice_scores_each_class_of_a_three_class_run(three_class_run):
-  from resunet_jax.training import evaluation, parallel, restore, steps
+  from resunet_jax.training import parallel, restore, steps
 
   workdir, _ = three_class_run
   loaded = restore.load_run(workdir, 'latest', 'stock')
@@ -499,9 +499,7 @@ def test_class_dice_scores_each_class_of_a_three_class_run(three_class_run):
   assert sorted(out) == ['class_dice_0', 'class_dice_1', 'class_dice_2']
   eval_fn = parallel.compile_eval(steps.eval_step, loaded.mesh)
   expected = {k: [] for k in range(3)}  # per image, by hand: 2|P & T| / (|P| + |T|), 1 when both are empty
-  for batch, result in evaluation.map_split(
-    eval_fn, loaded.state, loaded.config.data, loaded.mesh, role='test', batch_size=loaded.config.train.batch_size
-  ):
+  for batch, result in loaded.map_split(eval_fn, 'test'):
     for prediction, truth, valid in zip(result['predictions'], batch['mask'], batch['valid'], strict=True):
       for k in range(3):
         p, t = prediction == k, truth == k
