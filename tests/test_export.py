@@ -27,9 +27,34 @@ PER_IMAGE = Normalization('per_image', 1)
 TILE = 16
 
 
+def _by_hand(norm, images):
+  """The model inputs of pixel values, written out here from the rules' definitions in float64 (an
+  oracle for `Normalization.__call__`, which the artefacts trace)."""
+  x = np.asarray(images, np.float64)
+  if norm.kind == 'per_image':  # per image and channel over its pixels
+    return (x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)
+  mean, std = np.asarray(norm.mean), np.asarray(norm.std)
+  if norm.kind == 'fixed':
+    return (x / 255 - mean) / std
+  return (np.clip(x, norm.low, norm.high) - mean) / std  # percentile: clipped, then z-scored
+
+
 def _logits(model, variables, images, norm=FIXED):
-  """The JAX model's logits of pixel values, normalised as in training."""
-  return np.asarray(model.apply(variables, norm(images), train=False))
+  """The JAX model's logits of pixel values normalised by hand."""
+  inputs = _by_hand(norm, images)
+  np.testing.assert_allclose(norm(images), inputs, rtol=1e-5, atol=1e-5)
+  return np.asarray(model.apply(variables, inputs.astype(np.float32), train=False))
+
+
+def _both_outputs(fmt, directory, images):
+  """The artefact's own two outputs, (logits, probabilities), read from its model file."""
+  if fmt == 'stablehlo':
+    exported = jax.export.deserialize(bytearray((directory / export.FILES[fmt]).read_bytes()))
+    return tuple(np.asarray(out) for out in exported.call(jnp.asarray(images)))
+  import onnxruntime
+
+  session = onnxruntime.InferenceSession(str(directory / export.FILES[fmt]), providers=['CPUExecutionProvider'])
+  return tuple(session.run(['logits', 'probabilities'], {session.get_inputs()[0].name: images}))
 
 
 @pytest.mark.parametrize(
@@ -59,6 +84,13 @@ def test_both_formats_agree_with_the_jax_model(preset, classes, overrides, norm,
     assert artefact.card['classes'] == max(2, classes) and artefact.card['model']['num_classes'] == classes
     assert fmt == 'onnx' or artefact.card['platforms'] == ['cpu', 'cuda', 'tpu']
     assert np.abs(artefact(batch) - _logits(model, variables, batch, norm)).max() <= 1e-4, fmt
+    logits, probabilities = (np.asarray(out, np.float64) for out in _both_outputs(fmt, tmp_path / fmt, batch))
+    if classes == 1:  # the card's contract: a sigmoid for a binary model, a softmax over K classes
+      expected = 1 / (1 + np.exp(-logits))
+    else:
+      expected = np.exp(logits - logits.max(-1, keepdims=True))
+      expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6, err_msg=fmt)
   assert export.load(tmp_path / 'stablehlo').tile is None  # one artefact for every size
   assert np.abs(export.load(tmp_path / 'stablehlo')(odd) - _logits(model, variables, odd, norm)).max() <= 1e-4
   onnx = export.load(tmp_path / 'onnx')

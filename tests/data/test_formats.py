@@ -109,6 +109,7 @@ def test_the_pipeline_yields_the_full_range_normalised_by_the_training_split(nam
     low, high = np.percentile(pixels, normalization.PERCENTILES, axis=0)
     np.testing.assert_allclose((norm.low, norm.high), (low, high), rtol=1e-6)
     np.testing.assert_allclose(norm.mean, np.clip(pixels, low, high).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(norm.std, np.clip(pixels, low, high).std(0), rtol=1e-6)  # of the clipped pixels
   (batch,) = data.make_pipeline(config, 'validation', batch_size=PER_SPLIT, seed=0, train=False)
   assert batch['image'].shape == (PER_SPLIT, 64, 64, channels)
   if kind == 'per_image':

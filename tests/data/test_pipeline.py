@@ -78,6 +78,19 @@ def test_evaluation_is_one_ordered_padded_pass(data_config):
   assert sorted(ids[valid == 1]) == [f'validation_{i:05d}' for i in range(16)]
 
 
+def test_the_fixed_rule_is_the_configs_mean_and_std_of_pixels_over_255(data_config):
+  """An oracle for the default rule, written from its definition: each evaluation input is
+  `(x / 255 - data.mean) / data.std` of the stored uint8 pixels, per channel (a plain `x / 255`,
+  or the right values in the wrong channel order, fails)."""
+  data_config.mean, data_config.std = (0.2, 0.5, 0.7), (0.1, 0.3, 0.2)  # distinct per channel
+  (batch,) = data.make_pipeline(data_config, 'validation', batch_size=16, seed=0, train=False)
+  source = data.open_split(data_config, 'validation')
+  pixels = np.stack([np.asarray(source[i]['image'], np.float64) for i in range(16)])
+  assert source[0]['image'].dtype == np.uint8 and pixels.max() > 128  # stored 8-bit pixels
+  expected = (pixels / 255 - np.array(data_config.mean)) / np.array(data_config.std)
+  np.testing.assert_allclose(batch['image'], expected, atol=1e-5)
+
+
 def test_three_class_masks_stay_in_range(data_config):
   data_config.name = 'synthetic_cells/three_class_small'
   seen = set()
