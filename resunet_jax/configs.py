@@ -143,7 +143,13 @@ PLACEMENT_KEYS = {
 ADDED_KEYS = {
   'model': {'shortcut': 'projection', 'init': 'lecun', 'skip_kind': 'concat', 'deep_supervision': False},
   'train': {'deep_supervision_weights': []},
-  'data': {'channels': 3, 'normalization': 'fixed', 'stats': None},
+  'data': {
+    'channels': 3,
+    'normalization': 'fixed',
+    'stats': None,
+    'patch_size': None,
+    'foreground_oversampling': 1 / 3,
+  },
 }
 
 

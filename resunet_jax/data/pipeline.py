@@ -31,7 +31,11 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'synthetic_roads'  # a TFDS name ('synthetic_cells/three_class_default', ...) or 'folder'
   c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR or the default
-  c.image_size = 128  # square side the pipeline produces
+  c.image_size = 128  # square side the pipeline produces (evaluation; training too without patch_size)
+  # Training patches at the images' own scale, `patch_size` square (None: random crops resized to
+  # image_size); `foreground_oversampling` of them hold foreground (nnU-Net's 1/3)
+  c.patch_size = config_dict.placeholder(int)
+  c.foreground_oversampling = 1 / 3
   c.image_key = config_dict.placeholder(str)  # TFDS feature keys; None: the known dataset's
   c.mask_key = config_dict.placeholder(str)
   c.label_map = config_dict.placeholder(dict)  # mask value -> class id; None: the dataset's
@@ -46,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.std = (0.25, 0.25, 0.25)
   c.stats = config_dict.placeholder(dict)  # dataset kinds: the training split's statistics; None: computed
   c.augment = ml_collections.ConfigDict()
-  c.augment.crop_scale = (0.5, 1.0)  # area fraction of the random crop, resized to image_size
+  c.augment.crop_scale = (0.5, 1.0)  # area fraction of the random crop, resized to image_size (not with patch_size)
   c.augment.hflip = True
   c.augment.vflip = True
   c.augment.rot90 = True
@@ -172,7 +176,8 @@ def make_pipeline(
 
   Returns:
     An iterable of batches `{'image': float32 [B, S, S, C], 'mask': int32 [B, S, S],
-    'valid': float32 [B], 'id': str [B]}`; its iterator is checkpointable.
+    'valid': float32 [B], 'id': str [B]}`, S `data.patch_size` when training on patches, else
+    `data.image_size`; its iterator is checkpointable.
   """
   if batch_size < 1:
     raise DataError(f'batch size {batch_size} must be at least 1')
@@ -193,7 +198,12 @@ def make_pipeline(
   ds = grain.MapDataset.source(_Shard(source, indices, valid)).seed(seed)
   if train:
     ds = ds.shuffle().repeat(num_epochs)
-    ds = ds.random_map(transforms.RandomResizedCrop(size, tuple(aug.crop_scale)))
+    if config.get('patch_size'):
+      if not 0 <= config.foreground_oversampling <= 1:
+        raise DataError(f'data.foreground_oversampling={config.foreground_oversampling} must be in [0, 1]')
+      ds = ds.random_map(transforms.RandomPatch(config.patch_size, config.foreground_oversampling))
+    else:
+      ds = ds.random_map(transforms.RandomResizedCrop(size, tuple(aug.crop_scale)))
     ds = ds.random_map(transforms.RandomFlipRotate(aug.hflip, aug.vflip, aug.rot90))
     if aug.elastic_prob > 0:
       ds = ds.random_map(transforms.RandomElastic(aug.elastic_grid, aug.elastic_sigma, aug.elastic_prob))

@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from resunet_jax.data.normalization import Normalization
+from resunet_jax.errors import DataError
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int, box=None) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +73,46 @@ class RandomResizedCrop(grain.transforms.RandomMap):
     left, top = rng.uniform(0, width - box_w), rng.uniform(0, height - box_h)
     image, mask = resize_pair(image, element['mask'], self.size, (left, top, left + box_w, top + box_h))
     return {**element, 'image': image, 'mask': mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomPatch(grain.transforms.RandomMap):
+  """A `size` x `size` patch at the image's own scale, nothing resized (patch training at native
+  resolution, as nnU-Net's sampler: Isensee et al., Nature Methods 2021).
+
+  With probability `foreground` the patch is made to hold foreground: a pixel of a class other
+  than 0 is drawn uniformly from the mask and the patch placed uniformly among those that contain
+  it (nnU-Net oversamples a third of its patches so); otherwise, or when the mask has no
+  foreground, the patch is placed uniformly. Image and mask must have the same size, at least
+  `size` on both sides.
+  """
+
+  size: int
+  foreground: float = 1 / 3
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    image, mask = element['image'], element['mask']
+    height, width = image.shape[:2]
+    if mask.shape != (height, width):
+      raise DataError(
+        f'{element["id"]}: mask {mask.shape} and image {(height, width)} differ; patches need equal sizes'
+      )
+    if min(height, width) < self.size:
+      raise DataError(
+        f'{element["id"]} is {height}x{width}, smaller than data.patch_size={self.size}; set data.patch_size '
+        'to at most the smallest image side'
+      )
+    forced = rng.random() < self.foreground
+    rows, cols = np.nonzero(mask) if forced else ((), ())
+    if len(rows):
+      pick = int(rng.integers(len(rows)))
+      y, x = int(rows[pick]), int(cols[pick])
+      top = int(rng.integers(max(0, y - self.size + 1), min(y, height - self.size) + 1))
+      left = int(rng.integers(max(0, x - self.size + 1), min(x, width - self.size) + 1))
+    else:
+      top, left = int(rng.integers(height - self.size + 1)), int(rng.integers(width - self.size + 1))
+    window = np.s_[top : top + self.size, left : left + self.size]
+    return {**element, 'image': np.ascontiguousarray(image[window]), 'mask': np.ascontiguousarray(mask[window])}
 
 
 @dataclasses.dataclass(frozen=True)
