@@ -25,6 +25,12 @@ _MEMBER = flags.DEFINE_integer('member', 0, 'Population member (0 for an ordinar
 _PRUNE = flags.DEFINE_integer(
   'prune_level', None, 'A deeply supervised UNet++: predict with its sub-network of this depth (models.prune).'
 )
+_EVALUATION = flags.DEFINE_enum(
+  'evaluation',
+  None,
+  evaluation.MODES,
+  "'whole': every image at its own size (sliding window); 'resize': resized to data.image_size; default the run's.",
+)
 _BACKEND = flags.DEFINE_enum(
   'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
 )
@@ -34,11 +40,17 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; flags look like --split=test')
   run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value, _PRUNE.value)
+  if _EVALUATION.value is not None:
+    with run.config.unlocked():
+      run.config.data.evaluation = _EVALUATION.value
   _, eval_fn = parallel.compile_steps('jit', run.mesh, losses.LossWeights())
   per_image = run.evaluate(_SPLIT.value, eval_fn)
   record = evaluation.report(per_image, tolerance=run.config.train.boundary_tolerance)
-  record.update(split=_SPLIT.value, checkpoint_step=run.step, workdir=str(_WORKDIR.value))
+  mode = run.config.data.get('evaluation') or 'resize'
+  record.update(split=_SPLIT.value, checkpoint_step=run.step, workdir=str(_WORKDIR.value), evaluation=mode)
   name = _SPLIT.value.replace('/', '_').replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pct')
+  if _EVALUATION.value is not None:
+    name += f'_{mode}'
   if _PRUNE.value is not None:
     name += f'_pruned{_PRUNE.value}'
     record.update(prune_level=_PRUNE.value)

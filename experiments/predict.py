@@ -44,7 +44,9 @@ _PRUNE = flags.DEFINE_integer(
 _BACKEND = flags.DEFINE_enum(
   'backend', 'auto', runtime.BACKENDS, 'Layer set (resunet_jax.runtime): auto, stock or cpu.'
 )
-_TILE = flags.DEFINE_integer('tile', None, 'Tile side; default the training image size.')
+_TILE = flags.DEFINE_integer(
+  'tile', None, 'Tile side; default the training size (data.patch_size, else data.image_size).'
+)
 _OVERLAP = flags.DEFINE_float('overlap', 0.5, 'Fraction of a tile shared with its neighbours.')
 _BATCH = flags.DEFINE_integer('batch', 4, 'Tiles per model call.')
 _BLEND = flags.DEFINE_enum('blend', 'gaussian', list(inference.BLENDS), 'Tile blending weights.')
@@ -81,7 +83,7 @@ def _model():
   if _WORKDIR.value is not None:
     run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value, _BACKEND.value, _MEMBER.value, _PRUNE.value)
     norm = data.normalization.of_config(run.config.data, run.config.data.channels)
-    tile = _TILE.value or run.config.data.image_size
+    tile = _TILE.value or run.config.data.get('patch_size') or run.config.data.image_size
 
     def apply(variables, tiles):
       return run.apply(variables, norm(tiles, jnp))

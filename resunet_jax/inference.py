@@ -89,9 +89,11 @@ def sliding_window(
   if not np.isfinite(image).all():
     raise ValueError(f'image holds {int((~np.isfinite(image)).sum())} non-finite values (NaN or inf); clean it first')
   height, width, channels = image.shape
-  padded = np.empty((max(height, tile), max(width, tile), channels), np.float32)
-  padded[...] = np.asarray(pad_value, np.float32)
-  padded[:height, :width] = image
+  padded = image  # an image at least a tile on both sides is read in place
+  if height < tile or width < tile:
+    padded = np.empty((max(height, tile), max(width, tile), channels), np.float32)
+    padded[...] = np.asarray(pad_value, np.float32)
+    padded[:height, :width] = image
   full_h, full_w = padded.shape[:2]
   boxes = [(y, x) for y in tile_starts(full_h, tile, overlap) for x in tile_starts(full_w, tile, overlap)]
   weights = tile_weights(tile, blend)
@@ -110,7 +112,8 @@ def sliding_window(
     for i, (y, x) in enumerate(chunk):
       logits_sum[y : y + tile, x : x + tile] += out[i] * weights[..., None]
       weight_sum[y : y + tile, x : x + tile] += weights[..., None]
-  return (logits_sum / weight_sum)[:height, :width]
+  logits_sum /= weight_sum  # in place: the blended logits are the largest array
+  return logits_sum[:height, :width]
 
 
 @functools.lru_cache(maxsize=8)

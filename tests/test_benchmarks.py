@@ -202,3 +202,14 @@ def test_compare_needs_at_least_one_round(commands):
   result = commands.run([sys.executable, 'benchmarks/train_step.py', '--compare', '--repeats=0'], timeout=60)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].endswith('error: --repeats=0 must be at least 1')
+
+
+def test_whole_image_benchmark_prints_each_sides_peak_and_the_ratio(bench):
+  """Small sides and a tiny network: each side measured in its own process, then the ratio."""
+  *sides, ratio = bench('whole_image.py', '--sides=96,160', '--base-width=2', '--tile=32', '--batch=4')
+  assert [line['side'] for line in sides] == [96, 160] and all(line['peak_mb'] > 0 for line in sides)
+  assert sides[1]['output_mb'] == pytest.approx(sides[0]['output_mb'] * (160 / 96) ** 2, rel=0.05)
+  bound = sides[0]['peak_mb'] + sides[1]['output_mb'] - sides[0]['output_mb']
+  assert ratio['benchmark'] == 'whole_image_ratio' and ratio['ratio'] == pytest.approx(
+    sides[1]['peak_mb'] / bound, abs=1e-3
+  )

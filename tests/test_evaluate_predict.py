@@ -76,6 +76,33 @@ def test_predict_on_a_split_of_the_runs_dataset(trained, tmp_path):
   assert len(list(tmp_path.glob('test_*_overlay.png'))) == 2
 
 
+def test_whole_image_evaluation_scores_what_predict_writes(trained, trained_run, tmp_path):
+  """evaluate.py --evaluation=whole scores each 64x64 test image at its own size (the run trained
+  at 32x32): its per-image Dice is that of predict.py's masks scored by hand against the truth."""
+  workdir, run = trained
+  result = run('evaluate', f'--workdir={workdir}', '--split=test', '--evaluation=whole', '--checkpoint=latest')
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((workdir / 'eval_test_whole.json').read_text())
+  assert record['evaluation'] == 'whole' and record['images'] == 16
+  result = run('predict', f'--workdir={workdir}', '--input=split:test', f'--output={tmp_path}', '--checkpoint=latest')
+  assert result.returncode == 0, result.stderr[-3000:]
+  import ml_collections
+
+  from resunet_jax import data
+
+  data_config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text())['data'])
+  data_config.data_dir = trained_run[1]['TFDS_DATA_DIR']
+  source = data.open_split(data_config, 'test')
+  scores = []
+  for i in range(len(source)):
+    truth = np.asarray(source[i]['mask']) > 0
+    mask = np.asarray(Image.open(tmp_path / f'{source[i]["id"]}_mask.png')) > 0
+    assert mask.shape == truth.shape == (64, 64)  # at the image's own size
+    both = (mask & truth).sum()
+    scores.append(1.0 if not (mask.any() or truth.any()) else 2 * both / (mask.sum() + truth.sum()))
+  assert record['metrics']['dice']['mean'] == pytest.approx(float(np.mean(scores)), abs=1e-6)
+
+
 @pytest.fixture
 def three_classes(three_class_run, commands):
   return _with_tools(three_class_run, commands)

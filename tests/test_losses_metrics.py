@@ -61,3 +61,23 @@ def test_boundary_f1_and_hd95_known_cases():
   assert metrics.boundary_f1(empty, empty) == 1.0 and metrics.hd95(empty, empty) == 0.0
   assert metrics.boundary_f1(empty, truth) == 0.0
   assert metrics.hd95(empty, truth) == pytest.approx(np.hypot(20, 20))
+
+
+@pytest.mark.parametrize('tolerance', [0.0, 1.0, 1.5, 2.0, 3.0])
+def test_boundary_scores_equal_their_distance_transform_definitions(tolerance):
+  """Boundary F1 (dilation by a disk) and HD95 (nearest edge pixels) computed without image-sized
+  distance maps equal the definitions written with scipy's exact Euclidean distance transform."""
+  from scipy import ndimage
+
+  rng = np.random.default_rng(int(tolerance * 10))
+  for _ in range(5):
+    prediction = ndimage.binary_opening(rng.random((61, 47)) < 0.5)
+    truth = ndimage.binary_opening(rng.random((61, 47)) < 0.5)
+    edge_p = prediction & ~ndimage.binary_erosion(prediction, border_value=0)
+    edge_t = truth & ~ndimage.binary_erosion(truth, border_value=0)
+    to_t, to_p = ndimage.distance_transform_edt(~edge_t), ndimage.distance_transform_edt(~edge_p)
+    precision, recall = (to_t[edge_p] <= tolerance).mean(), (to_p[edge_t] <= tolerance).mean()
+    f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    assert metrics.boundary_f1(prediction, truth, tolerance) == pytest.approx(f1, abs=1e-12)
+    distances = np.concatenate([to_t[edge_p], to_p[edge_t]])
+    assert metrics.hd95(prediction, truth) == pytest.approx(np.percentile(distances, 95), abs=1e-12)

@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   # image_size); `foreground_oversampling` of them hold foreground (nnU-Net's 1/3)
   c.patch_size = config_dict.placeholder(int)
   c.foreground_oversampling = 1 / 3
+  # 'resize': evaluation images resized to image_size; 'whole': scored at their own size through a
+  # Gaussian sliding window of patch_size (else image_size) tiles (resunet_jax.training.evaluation)
+  c.evaluation = 'resize'
   c.image_key = config_dict.placeholder(str)  # TFDS feature keys; None: the known dataset's
   c.mask_key = config_dict.placeholder(str)
   c.label_map = config_dict.placeholder(dict)  # mask value -> class id; None: the dataset's

@@ -1,6 +1,9 @@
 """Evaluation of a split: per-image metrics, their summary, and a markdown report.
 
-Images are evaluated as the pipeline yields them (resized to `data.image_size`). Every metric
+`data.evaluation` picks how an image is scored: 'resize' (the default) as the evaluation pipeline
+yields it, resized to `data.image_size`; 'whole' at its own size, every pixel, through the
+Gaussian sliding window of `resunet_jax.inference` (tiles of `data.patch_size`, else
+`data.image_size`; device memory bounded by the tile batch). Every metric
 is computed per image and then averaged over images (classes averaged within an image; the
 foreground only for binary models). Empty-mask conventions are those of `metrics`: Dice, IoU
 and boundary F1 are 1 when prediction and truth are both empty and 0 when exactly one is;
@@ -9,16 +12,20 @@ HD95 is 0 and the image diagonal respectively.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resunet_jax import data, metrics
+from resunet_jax import data, inference, metrics
+from resunet_jax.errors import DataError
 from resunet_jax.training import parallel, reporting
 
 METRICS = ('dice', 'iou', 'accuracy', 'boundary_f1', 'hd95')
+MODES = ('resize', 'whole')
+OVERLAP = 0.5  # of a tile's side, between neighbouring tiles of whole-image evaluation
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:
@@ -106,6 +113,13 @@ def evaluate_split(
     `per_image`: `{'id': [N] str, metric: [N] for METRICS, 'class_dice': [N, K]}` over the
     whole split; `samples`: `{'image' uint8, 'mask', 'prediction'}` of up to `keep` images.
   """
+  mode = data_config.get('evaluation') or 'resize'
+  if mode not in MODES:
+    raise DataError(f"data.evaluation='{mode}' is not one of {', '.join(MODES)}")
+  if mode == 'whole':
+    return evaluate_whole(
+      state, data_config, batch_size=batch_size, boundary_tolerance=boundary_tolerance, role=role, keep=keep
+    )
   rows: dict[str, list] = {name: [] for name in (*METRICS, 'class_dice', 'valid')}
   ids: list[str] = []
   samples = {'image': [], 'mask': [], 'prediction': []}
@@ -133,6 +147,100 @@ def evaluate_split(
       samples['prediction'].extend(out['predictions'][valid][:take])
   per_image = gather_rows({name: np.concatenate(values) for name, values in rows.items()}, ids)
   return per_image, {key: np.asarray(value) for key, value in samples.items()}
+
+
+@functools.cache
+def _tile_apply(apply_fn):
+  """`(variables and scales, tiles) -> logits` of a model's `apply`, one object per model, so the
+  sliding window compiles once per model."""
+
+  def run(inputs, tiles):
+    variables, scales = inputs
+    return apply_fn(variables, tiles, train=False, **scales)
+
+  return run
+
+
+def score_image(
+  apply, inputs, image: np.ndarray, mask: np.ndarray, *, tile: int, batch_size: int, boundary_tolerance: float
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """One whole image's metrics, every pixel scored.
+
+  Args:
+    apply: `(inputs, tiles [N, tile, tile, C]) -> logits` (`_tile_apply` of a model).
+    inputs: what `apply` takes first (variables and scales).
+    image: `[H, W, C]` float32 model inputs (normalised).
+    mask: `[H, W]` int class ids.
+    tile, batch_size: the sliding window's tile side and tiles per call.
+    boundary_tolerance: boundary F1's tolerance in pixels.
+
+  Returns:
+    The image's row of every `METRICS` entry and `class_dice` (`[1]` and `[1, K]` arrays), and
+    its predictions `[H, W]` int32.
+  """
+  logits = inference.sliding_window(apply, inputs, image, tile=tile, overlap=OVERLAP, batch_size=batch_size)
+  outputs = logits.shape[-1]
+  predictions = np.asarray(metrics.predict(logits[None]))
+  del logits  # the largest array: gone before the scores' own
+  out = {key: np.asarray(v) for key, v in metrics.confusion(predictions, mask[None], outputs).items()}
+  per_class = metrics.class_scores(out)
+  edges = metrics.boundary_scores(predictions, mask[None], outputs, boundary_tolerance)
+  row = {
+    'class_dice': per_class['dice'],
+    'dice': per_class['dice'].mean(-1),
+    'iou': per_class['iou'].mean(-1),
+    'accuracy': out['correct'],
+    'boundary_f1': edges['boundary_f1'],
+    'hd95': edges['hd95'],
+  }
+  return row, predictions[0]
+
+
+def evaluate_whole(
+  state, data_config, *, batch_size: int, boundary_tolerance: float, role: str = 'validation', keep: int = 0
+) -> tuple[dict, dict]:
+  """`evaluate_split` with every image scored at its own size (`data.evaluation='whole'`).
+
+  Each image is normalised whole (the run's rule), predicted by `inference.sliding_window` with
+  Gaussian blending (`OVERLAP`; `batch_size` tiles per call) and scored on all its pixels.
+  Images are split over the processes as in evaluation pipelines. Sample images for figures
+  are the top-left `tile` x `tile` corner of the first `keep`.
+  """
+  source = data.open_split(data_config, role)
+  count, index = jax.process_count(), jax.process_index()
+  per_process = -(-len(source) // count)
+  indices, valid = data.shard(len(source), index, count, pad_to=per_process)
+  norm = data.resolve_normalization(data_config)
+  tile = int(data_config.get('patch_size') or data_config.image_size)
+  apply = _tile_apply(state.apply_fn)
+  inputs = (state.variables(state.eval_params), state.scales)
+  rows: dict[str, list] = {name: [] for name in (*METRICS, 'class_dice', 'valid')}
+  ids: list[str] = []
+  samples = {'image': [], 'mask': [], 'prediction': []}
+  for i, ok in zip(indices, valid, strict=True):
+    record = source[int(i)]
+    image, mask = record['image'], np.asarray(record['mask'], np.int32)
+    if mask.shape != image.shape[:2]:
+      raise DataError(
+        f'{record["id"]}: mask {mask.shape} and image {image.shape[:2]} differ; whole-image evaluation scores '
+        "the image's own pixels: give masks of the images' size, or data.evaluation='resize'"
+      )
+    row, predictions = score_image(
+      apply, inputs, norm(image), mask, tile=tile, batch_size=batch_size, boundary_tolerance=boundary_tolerance
+    )
+    for name, value in (*row.items(), ('valid', np.asarray([ok], np.float32))):
+      rows[name].append(np.asarray(value))
+    ids.append(str(record['id']))
+    if ok and len(samples['image']) < keep:
+      corner = np.s_[: min(tile, mask.shape[0]), : min(tile, mask.shape[1])]
+      pixels = image[corner]
+      samples['image'].append(reporting.viewable(pixels))
+      samples['mask'].append(mask[corner])
+      samples['prediction'].append(predictions[corner])
+  per_image = gather_rows({name: np.concatenate(values) for name, values in rows.items()}, ids)
+  side = min((m.shape for m in samples['mask']), default=(0, 0))
+  crop = np.s_[: side[0], : side[1]]
+  return per_image, {key: np.asarray([v[crop] for v in value]) for key, value in samples.items()}
 
 
 def summarize(per_image: dict) -> dict:
