@@ -149,6 +149,9 @@ ADDED_KEYS = {
     'stats': None,
     'patch_size': None,
     'foreground_oversampling': 1 / 3,
+    'evaluation': 'resize',
+    'folder_layout': None,
+    'folder_hint': '',
   },
 }
 

@@ -47,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.test_split = config_dict.placeholder(str)
   c.folder = config_dict.placeholder(str)  # root of a folder dataset (name='folder')
   c.holdout_percent = 10  # folder without split folders: percent to validation, and to test
+  # another folder layout: {'splits': {role: folder}, 'images': folder, 'masks': folder}; None: the default
+  c.folder_layout = config_dict.placeholder(dict)
+  c.folder_hint = ''  # added to a missing folder's error: where to get the data
   c.channels = config_dict.placeholder(int)  # image channels, checked in every file; None: the first image's
   c.normalization = 'fixed'  # 'fixed' | 'dataset_zscore' | 'percentile' | 'per_image' (data/normalization.py)
   c.mean = (0.5, 0.5, 0.5)  # 'fixed': (x / 255 - mean) / std, per channel (equal values: any channel count)

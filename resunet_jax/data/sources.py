@@ -409,20 +409,28 @@ def open_folder(config: Any, role: str) -> SegmentationSource:
 
   `ROOT/{train,validation,test}/{images,masks}` gives the splits; otherwise `ROOT/images` and
   `ROOT/masks` are split by a stable hash of each stem: `data.holdout_percent` percent to
-  validation, as many to test, the rest to train.
+  validation, as many to test, the rest to train. `data.folder_layout` renames the folders of
+  another layout: `splits` (role -> folder), `images`, `masks`; e.g. MoNuSeg's
+  `{Train,Val,Test}_Folder/{img,labelcol}` (experiments/configs/monuseg.py). `data.folder_hint`
+  is added to the errors of a missing folder: where to get the data.
   """
+  hint = f' ({config.folder_hint})' if config.get('folder_hint') else ''
   if not config.get('folder'):
-    raise DataError("data.name='folder' needs data.folder=PATH (a folder holding images/ and masks/)")
+    raise DataError(f"data.name='folder' needs data.folder=PATH (a folder holding images/ and masks/){hint}")
   root = pathlib.Path(config.folder).expanduser()
   if not root.is_dir():
-    raise DataError(f'data.folder {root} does not exist; point it at a folder holding images/ and masks/')
-  split_root = root / role
+    raise DataError(f'data.folder {root} does not exist; point it at a folder holding images/ and masks/{hint}')
+  layout = config.get('folder_layout') or {}
+  split_root = root / dict(layout.get('splits') or {}).get(role, role)
   by_split = split_root.is_dir()
   base = split_root if by_split else root
-  for sub in ('images', 'masks'):
+  names = {'images': layout.get('images') or 'images', 'masks': layout.get('masks') or 'masks'}
+  for sub in names.values():
     if not (base / sub).is_dir():
-      raise DataError(f'{base / sub} is missing; a folder dataset has images/ and masks/ (or train/images, ...)')
-  images, masks = _stems(base / 'images'), _stems(base / 'masks')
+      raise DataError(
+        f'{base / sub} is missing; a folder dataset has {names["images"]}/ and {names["masks"]}/ (or per split){hint}'
+      )
+  images, masks = _stems(base / names['images']), _stems(base / names['masks'])
   unmatched = sorted(set(images) ^ set(masks))
   if unmatched:
     few = ', '.join(f'{s} (no {"mask" if s in images else "image"})' for s in unmatched[:3])
