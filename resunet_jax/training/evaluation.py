@@ -125,15 +125,8 @@ def evaluate_split(
   samples = {'image': [], 'mask': [], 'prediction': []}
   norm = data.resolve_normalization(data_config) if keep else None
   for batch, out in map_split(eval_fn, state, data_config, mesh, role=role, batch_size=batch_size):
-    per_class = metrics.class_scores(out)
-    outputs = out['tp'].shape[-1]
-    edges = metrics.boundary_scores(out['predictions'], batch['mask'], outputs, boundary_tolerance)
-    rows['class_dice'].append(per_class['dice'])
-    rows['dice'].append(per_class['dice'].mean(-1))
-    rows['iou'].append(per_class['iou'].mean(-1))
-    rows['accuracy'].append(out['correct'])
-    rows['boundary_f1'].append(edges['boundary_f1'])
-    rows['hd95'].append(edges['hd95'])
+    for name, value in _image_rows(out, out['predictions'], batch['mask'], boundary_tolerance).items():
+      rows[name].append(value)
     rows['valid'].append(batch['valid'])
     ids.extend(str(i) for i in batch['id'])
     valid = batch['valid'] > 0
@@ -147,6 +140,21 @@ def evaluate_split(
       samples['prediction'].extend(out['predictions'][valid][:take])
   per_image = gather_rows({name: np.concatenate(values) for name, values in rows.items()}, ids)
   return per_image, {key: np.asarray(value) for key, value in samples.items()}
+
+
+def _image_rows(counts: dict, predictions: np.ndarray, masks: np.ndarray, tolerance: float) -> dict[str, np.ndarray]:
+  """Each image's `METRICS` and `class_dice` (`[B]`, `[B, K]`) from its confusion counts (`metrics.confusion`,
+  numpy) and its predictions and masks `[B, H, W]` (boundary F1 at `tolerance` px, HD95)."""
+  per_class = metrics.class_scores(counts)
+  edges = metrics.boundary_scores(predictions, masks, counts['tp'].shape[-1], tolerance)
+  return {
+    'class_dice': per_class['dice'],
+    'dice': per_class['dice'].mean(-1),
+    'iou': per_class['iou'].mean(-1),
+    'accuracy': counts['correct'],
+    'boundary_f1': edges['boundary_f1'],
+    'hd95': edges['hd95'],
+  }
 
 
 @functools.cache
@@ -182,18 +190,8 @@ def score_image(
   outputs = logits.shape[-1]
   predictions = np.asarray(metrics.predict(logits[None]))
   del logits  # the largest array: gone before the scores' own
-  out = {key: np.asarray(v) for key, v in metrics.confusion(predictions, mask[None], outputs).items()}
-  per_class = metrics.class_scores(out)
-  edges = metrics.boundary_scores(predictions, mask[None], outputs, boundary_tolerance)
-  row = {
-    'class_dice': per_class['dice'],
-    'dice': per_class['dice'].mean(-1),
-    'iou': per_class['iou'].mean(-1),
-    'accuracy': out['correct'],
-    'boundary_f1': edges['boundary_f1'],
-    'hd95': edges['hd95'],
-  }
-  return row, predictions[0]
+  counts = metrics.confusion(predictions, mask[None], outputs)
+  return _image_rows(counts, predictions, mask[None], boundary_tolerance), predictions[0]
 
 
 def evaluate_whole(
@@ -229,7 +227,7 @@ def evaluate_whole(
       apply, inputs, norm(image), mask, tile=tile, batch_size=batch_size, boundary_tolerance=boundary_tolerance
     )
     for name, value in (*row.items(), ('valid', np.asarray([ok], np.float32))):
-      rows[name].append(np.asarray(value))
+      rows[name].append(value)
     ids.append(str(record['id']))
     if ok and len(samples['image']) < keep:
       corner = np.s_[: min(tile, mask.shape[0]), : min(tile, mask.shape[1])]
