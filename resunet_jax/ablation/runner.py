@@ -158,42 +158,22 @@ def knockout_dice(loaded: restore.LoadedRun, role: str, scales: dict[str, np.nda
   return per_image['dice'].mean(0)
 
 
-def skip_means(loaded: restore.LoadedRun, role: str = 'train') -> list[np.ndarray]:
-  """Each level's skip tensor averaged over the split's images and pixels, `[C_level]` float32,
-  level 0 first (`steps.skip_means_step`): the fill of a mean-ablation."""
-  means_fn = parallel.compile_eval(steps.skip_means_step, loaded.mesh)
-  rows: dict[str, list] = {}
-  valid, ids = [], []
-  for batch, out in loaded.map_split(means_fn, role):
-    for name, value in out.items():
-      rows.setdefault(name, []).append(value)
-    valid.append(batch['valid'])
-    ids.extend(str(i) for i in batch['id'])
-  table = evaluation.gather_rows(
-    {**{k: np.concatenate(v) for k, v in rows.items()}, 'valid': np.concatenate(valid)}, ids
-  )
-  return [table[f'skip_{level}'].mean(0).astype(np.float32) for level in range(len(rows))]
-
-
-def _knockouts(
-  loaded: restore.LoadedRun, role: str, model_config: models.ModelConfig, *, study: bool = False
+def measure_knockouts(
+  loaded: restore.LoadedRun, role: str, model_config: models.ModelConfig, roles: dict[str, str] | None = None
 ) -> dict[str, dict[str, list]]:
   """The knock-outs of `model_config`'s paths (the arm's: a plain stand-in has no residual ones).
 
   `skip`: each skip mask with the knocked-out skips zeroed; `residual`: each block's shortcut
   zeroed; `gate` (attention skips): each gate opened to ones, then all; `prune` (a deeply
-  supervised UNet++): the head of each pruning level. With `study`, also `skip_mean` (the same
-  masks, the skips replaced by their mean over the training split, `skip_means`) and `branch`
-  (each block's residual branch deleted, its shortcut kept: Veit et al. 2016), and every kind
-  scored on the validation split as well (`val_dice`), where the report chooses masks before reading their test scores.
+  supervised UNet++): the head of each pruning level. Each kind holds its `labels`, `scales` and
+  the mean Dice per row under every key of `roles` (default `{'dice': role}`: key -> split).
   """
   out: dict[str, dict[str, list]] = {}
-  roles = {'dice': role, 'val_dice': 'validation'} if study else {'dice': role}
+  roles = roles or {'dice': role}
 
-  def score(kind, labels, masks, **extra):
+  def score(kind, labels, masks, **scales):
     out[kind] = {'labels': labels, 'scales': masks.tolist()}
-    for key, split in roles.items():
-      out[kind][key] = knockout_dice(loaded, split, {**extra}).tolist()
+    out[kind].update({key: knockout_dice(loaded, split, scales).tolist() for key, split in roles.items()})
 
   present = np.asarray(model_config.skip_levels)
   if present.any():
@@ -201,9 +181,6 @@ def _knockouts(
     masks = masks[(masks[:, ~present] == 1).all(1)]  # a level without a skip ignores its scale
     labels = [''.join(('1' if v else '0') if p else '-' for v, p in zip(row, present, strict=True)) for row in masks]
     score('skip', labels, masks, skip_scale=masks)
-    if study:
-      fill = [np.broadcast_to(mean, (len(masks), mean.size)) for mean in skip_means(loaded)]
-      score('skip_mean', labels, masks, skip_scale=masks, skip_fill=fill)
   if model_config.skip_kind == 'attention' and present.any():  # each gate opened to ones: the plain skip there
     levels = np.flatnonzero(present)
     opened = np.zeros((len(levels) + 2, model_config.depth), np.float32)
@@ -216,8 +193,6 @@ def _knockouts(
   if model_config.residual:
     labels, masks = residual_masks(model_config)
     score('residual', labels, masks, residual_scale=masks)
-    if study:
-      score('branch', labels, masks, branch_scale=masks)
   return out
 
 
@@ -262,7 +237,7 @@ def run_population(
   root: str | pathlib.Path,
   *,
   test_split: str = 'test',
-  knockouts: bool | str = True,
+  knockouts=True,
   measure=None,
 ) -> list[Result]:
   """Trains `config`'s population and measures each member as the run it stands for.
@@ -274,9 +249,8 @@ def run_population(
       model is what the member is measured as (a plain arm's knock-outs and parameter counts).
     root: the sweep folder.
     test_split: the split of the final metrics and the knock-outs.
-    knockouts: measure the knock-outs: True the zeroed skips and shortcuts on `test_split`,
-      'study' every kind of `_knockouts(study=True)` on validation and `test_split` as well,
-      False none (`Result.knockouts` empty).
+    knockouts: True measures `measure_knockouts(loaded, test_split, model)` of each member, a function of
+      the same arguments measures what it returns (a study's own kinds), False none.
     measure: None, or `measure(loaded, run_config) -> dict[str, float]` (the member's
       `restore.LoadedRun` of its final weights), stored as `Result.extra`.
 
@@ -287,6 +261,7 @@ def run_population(
     Stopped: SIGTERM ended the training early (its checkpoint is saved; no result is written).
   """
   root = pathlib.Path(root)
+  knockout_fn = knockouts if callable(knockouts) else measure_knockouts if knockouts else None
   paths = [run_dir(run_config, root) / 'result.json' for run_config in runs]
   finished = [_read(path) for path in paths]
   if all(finished):
@@ -329,7 +304,7 @@ def run_population(
         if r['split'] == 'train'
       ],
       param_counts=counts,
-      knockouts=_knockouts(loaded, test_split, arm_model, study=knockouts == 'study') if knockouts else {},
+      knockouts=knockout_fn(loaded, test_split, arm_model) if knockout_fn else {},
       wall_s=0.0,
       extra=measure(loaded, run_config) if measure else {},
     )

@@ -8,6 +8,10 @@
 - `updates`: each block's relative change from initialisation to the final weights, the
   optimiser's relative update size per block.
 
+- `knockouts`: `ablation.runner.measure_knockouts` scored on validation as well (where the
+  analysis chooses masks before reading their test scores), plus `skip_mean` (the skip masks
+  with the knocked-out skips replaced by their mean over the training split, `skip_means`) and
+  `branch` (each block's residual branch deleted, its shortcut kept: Veit et al. 2016).
 - `class_dice`: each class's mean test Dice, for the three-class cells data (claim 3's
   boundary class, PROTOCOL.md amendment 6).
 
@@ -24,6 +28,7 @@ import optax
 from scipy import ndimage
 
 from resunet_jax import data, losses, metrics, models
+from resunet_jax.ablation import runner
 from resunet_jax.training import evaluation, loop, parallel, restore, steps
 from resunet_jax.training import state as state_lib
 
@@ -228,3 +233,47 @@ def class_dice(loaded: restore.LoadedRun, role: str = 'test') -> dict[str, float
   per_image = loaded.evaluate(role)
   means = np.asarray(per_image['class_dice'], np.float64).mean(0)
   return {f'class_dice_{k}': float(value) for k, value in enumerate(means)}
+
+
+def skip_means(loaded: restore.LoadedRun, role: str = 'train') -> list[np.ndarray]:
+  """Each level's skip tensor averaged over the split's images and pixels, `[C_level]` float32,
+  level 0 first (`steps.skip_means_step`): the fill of a mean-ablation."""
+  means_fn = parallel.compile_eval(steps.skip_means_step, loaded.mesh)
+  rows: dict[str, list] = {}
+  valid, ids = [], []
+  for batch, out in loaded.map_split(means_fn, role):
+    for name, value in out.items():
+      rows.setdefault(name, []).append(value)
+    valid.append(batch['valid'])
+    ids.extend(str(i) for i in batch['id'])
+  table = evaluation.gather_rows(
+    {**{k: np.concatenate(v) for k, v in rows.items()}, 'valid': np.concatenate(valid)}, ids
+  )
+  return [table[f'skip_{level}'].mean(0).astype(np.float32) for level in range(len(rows))]
+
+
+def knockouts(loaded: restore.LoadedRun, role: str, model_config: models.ModelConfig) -> dict[str, dict[str, list]]:
+  """The study's knock-outs (the module docstring), each kind scored on `role` ('dice') and on
+  validation ('val_dice'); a `runner.run_population` knock-out function."""
+  roles = {'dice': role, 'val_dice': 'validation'}
+  out = runner.measure_knockouts(loaded, role, model_config, roles)
+  extra = {}
+  if 'skip' in out:
+    masks = np.asarray(out['skip']['scales'], np.float32)
+    fill = [np.broadcast_to(mean, (len(masks), mean.size)) for mean in skip_means(loaded)]
+    extra['skip_mean'] = {'labels': out['skip']['labels'], 'scales': masks.tolist()}
+    extra['skip_mean'].update(
+      {
+        k: runner.knockout_dice(loaded, split, {'skip_scale': masks, 'skip_fill': fill}).tolist()
+        for k, split in roles.items()
+      }
+    )
+  if 'residual' in out:
+    masks = np.asarray(out['residual']['scales'], np.float32)
+    extra['branch'] = {'labels': out['residual']['labels'], 'scales': masks.tolist()}
+    extra['branch'].update(
+      {k: runner.knockout_dice(loaded, split, {'branch_scale': masks}).tolist() for k, split in roles.items()}
+    )
+  order = ('skip', 'skip_mean', 'gate', 'prune', 'residual', 'branch')  # the order of the committed results
+  merged = {**out, **extra}
+  return {kind: merged[kind] for kind in order if kind in merged}

@@ -472,7 +472,7 @@ def train(
   base,
   root: pathlib.Path,
   *,
-  knockouts: bool | str,
+  knockouts,
   measure_fn,
   label: str,
   committed: dict[str, dict] | None = None,
@@ -482,7 +482,7 @@ def train(
   """Trains (or reads back) `runs`, those of one architecture and budget as one population.
 
   Args:
-    knockouts: `runner.run_population`'s: False, or 'study' (every kind, on validation and test).
+    knockouts: `runner.run_population`'s: False, or the study's `measures.knockouts`.
     measure_fn: `runner.run_population`'s `measure`: `measure` (without per-image lists where no
       test-split result is made), or `measure_classes`.
     committed: run_id -> a row of an earlier results.csv (`read_rows`): such a run's
@@ -594,7 +594,7 @@ def run(
       draw=draw,
     )  # fmt: skip
 
-  def stage(name: str, runs: Sequence[Run], *, knockouts: bool | str, measure_fn) -> dict[Run, runner.Result]:
+  def stage(name: str, runs: Sequence[Run], *, knockouts, measure_fn) -> dict[Run, runner.Result]:
     stages[name], planned[name] = {}, len(set(runs))
     out = train(
       runs, base, root, knockouts=knockouts, measure_fn=measure_fn, label=name, committed=committed,
@@ -626,7 +626,7 @@ def run(
     if jax.process_index() == 0:
       print(f'plateau budget B = {plan.budget} steps')
     for name in STAGES[2:]:
-      stage(name, stage_runs(name, settings, base, plan), knockouts='study', measure_fn=measure)
+      stage(name, stage_runs(name, settings, base, plan), knockouts=measures.knockouts, measure_fn=measure)
     if settings.boundary:  # claim 3's boundary class: test metrics per class, no knock-outs
       stage('boundary', stage_runs('boundary', settings, base, plan), knockouts=False, measure_fn=measure_classes)
     if settings.get('plateau_stages') and uncapped > plan.budget:  # amendment 8: the verdict stages at the plateau

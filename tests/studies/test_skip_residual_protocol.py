@@ -427,7 +427,7 @@ def test_the_studys_knockouts_add_mean_fills_and_deleted_branches_scored_on_vali
 
   workdir, _ = trained_run
   loaded = restore.load_run(workdir, 'latest', 'stock')
-  out = runner._knockouts(loaded, 'test', loaded.model.config, study=True)
+  out = measures.knockouts(loaded, 'test', loaded.model.config)
   assert set(out) == {'skip', 'skip_mean', 'residual', 'branch'}
   for table in out.values():
     assert len(table['labels']) == len(table['scales']) == len(table['dice']) == len(table['val_dice'])
@@ -435,7 +435,7 @@ def test_the_studys_knockouts_add_mean_fills_and_deleted_branches_scored_on_vali
   assert out['skip']['labels'][-1] == '11' and out['skip_mean']['dice'][-1] == pytest.approx(intact, abs=1e-6)
   assert out['residual']['dice'][0] == pytest.approx(intact, abs=1e-6) == out['branch']['dice'][0]
   assert out['skip_mean']['dice'][0] != out['skip']['dice'][0]  # both skips gone: the fill is not zero
-  means = runner.skip_means(loaded)
+  means = measures.skip_means(loaded)
   assert [m.shape for m in means] == [(w,) for w in loaded.model.config.widths()[:2]]
   assert all(np.isfinite(m).all() for m in means) and np.abs(means[0]).sum() > 0
   from resunet_jax import data
@@ -450,7 +450,10 @@ def test_the_studys_knockouts_add_mean_fills_and_deleted_branches_scored_on_vali
   for level, mean in enumerate(means):
     direct = np.asarray(captured['intermediates'][f'enc_{level}']['__call__'][0]).mean((0, 1, 2))
     np.testing.assert_allclose(mean, direct, rtol=1e-5, atol=1e-6)
-  assert set(runner._knockouts(loaded, 'test', loaded.model.config)) == {'skip', 'residual'}  # a sweep's as before
+  assert set(runner.measure_knockouts(loaded, 'test', loaded.model.config)) == {
+    'skip',
+    'residual',
+  }  # a sweep's as before
 
 
 def test_constant_dice_is_the_empty_prediction_scored_by_the_metric(tfds_dir, tmp_path):
