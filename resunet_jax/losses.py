@@ -60,17 +60,23 @@ def deep_supervision_weights(heads: int, weights: tuple[float, ...] = ()) -> tup
   return tuple(w / sum(weights) for w in weights)
 
 
-def per_example_loss(logits: jax.Array, masks: jax.Array, weights: LossWeights) -> jax.Array:
+def per_example_loss(
+  logits: jax.Array, masks: jax.Array, weights: LossWeights, pixel_weights: jax.Array | None = None
+) -> jax.Array:
   """The weighted loss of each example.
 
   Args:
     logits: `[B, H, W, C]` float32; C = 1 is binary.
     masks: `[B, H, W]` int class ids.
     weights: term weights.
+    pixel_weights: None, or `[B, H, W]` in {0, 1}: pixels of weight 0 (a patch's padding) are left
+      out of both terms (cross-entropy averaged over the counted pixels, Dice over them alone).
 
   Returns:
     `[B]` float32.
   """
+  if pixel_weights is not None:
+    return _masked_loss(logits, masks, weights, pixel_weights)
   if logits.shape[-1] == 1:
     targets = masks.astype(jnp.float32)[..., None]
     cross_entropy = optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=(1, 2, 3))
@@ -82,18 +88,51 @@ def per_example_loss(logits: jax.Array, masks: jax.Array, weights: LossWeights) 
   return weights.cross_entropy * cross_entropy + weights.dice * dice
 
 
+def _masked_loss(logits: jax.Array, masks: jax.Array, weights: LossWeights, pixel_weights: jax.Array) -> jax.Array:
+  """`per_example_loss` over the pixels of weight 1 alone.
+
+  The Dice term is optax's soft Dice (smooth 1, alpha = beta = 1/2, classes averaged) with the
+  sums run over the counted pixels: optax takes no pixel mask, and its probability inputs
+  (`apply_softmax=False`) are checked eagerly, which a jitted step cannot pass.
+  """
+  w = pixel_weights.astype(jnp.float32)[..., None]
+  counted = jnp.maximum(w.sum(axis=(1, 2, 3)), 1.0)
+  if logits.shape[-1] == 1:
+    targets = masks.astype(jnp.float32)[..., None]
+    cross_entropy = (optax.sigmoid_binary_cross_entropy(logits, targets) * w).sum(axis=(1, 2, 3)) / counted
+    probabilities = jax.nn.sigmoid(logits)
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, masks)[..., None]
+    cross_entropy = (ce * w).sum(axis=(1, 2, 3)) / counted
+    targets = jax.nn.one_hot(masks, logits.shape[-1], dtype=jnp.float32)
+    probabilities = jax.nn.softmax(logits, axis=-1)
+  if not weights.dice:
+    return weights.cross_entropy * cross_entropy
+  both = (probabilities * targets * w).sum(axis=(1, 2))
+  predicted, true = (probabilities * w).sum(axis=(1, 2)), (targets * w).sum(axis=(1, 2))
+  dice = 1.0 - (both + 1.0) / (both + 0.5 * (predicted - both) + 0.5 * (true - both) + 1.0)
+  return weights.cross_entropy * cross_entropy + weights.dice * dice.mean(-1)
+
+
 def segmentation_loss(
-  logits: jax.Array | tuple[jax.Array, ...], masks: jax.Array, valid: jax.Array, weights: LossWeights
+  logits: jax.Array | tuple[jax.Array, ...],
+  masks: jax.Array,
+  valid: jax.Array,
+  weights: LossWeights,
+  pixel_weights: jax.Array | None = None,
 ) -> jax.Array:
   """Mean of `per_example_loss` over the valid examples (`valid` `[B]` in {0, 1}); a scalar.
 
   `logits` may be a tuple of every head's logits (`UNet(all_heads=True)`, the main head first):
   their losses are summed with `deep_supervision_weights` (a 1-tuple is the main head alone).
+  `pixel_weights` (`[B, H, W]`, 0 on a patch's padding) as in `per_example_loss`.
   """
   heads = logits if isinstance(logits, tuple) else (logits,)
   if len(heads) == 1:
-    losses = per_example_loss(heads[0], masks, weights)
+    losses = per_example_loss(heads[0], masks, weights, pixel_weights)
   else:
     shares = deep_supervision_weights(len(heads), weights.deep_supervision)
-    losses = sum(share * per_example_loss(head, masks, weights) for share, head in zip(shares, heads, strict=True))
+    losses = sum(
+      share * per_example_loss(head, masks, weights, pixel_weights) for share, head in zip(shares, heads, strict=True)
+    )
   return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)

@@ -23,28 +23,38 @@ def predict(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def confusion(predictions: jax.Array, masks: jax.Array, num_outputs: int) -> dict[str, jax.Array]:
+def confusion(
+  predictions: jax.Array, masks: jax.Array, num_outputs: int, weights: jax.Array | None = None
+) -> dict[str, jax.Array]:
   """Per-image, per-class counts (jax arrays in a jitted step; numpy in, numpy out on the host).
 
   Args:
     predictions: `[B, H, W]` class ids.
     masks: `[B, H, W]` class ids.
     num_outputs: the model's output channels (1 = binary, foreground is class 1).
+    weights: None, or `[B, H, W]` in {0, 1}: pixels of weight 0 (a patch's padding) are not counted.
 
   Returns:
     `tp`, `fp`, `fn`: `[B, K]` float32 (K = 1 for binary, else num_outputs); `correct`: `[B]`
-    pixels equal to the mask.
+    the fraction of (counted) pixels equal to the mask.
   """
   xp = np if isinstance(predictions, np.ndarray) and isinstance(masks, np.ndarray) else jnp  # host: no device copy
   classes = xp.array([1]) if num_outputs == 1 else xp.arange(num_outputs)
   pred = predictions[..., None] == classes
   true = masks[..., None] == classes
   axes = (1, 2)
+  if weights is not None:
+    counted = weights[..., None] > 0
+    pred, true = pred & counted, true & counted
+    right = (predictions == masks) & (weights > 0)
+    correct = xp.sum(right, axes, dtype=xp.float32) / xp.maximum(xp.sum(weights > 0, axes, dtype=xp.float32), 1.0)
+  else:
+    correct = xp.mean(predictions == masks, axis=axes, dtype=xp.float32)
   return {
     'tp': xp.sum(pred & true, axes, dtype=xp.float32),
     'fp': xp.sum(pred & ~true, axes, dtype=xp.float32),
     'fn': xp.sum(~pred & true, axes, dtype=xp.float32),
-    'correct': xp.mean(predictions == masks, axis=(1, 2), dtype=xp.float32),
+    'correct': correct,
   }
 
 

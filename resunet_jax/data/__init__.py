@@ -7,6 +7,7 @@ they are built (`sources.prepare_embedded`, or any pipeline over them, builds th
 
 from resunet_jax.data import builders, normalization, sources, transforms
 from resunet_jax.data.pipeline import (
+  BATCH_KEYS,
   DatasetInfo,
   dataset_info,
   default_config,
@@ -18,6 +19,7 @@ from resunet_jax.data.pipeline import (
 from resunet_jax.data.sources import open_split
 
 __all__ = [
+  'BATCH_KEYS',
   'DatasetInfo',
   'builders',
   'dataset_info',

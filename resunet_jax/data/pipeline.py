@@ -25,6 +25,9 @@ from resunet_jax.data import normalization as normalization_lib
 from resunet_jax.data import sources, transforms
 from resunet_jax.errors import DataError
 
+# The arrays of a batch that go to the devices ('weight': patch batches only); `id` stays on the host.
+BATCH_KEYS = ('image', 'mask', 'valid', 'weight')
+
 
 def default_config() -> ml_collections.ConfigDict:
   """The `config.data` section with its defaults (the single place they are set)."""
@@ -182,8 +185,9 @@ def make_pipeline(
 
   Returns:
     An iterable of batches `{'image': float32 [B, S, S, C], 'mask': int32 [B, S, S],
-    'valid': float32 [B], 'id': str [B]}`, S `data.patch_size` when training on patches, else
-    `data.image_size`; its iterator is checkpointable.
+    'valid': float32 [B], 'id': str [B]}`, S `data.patch_size` when training on patches (which
+    adds `'weight': float32 [B, S, S]`, 0 on the padding of an image smaller than the patch),
+    else `data.image_size`; its iterator is checkpointable.
   """
   if batch_size < 1:
     raise DataError(f'batch size {batch_size} must be at least 1')
@@ -227,8 +231,9 @@ def make_pipeline(
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
   """This process's batch as global arrays split over `sharding` (e.g. `P('data')`).
 
-  The string `id` stays on the host; image, mask and valid become one global array each.
+  The string `id` stays on the host; image, mask, valid (and a patch batch's weight) become one
+  global array each.
   """
   return {
-    key: jax.make_array_from_process_local_data(sharding, np.asarray(batch[key])) for key in ('image', 'mask', 'valid')
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(batch[key])) for key in BATCH_KEYS if key in batch
   }

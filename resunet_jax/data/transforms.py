@@ -83,8 +83,10 @@ class RandomPatch(grain.transforms.RandomMap):
   With probability `foreground` the patch is made to hold foreground: a pixel of a class other
   than 0 is drawn uniformly from the mask and the patch placed uniformly among those that contain
   it (nnU-Net oversamples a third of its patches so); otherwise, or when the mask has no
-  foreground, the patch is placed uniformly. Image and mask must have the same size, at least
-  `size` on both sides.
+  foreground, the patch is placed uniformly. Image and mask must have the same size. A side
+  shorter than `size` is padded first (image by its edge pixels, mask by 0), and the element gains
+  `weight`, uint8 `[size, size]`: 1 on the image's pixels, 0 on the padding, which `Normalize`
+  sets to 0 and the loss and training metrics leave out (nnU-Net pads so and ignores the padding).
   """
 
   size: int
@@ -97,11 +99,12 @@ class RandomPatch(grain.transforms.RandomMap):
       raise DataError(
         f'{element["id"]}: mask {mask.shape} and image {(height, width)} differ; patches need equal sizes'
       )
+    weight = np.ones((height, width), np.uint8)
     if min(height, width) < self.size:
-      raise DataError(
-        f'{element["id"]} is {height}x{width}, smaller than data.patch_size={self.size}; set data.patch_size '
-        'to at most the smallest image side'
-      )
+      pads = [(0, max(0, self.size - height)), (0, max(0, self.size - width))]
+      image = np.pad(image, pads + [(0, 0)] * (image.ndim - 2), mode='edge')
+      mask, weight = np.pad(mask, pads), np.pad(weight, pads)
+      height, width = mask.shape
     forced = rng.random() < self.foreground
     rows, cols = np.nonzero(mask) if forced else ((), ())
     if len(rows):
@@ -112,7 +115,12 @@ class RandomPatch(grain.transforms.RandomMap):
     else:
       top, left = int(rng.integers(height - self.size + 1)), int(rng.integers(width - self.size + 1))
     window = np.s_[top : top + self.size, left : left + self.size]
-    return {**element, 'image': np.ascontiguousarray(image[window]), 'mask': np.ascontiguousarray(mask[window])}
+    return {
+      **element,
+      'image': np.ascontiguousarray(image[window]),
+      'mask': np.ascontiguousarray(mask[window]),
+      'weight': np.ascontiguousarray(weight[window]),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +132,16 @@ class RandomFlipRotate(grain.transforms.RandomMap):
   rot90: bool = True
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image, mask = element['image'], element['mask']
+    names = [name for name in ('image', 'mask', 'weight') if name in element]
+    arrays = [element[name] for name in names]
     flip_h, flip_v, turns = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(4))
     if self.hflip and flip_h:
-      image, mask = image[:, ::-1], mask[:, ::-1]
+      arrays = [a[:, ::-1] for a in arrays]
     if self.vflip and flip_v:
-      image, mask = image[::-1], mask[::-1]
-    if self.rot90 and turns and image.shape[0] == image.shape[1]:
-      image, mask = np.rot90(image, turns), np.rot90(mask, turns)
-    return {**element, 'image': np.ascontiguousarray(image), 'mask': np.ascontiguousarray(mask)}
+      arrays = [a[::-1] for a in arrays]
+    if self.rot90 and turns and arrays[0].shape[0] == arrays[0].shape[1]:
+      arrays = [np.rot90(a, turns) for a in arrays]
+    return {**element, **{name: np.ascontiguousarray(a) for name, a in zip(names, arrays, strict=True)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +171,10 @@ class RandomElastic(grain.transforms.RandomMap):
     if image.shape[:2] != (height, width):
       image, _ = resize_pair(image, mask, height)
     channels = [ndimage.map_coordinates(image[..., c], coords, order=1, mode='reflect') for c in range(image.shape[-1])]
-    return {**element, 'image': np.stack(channels, -1), 'mask': mask}
+    out = {**element, 'image': np.stack(channels, -1), 'mask': mask}
+    if 'weight' in element:  # the padding moves as the mask does
+      out['weight'] = ndimage.map_coordinates(element['weight'], coords, order=0, mode='reflect')
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,14 +211,19 @@ class RandomColor(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class Normalize(grain.transforms.Map):
   """To model inputs: image float32 by `normalization` (`data.normalization`), mask int32,
-  `valid` float32."""
+  `valid` float32; a `weight` (padding 0, `RandomPatch`) becomes float32 and zeroes the padded
+  image pixels, as the sliding window pads normalised inputs with 0."""
 
   normalization: Normalization
 
   def map(self, element: dict) -> dict:
-    return {
+    out = {
       'image': self.normalization(element['image']),
       'mask': element['mask'].astype(np.int32),
       'valid': np.float32(element.get('valid', 1.0)),
       'id': element['id'],
     }
+    if 'weight' in element:
+      out['weight'] = element['weight'].astype(np.float32)
+      out['image'] = out['image'] * out['weight'][..., None]
+    return out

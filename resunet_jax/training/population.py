@@ -257,7 +257,7 @@ class Population:
     Members sharing a seed share one batch object: it is placed on the devices once.
     """
     if self.mode == 'vmap':
-      local = {key: np.stack([b[key] for b in host_batches]) for key in ('image', 'mask', 'valid')}
+      local = {key: np.stack([b[key] for b in host_batches]) for key in data.BATCH_KEYS if key in host_batches[0]}
       sharding = parallel.member_batch_sharding(self.mesh)
       batch = {
         key: jax.make_array_from_process_local_data(sharding, value, (value.shape[0], batch_size, *value.shape[2:]))

@@ -26,7 +26,8 @@ def train_step(
 
   Args:
     state: the train state.
-    batch: `image` `[B, H, W, C]` float32, `mask` `[B, H, W]` int32, `valid` `[B]` float32.
+    batch: `image` `[B, H, W, C]` float32, `mask` `[B, H, W]` int32, `valid` `[B]` float32, and
+      for patches `weight` `[B, H, W]` float32 (0 on padding: out of the loss and the metrics).
     loss_weights: loss term weights (static); a deeply supervised model's heads all count.
     axis_name: mapped device axis to average over (shard_map), or None (jit).
 
@@ -44,7 +45,7 @@ def train_step(
       )
     else:
       heads, updates = state.apply_fn(variables, batch['image'], train=True, all_heads=True, **state.scales), {}
-    loss = losses.segmentation_loss(heads, batch['mask'], batch['valid'], loss_weights)
+    loss = losses.segmentation_loss(heads, batch['mask'], batch['valid'], loss_weights, batch.get('weight'))
     return loss, (heads[0], updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -55,7 +56,7 @@ def train_step(
     state = state.replace(
       ema_params=jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, state.params)
     )
-  counts = metrics.confusion(metrics.predict(logits), batch['mask'], logits.shape[-1])
+  counts = metrics.confusion(metrics.predict(logits), batch['mask'], logits.shape[-1], batch.get('weight'))
   step_metrics = {'loss': loss, **metrics.scores(counts, batch['valid'])}
   step_metrics = {name: _mean(value, axis_name) for name, value in step_metrics.items()}
   step_metrics['grad_norm'] = optax.tree.norm(grads)

@@ -59,10 +59,54 @@ def test_a_patch_is_the_image_and_mask_at_their_own_scale():
   assert transforms.RandomPatch(PATCH, 1.0).random_map(empty, rng)['image'].shape == (PATCH, PATCH, 3)
 
 
-def test_an_image_smaller_than_the_patch_is_a_one_line_error():
-  small = {**_element(), 'image': np.zeros((20, 40, 3), np.uint8), 'mask': np.zeros((20, 40), np.uint8)}
-  with pytest.raises(DataError, match=r'blob is 20x40, smaller than data.patch_size=32; set data.patch_size'):
-    transforms.RandomPatch(PATCH).random_map(small, np.random.default_rng(0))
+def test_an_image_smaller_than_the_patch_is_padded_and_the_padding_weighs_zero():
+  element = _element()
+  small = {**element, 'image': element['image'][:20, :40], 'mask': element['mask'][:20, :40] + 1}
+  patch = transforms.RandomPatch(PATCH, 0.5).random_map(small, np.random.default_rng(0))
+  assert patch['image'].shape == (PATCH, PATCH, 3) and patch['weight'].shape == (PATCH, PATCH)
+  real = patch['weight'] == 1
+  assert real.sum() == 20 * PATCH  # every row of the image, a 32-wide window of its 40 columns
+  assert not real[20:].any() and real[:20].all()  # padding below the image only
+  left = int(patch['image'][0, 0, 1])
+  np.testing.assert_array_equal(patch['image'][:20], small['image'][:, left : left + PATCH])  # not resampled
+  assert (patch['mask'][~real] == 0).all() and (patch['mask'][real] > 0).all()
+  normalized = transforms.Normalize(data.normalization.Normalization('fixed', 3, (0.5,) * 3, (0.25,) * 3))
+  out = normalized.map(transforms.RandomFlipRotate().random_map(patch, np.random.default_rng(5)))
+  np.testing.assert_array_equal(out['image'][out['weight'] == 0], 0.0)  # as the sliding window pads
+  assert out['weight'].dtype == np.float32 and (out['mask'][out['weight'] == 0] == 0).all()
+  assert (out['mask'][out['weight'] == 1] > 0).all()  # flipped together
+
+
+def test_a_mask_of_another_size_than_its_image_is_a_one_line_error():
+  bad = {**_element(), 'mask': np.zeros((20, 40), np.uint8)}
+  with pytest.raises(DataError, match=r'blob: mask \(20, 40\) and image \(200, 200\) differ'):
+    transforms.RandomPatch(PATCH).random_map(bad, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_the_loss_and_metrics_of_a_padded_patch_are_those_of_its_image_alone(channels):
+  import jax.numpy as jnp
+
+  from resunet_jax import losses, metrics
+
+  rng = np.random.default_rng(channels)
+  logits = rng.normal(size=(2, 12, 16, channels)).astype(np.float32)
+  masks = rng.integers(0, max(channels, 2), size=(2, 12, 16)).astype(np.int32)
+  padded_logits = np.pad(logits, [(0, 0), (0, 6), (0, 3), (0, 0)], constant_values=3.0)  # confident junk
+  padded_masks = np.pad(masks, [(0, 0), (0, 6), (0, 3)])
+  weight = np.pad(np.ones((2, 12, 16), np.float32), [(0, 0), (0, 6), (0, 3)])
+  terms = losses.LossWeights(cross_entropy=1.0, dice=1.0)
+  alone = losses.per_example_loss(jnp.asarray(logits), jnp.asarray(masks), terms)
+  masked = losses.per_example_loss(jnp.asarray(padded_logits), jnp.asarray(padded_masks), terms, jnp.asarray(weight))
+  np.testing.assert_allclose(masked, alone, rtol=1e-5)
+  unmasked = losses.per_example_loss(jnp.asarray(padded_logits), jnp.asarray(padded_masks), terms)
+  assert np.abs(np.asarray(unmasked) - np.asarray(alone)).min() > 1e-3  # the padding would count otherwise
+  predictions = np.asarray(metrics.predict(jnp.asarray(logits)))
+  padded_predictions = np.asarray(metrics.predict(jnp.asarray(padded_logits)))
+  expected = metrics.confusion(predictions, masks, channels)
+  counted = metrics.confusion(padded_predictions, padded_masks, channels, weight)
+  for key in expected:
+    np.testing.assert_allclose(counted[key], expected[key], rtol=1e-6)
 
 
 def test_the_pipeline_trains_on_patches_and_the_default_run_keeps_its_hash(data_config):
@@ -82,3 +126,39 @@ def test_the_pipeline_trains_on_patches_and_the_default_run_keeps_its_hash(data_
   assert configs.config_hash(config.to_dict()) == '02ac9618'
   config.data.patch_size = 64
   assert configs.config_hash(config.to_dict()) != '02ac9618'
+
+
+def test_training_on_patches_with_images_smaller_than_the_patch_runs_and_scores_them_whole(tmp_path, commands):
+  import json
+  import os
+  import sys
+
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for split, sizes in (('train', [(48, 48), (20, 30), (40, 24)]), ('validation', [(20, 30)]), ('test', [(26, 40)])):
+    for i, (h, w) in enumerate(sizes):
+      for kind in ('images', 'masks'):
+        (tmp_path / 'data' / split / kind).mkdir(parents=True, exist_ok=True)
+      image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      Image.fromarray(image).save(tmp_path / 'data' / split / 'images' / f'{i}.png')
+      Image.fromarray(((image[..., 0] > 128) * 255).astype(np.uint8)).save(
+        tmp_path / 'data' / split / 'masks' / f'{i}.png'
+      )
+  workdir = tmp_path / 'run'
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  train = [
+    sys.executable, 'experiments/train.py', '--model=unet', '--config=experiments/configs/quick.py',
+    f'--config.data.folder={tmp_path / "data"}', '--config.data.name=folder', '--config.data.patch_size=32',
+    '--config.data.evaluation=whole', '--config.train.num_steps=3', '--config.train.batch_size=2',
+    f'--workdir={workdir}',
+  ]  # fmt: skip
+  result = commands.run(train, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert all(np.isfinite(r['loss']) for r in records if r['split'] == 'train')
+  evaluate = [sys.executable, 'experiments/evaluate.py', f'--workdir={workdir}', '--split=test', '--checkpoint=latest']
+  result = commands.run(evaluate, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((workdir / 'eval_test.json').read_text())
+  assert record['images'] == 1 and record['evaluation'] == 'whole'
