@@ -97,11 +97,16 @@ def _wheel_file(distribution: str, name: str) -> pathlib.Path:
 
 
 def build() -> pathlib.Path:
-  """Compiles onednn_conv.cc if this source, oneDNN and jaxlib have no library yet; returns its path."""
+  """Compiles onednn_conv.cc if this source, oneDNN and jaxlib have no library yet; returns its path.
+
+  `RESUNET_ONEDNN_CXXFLAGS` adds compiler flags (a sanitiser build: benchmarks/README.md).
+  """
   library = _wheel_file('onednn-cpu-gomp', 'libdnnl.so.3')
   header = _wheel_file('onednn-devel-cpu-gomp', 'dnnl.hpp')
   include = header.parent.parent if header.parent.name == 'dnnl' else header.parent
   flags = ['-std=c++17', f'-I{include}', f'-I{jax.ffi.include_dir()}', str(library), f'-Wl,-rpath,{library.parent}']
+  # e.g. '-fsanitize=address,undefined -g' for a sanitised build (a library of its own in the cache)
+  flags += os.environ.get('RESUNET_ONEDNN_CXXFLAGS', '').split()
   depends_on = str(library).encode() + importlib.metadata.version('jaxlib').encode()
   try:
     return native.compile_library(SOURCE, os.environ.get('CXX') or 'g++', flags, depends_on)
@@ -118,6 +123,16 @@ def load() -> None:
   handlers = ctypes.CDLL(str(path))
   for name in _TARGETS:
     jax.ffi.register_ffi_target(f'resunet_onednn_{name}', jax.ffi.pycapsule(getattr(handlers, name)), platform='cpu')
+
+
+def installed() -> bool:
+  """Whether the `cpu` extra's oneDNN wheels are installed (they may still fail to build or load)."""
+  try:
+    _wheel_file('onednn-cpu-gomp', 'libdnnl.so.3')
+    _wheel_file('onednn-devel-cpu-gomp', 'dnnl.hpp')
+  except OneDNNUnavailable:
+    return False
+  return True
 
 
 @functools.cache

@@ -9,6 +9,7 @@
 // kernel is reordered into that layout on each call, into a buffer kept for reuse. A
 // plan (primitive descriptors and primitives, JIT-compiled by oneDNN) is built once per shape
 // and kept.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -45,12 +46,37 @@ struct Shape {
   bool operator<(const Shape& b) const { return key() < b.key(); }
 };
 
+// Every primitive here takes its scratchpad from the caller (`scratchpad_mode::user`, filled by
+// `Scratchpad`). oneDNN's default, library-owned scratchpad lives in storage local to the thread
+// that executes, while XLA calls a handler from whichever of its threads is free: with the
+// library's scratchpad the AVX2 kernel-gradient kernels (gemm im2col) wrote past their buffer and
+// training crashed with SIGSEGV (benchmarks/README.md, "The CPU backend on AVX2").
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// A reorder between two layouts of a kernel.
+struct Reorder {
+  dnnl::reorder::primitive_desc pd;
+  dnnl::reorder prim;
+};
+
+Reorder MakeReorder(const memory::desc& from, const memory::desc& to) {
+  auto& e = Engine();
+  Reorder r;
+  r.pd = dnnl::reorder::primitive_desc(e, from, e, to, UserScratchpad());
+  r.prim = dnnl::reorder(r.pd);
+  return r;
+}
+
 // A forward primitive with a bias and post-ops, and the reorder of the user's kernel into its layout.
 struct Fused {
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward prim;
   bool reorder_needed = false;
-  dnnl::reorder reorder;
+  Reorder reorder;
 };
 
 struct Plan {
@@ -64,7 +90,7 @@ struct Plan {
   dnnl::convolution_backward_data bwd_data_p;
   dnnl::convolution_backward_weights bwd_weights_p;
   bool fwd_reorder, bwd_data_reorder, bwd_weights_reorder;
-  dnnl::reorder fwd_r, bwd_data_r, bwd_weights_r;
+  Reorder fwd_r, bwd_data_r, bwd_weights_r;
   memory::dims strides, pad_l, pad_r;
 };
 
@@ -73,7 +99,7 @@ std::map<Shape, std::unique_ptr<Plan>> plans;
 
 Fused MakeFused(const Plan& p, const dnnl::post_ops& post_ops) {
   auto& e = Engine();
-  dnnl::primitive_attr attr;
+  dnnl::primitive_attr attr = UserScratchpad();
   attr.set_post_ops(post_ops);
   memory::desc wei_any(p.wei_user.get_dims(), dt::f32, tag::any);
   Fused f;
@@ -82,7 +108,7 @@ Fused MakeFused(const Plan& p, const dnnl::post_ops& post_ops) {
                                                    p.strides, p.pad_l, p.pad_r, attr);
   f.prim = dnnl::convolution_forward(f.pd);
   f.reorder_needed = f.pd.weights_desc() != p.wei_user;
-  if (f.reorder_needed) f.reorder = dnnl::reorder(dnnl::reorder::primitive_desc(e, p.wei_user, e, f.pd.weights_desc()));
+  if (f.reorder_needed) f.reorder = MakeReorder(p.wei_user, f.pd.weights_desc());
   return f;
 }
 
@@ -109,13 +135,14 @@ Plan& GetPlan(const Shape& s) {
   p->wei_user = memory::desc({s.o, s.c, s.kh, s.kw}, dt::f32, tag::hwio);
   memory::desc wei_any({s.o, s.c, s.kh, s.kw}, dt::f32, tag::any);
   memory::dims strides{s.sh, s.sw}, pad_l{s.pt, s.pl}, pad_r{s.pb, s.pr};
+  const dnnl::primitive_attr attr = UserScratchpad();
   p->fwd = dnnl::convolution_forward::primitive_desc(
       e, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, p->src, wei_any,
-      memory::desc(), p->dst, strides, pad_l, pad_r);
+      memory::desc(), p->dst, strides, pad_l, pad_r, attr);
   p->bwd_data = dnnl::convolution_backward_data::primitive_desc(
-      e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd);
+      e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd, attr);
   p->bwd_weights = dnnl::convolution_backward_weights::primitive_desc(
-      e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd);
+      e, dnnl::algorithm::convolution_direct, p->src, wei_any, p->dst, strides, pad_l, pad_r, p->fwd, attr);
   p->bias = memory::desc({s.o}, dt::f32, tag::x);
   p->strides = strides;
   p->pad_l = pad_l;
@@ -127,14 +154,11 @@ Plan& GetPlan(const Shape& s) {
   p->bwd_data_p = dnnl::convolution_backward_data(p->bwd_data);
   p->bwd_weights_p = dnnl::convolution_backward_weights(p->bwd_weights);
   p->fwd_reorder = p->fwd.weights_desc() != p->wei_user;
-  if (p->fwd_reorder) p->fwd_r = dnnl::reorder(dnnl::reorder::primitive_desc(e, p->wei_user, e, p->fwd.weights_desc()));
+  if (p->fwd_reorder) p->fwd_r = MakeReorder(p->wei_user, p->fwd.weights_desc());
   p->bwd_data_reorder = p->bwd_data.weights_desc() != p->wei_user;
-  if (p->bwd_data_reorder)
-    p->bwd_data_r = dnnl::reorder(dnnl::reorder::primitive_desc(e, p->wei_user, e, p->bwd_data.weights_desc()));
+  if (p->bwd_data_reorder) p->bwd_data_r = MakeReorder(p->wei_user, p->bwd_data.weights_desc());
   p->bwd_weights_reorder = p->bwd_weights.diff_weights_desc() != p->wei_user;
-  if (p->bwd_weights_reorder)
-    p->bwd_weights_r =
-        dnnl::reorder(dnnl::reorder::primitive_desc(e, p->bwd_weights.diff_weights_desc(), e, p->wei_user));
+  if (p->bwd_weights_reorder) p->bwd_weights_r = MakeReorder(p->bwd_weights.diff_weights_desc(), p->wei_user);
   if (std::getenv("RESUNET_ONEDNN_VERBOSE"))
     fprintf(stderr, "conv n%ld %ldx%ld %ld->%ld k%ld: fwd %s bwd_data %s bwd_weights %s reorders %d%d%d\n", s.n, s.h, s.w,
             s.c, s.o, s.kh, p->fwd.impl_info_str(), p->bwd_data.impl_info_str(), p->bwd_weights.impl_info_str(),
@@ -159,32 +183,47 @@ memory Wrap(const memory::desc& d, const void* ptr) { return memory(d, Engine(),
 // peak memory 1059-1071 -> 1002-1028 MB; ResUNet base 16 unchanged (28.4-29.4 either way).
 std::mutex execution;
 
-// The buffer for a kernel in oneDNN's layout, kept between calls (the callers hold
-// `execution`). A buffer allocated for each call (oneDNN's own `memory(desc, engine)`) is mapped
-// afresh by the C library when it is large, so every call faulted in and zeroed its pages: at
-// U-Net base 64 the reorders of the 1024->1024 kernel (38 MB) took 16-43 ms per call in a
-// training step, against 5-8 ms into a buffer touched before. It grows to the largest kernel.
-void* KernelBuffer(size_t bytes) {
-  static void* buffer = nullptr;
-  static size_t size = 0;
-  if (bytes > size) {
-    std::free(buffer);
-    size = (bytes + 4095) / 4096 * 4096;
-    buffer = std::aligned_alloc(4096, size);
-    if (buffer == nullptr) {
-      size = 0;
-      throw std::bad_alloc();
+// A buffer kept between calls and grown to the largest request (the callers hold `execution`).
+// A buffer allocated for each call (oneDNN's own `memory(desc, engine)`) is mapped afresh by the
+// C library when it is large, so every call faulted in and zeroed its pages: at U-Net base 64 the
+// reorders of the 1024->1024 kernel (38 MB) took 16-43 ms per call in a training step, against
+// 5-8 ms into a buffer touched before.
+struct Buffer {
+  void* data = nullptr;
+  size_t size = 0;
+  void* Get(size_t bytes) {
+    if (bytes > size) {
+      std::free(data);
+      size = (bytes + 4095) / 4096 * 4096;
+      data = std::aligned_alloc(4096, size);
+      if (data == nullptr) {
+        size = 0;
+        throw std::bad_alloc();
+      }
     }
+    return data;
   }
-  return buffer;
+};
+Buffer kernel_buffer;  // a kernel in oneDNN's layout
+Buffer scratch_buffer;  // the scratchpad of the primitive running (one at a time)
+
+void* KernelBuffer(size_t bytes) { return kernel_buffer.Get(bytes); }
+
+// The scratchpad argument of a primitive whose descriptor is `pd`.
+memory Scratchpad(const dnnl::primitive_desc_base& pd) {
+  const memory::desc desc = pd.scratchpad_desc();
+  return memory(desc, Engine(), scratch_buffer.Get(std::max<size_t>(desc.get_size(), 1)));
+}
+
+void RunReorder(dnnl::stream& stream, Reorder& r, memory& from, memory& to) {
+  r.prim.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, Scratchpad(r.pd)}});
 }
 
 // The kernel in the primitive's own layout: `user` itself, or a copy reordered into KernelBuffer.
-memory InLayout(dnnl::stream& stream, bool differs, dnnl::reorder& reorder, const memory::desc& desc,
-                memory user) {
+memory InLayout(dnnl::stream& stream, bool differs, Reorder& reorder, const memory::desc& desc, memory user) {
   if (!differs) return user;
   memory converted(desc, Engine(), KernelBuffer(desc.get_size()));
-  reorder.execute(stream, user, converted);
+  RunReorder(stream, reorder, user, converted);
   return converted;
 }
 
@@ -196,7 +235,8 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Re
   memory wei = InLayout(stream, p.fwd_reorder, p.fwd_r, p.fwd.weights_desc(), Wrap(p.wei_user, w.typed_data()));
   p.fwd_p.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
                            {DNNL_ARG_WEIGHTS, wei},
-                           {DNNL_ARG_DST, Wrap(p.dst, y->typed_data())}});
+                           {DNNL_ARG_DST, Wrap(p.dst, y->typed_data())},
+                           {DNNL_ARG_SCRATCHPAD, Scratchpad(p.fwd)}});
   stream.wait();
   return ffi::Error::Success();
 }
@@ -211,7 +251,8 @@ ffi::Error RunFused(Plan& p, Fused& fused, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   fused.prim.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
                               {DNNL_ARG_WEIGHTS, wei},
                               {DNNL_ARG_BIAS, Wrap(p.bias, b.typed_data())},
-                              {DNNL_ARG_DST, Wrap(p.dst, y)}});
+                              {DNNL_ARG_DST, Wrap(p.dst, y)},
+                              {DNNL_ARG_SCRATCHPAD, Scratchpad(fused.pd)}});
   stream.wait();
   return ffi::Error::Success();
 }
@@ -244,7 +285,8 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, f
                         Wrap(p.wei_user, w.typed_data()));
   p.bwd_data_p.execute(stream, {{DNNL_ARG_DIFF_DST, Wrap(p.dst, dy.typed_data())},
                                 {DNNL_ARG_WEIGHTS, wei},
-                                {DNNL_ARG_DIFF_SRC, Wrap(p.src, dx->typed_data())}});
+                                {DNNL_ARG_DIFF_SRC, Wrap(p.src, dx->typed_data())},
+                                {DNNL_ARG_SCRATCHPAD, Scratchpad(p.bwd_data)}});
   stream.wait();
   return ffi::Error::Success();
 }
@@ -259,8 +301,9 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
   memory grad = p.bwd_weights_reorder ? memory(blocked, Engine(), KernelBuffer(blocked.get_size())) : user;
   p.bwd_weights_p.execute(stream, {{DNNL_ARG_SRC, Wrap(p.src, x.typed_data())},
                                    {DNNL_ARG_DIFF_DST, Wrap(p.dst, dy.typed_data())},
-                                   {DNNL_ARG_DIFF_WEIGHTS, grad}});
-  if (p.bwd_weights_reorder) p.bwd_weights_r.execute(stream, grad, user);
+                                   {DNNL_ARG_DIFF_WEIGHTS, grad},
+                                   {DNNL_ARG_SCRATCHPAD, Scratchpad(p.bwd_weights)}});
+  if (p.bwd_weights_reorder) RunReorder(stream, p.bwd_weights_r, grad, user);
   stream.wait();
   return ffi::Error::Success();
 }
