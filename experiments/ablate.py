@@ -23,6 +23,8 @@ from resunet_jax import cli
 
 cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
 
+import claims  # noqa: E402 (experiments/claims.py)
+
 from resunet_jax import ablation  # noqa: E402
 
 _CONFIG = cli.define_config_file('config', 'experiments/configs/ablate.py', 'Ablation config file.')
@@ -48,11 +50,13 @@ def _main(argv: list[str]) -> None:
   results = ablation.sweep(config, workdir)
   output = pathlib.Path(config.ablation.get('output') or workdir)
   output.mkdir(parents=True, exist_ok=True)
-  paths = ablation.report.write(results, output, target=config.ablation.target_dice, command=command)
+  studies, target = ablation.report.group(results), config.ablation.target_dice
+  verdicts = claims.section(studies, target)
+  paths = ablation.report.write(results, output, target=target, command=command, verdicts=verdicts)
   print(f'{len(results)} runs in {workdir}, {(time.perf_counter() - start) / 60:.1f} min')
   for name, path in paths.items():
     print(f'  {name:<16} {path}')
-  print('\n'.join(ablation.report.claim_verdicts(ablation.report.group(results), config.ablation.target_dice)))
+  print('\n'.join(claims.claim_verdicts(studies, target)))
 
 
 if __name__ == '__main__':

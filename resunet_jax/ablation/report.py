@@ -1,11 +1,10 @@
 """A sweep's results as tables and a report: `results.csv`, `knockouts.csv` and `report.md`.
 
 Every number in the report is a mean over seeds with its 95% t-interval, or a difference
-paired by seed with its interval (`stats`). Each of the design note's four claims about
-residual connections gets the verdict of `decision.decide`, the one rule of every report, over
-the sweep's endpoints (`ENDPOINTS`, Holm over all of them); a sweep's verdicts are exploratory,
-its arms and margins not fixed before the runs. A pre-registered study passes its own verdict
-section (`markdown(verdicts=...)`), built on the same rule.
+paired by seed with its interval (`stats`). The caller passes the verdict section
+(`markdown(verdicts=...)`), built on `decision.decide`, the one rule of every report: a
+pre-registered study's (studies/*), or the exploratory grid's verdicts on the design note's
+claims (experiments/claims.py). `decision_table` renders a family of decisions.
 """
 
 from __future__ import annotations
@@ -26,12 +25,6 @@ from resunet_jax.ablation.grid import RunSpec, variant_name
 from resunet_jax.ablation.runner import Result
 from resunet_jax.training import evaluation
 
-CLAIMS = (
-  'residual connections speed up convergence',
-  'residual connections ease vanishing gradients',
-  'residual connections sharpen edges and details',
-  'residual connections allow deeper networks',
-)
 _LABELS = {
   'dice': 'Dice',
   'iou': 'IoU',
@@ -111,21 +104,22 @@ def group(pairs: Sequence[tuple[RunSpec, Result]]) -> dict[str, list[Arm]]:
   return {name: list(arms.values()) for name, arms in studies.items()}
 
 
-def _find(arms: Sequence[Arm], *, residual: bool, skips: str, depth: int, variant: str = '') -> Arm | None:
+def find_arm(arms: Sequence[Arm], *, residual: bool, skips: str, depth: int, variant: str = '') -> Arm | None:
+  """The arm with these settings, or None."""
   for arm in arms:
     if (arm.residual, arm.skips, arm.depth, arm.variant) == (residual, skips, depth, variant):
       return arm
   return None
 
 
-def _full_pairs(arms: Sequence[Arm], variant: str | None = None) -> list[tuple[int, Arm, Arm]]:
+def full_pairs(arms: Sequence[Arm], variant: str | None = None) -> list[tuple[int, Arm, Arm]]:
   """`(depth, plain arm, residual arm)` with all skips, at every depth and skip variant (or
   `variant` alone) that has both."""
   pairs = []
   variants = dict.fromkeys(a.variant for a in arms) if variant is None else (variant,)
   for depth, kind in itertools.product(sorted({a.depth for a in arms}), variants):
-    plain = _find(arms, residual=False, skips='1' * depth, depth=depth, variant=kind)
-    residual = _find(arms, residual=True, skips='1' * depth, depth=depth, variant=kind)
+    plain = find_arm(arms, residual=False, skips='1' * depth, depth=depth, variant=kind)
+    residual = find_arm(arms, residual=True, skips='1' * depth, depth=depth, variant=kind)
     if plain and residual:
       pairs.append((depth, plain, residual))
   return pairs
@@ -169,101 +163,6 @@ def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
     writer.writeheader()
     writer.writerows(rows)
-
-
-# The exploratory endpoint of each claim: (the run score compared, equivalence margin, what it measures).
-# Claim 4's is the change of the residual-minus-plain Dice gain from the shallowest depth to the deepest.
-ENDPOINTS = (
-  ('auc', 0.02, 'the validation-Dice AUC (normalised by the budget), residual minus plain with all skips'),
-  (
-    'grad_share',
-    0.3,
-    "the bottleneck's gradient share (log10 of its per-parameter gradient RMS over the network's), residual "
-    'minus plain with all skips; with long skips the decoder can bypass the bottleneck, so a small share can '
-    'mean bypassed as well as vanished (Drozdzal et al. 2016)',
-  ),
-  ('boundary_f1', 0.01, 'boundary F1, residual minus plain with all skips, the Dice difference beside it'),
-  (
-    'dice',
-    0.01,
-    'the change of the Dice gain (residual minus plain, all skips) from the shallowest to the deepest depth',
-  ),
-)
-
-
-def _claim_pairs(studies: dict[str, list[Arm]]) -> list[tuple[str, Arm, Arm]]:
-  """(label, plain arm, residual arm) with all skips, at every depth and skip variant."""
-  pairs = []
-  for name, arms in studies.items():
-    several = len({a.depth for a in arms}) > 1
-    for depth, plain, residual in _full_pairs(arms):
-      label = f'{name}, depth {depth}' if several else name
-      pairs.append((f'{label}, {plain.variant} skips' if plain.variant else label, plain, residual))
-  return pairs
-
-
-def _paired(a: Arm, b: Arm, key: str, target: float) -> dict[int, float]:
-  """`{seed: a - b}` of a run score, over the seeds both have."""
-  values_a, values_b = a.values(key, target), b.values(key, target)
-  return {s: values_a[s] - values_b[s] for s in sorted(values_a.keys() & values_b.keys())}
-
-
-def claim_decisions(studies: dict[str, list[Arm]], target: float) -> list[tuple[int, str, decision.Decision, str]]:
-  """Every claim's endpoints in the sweep, decided by `decision.decide` (Holm over all of them).
-
-  Returns:
-    (claim index 0-3, label, its decision, the numbers printed beside it), claims in order.
-  """
-  found: list[tuple[int, str, decision.Endpoint, str]] = []
-  for label, plain, residual in _claim_pairs(studies):
-    steps = stats.paired_difference(
-      plain.values('steps_to_target', target, censor=True), residual.values('steps_to_target', target, censor=True)
-    )
-    reached = [f'{len(a.values("steps_to_target", target))}/{len(a.results)}' for a in (residual, plain)]
-    shares = [stats.t_interval(a.values('grad_share', target).values()).format(2) for a in (residual, plain)]
-    hd95 = stats.paired_difference(residual.values('hd95', target), plain.values('hd95', target))
-    dice = stats.paired_difference(residual.values('dice', target), plain.values('dice', target))
-    context = (
-      f'validation Dice {target:g} reached {steps.format(0)} steps sooner (plain minus residual; by {reached[0]} '
-      f'residual and {reached[1]} plain runs, the others counted at the budget)',
-      f'shares {shares[0]} residual vs {shares[1]} plain',
-      f'HD95 difference {hd95.format(2)} px; Dice difference {dice.format()}',
-    )
-    for claim, ((key, delta, _), text) in enumerate(zip(ENDPOINTS[:3], context, strict=True)):
-      endpoint = decision.Endpoint.paired(label, list(_paired(residual, plain, key, target).values()), delta)
-      found.append((claim, label, endpoint, text))
-  for name, arms in studies.items():
-    for variant in dict.fromkeys(a.variant for a in arms):
-      gaps = [(d, _paired(r, p, 'dice', target)) for d, p, r in _full_pairs(arms, variant)]
-      if len(gaps) < 2:
-        continue
-      (shallow, first), (deep, last) = gaps[0], gaps[-1]
-      # Seed s fixes the data order at every depth, so the per-seed change of the gain is paired.
-      change = [last[s] - first[s] for s in sorted(last.keys() & first.keys())]
-      label = f'{name}, {variant} skips' if variant else name
-      table = '; '.join(f'depth {d}: {stats.t_interval(g.values()).format()}' for d, g in gaps)
-      text = f'Dice gain by depth: {table}; the change from depth {shallow} to {deep} is the endpoint'
-      found.append((3, label, decision.Endpoint.paired(label, change, ENDPOINTS[3][1]), text))
-  decided = decision.decide([endpoint for _, _, endpoint, _ in found]) if found else []
-  return [(c, label, d, text) for (c, label, _, text), d in zip(found, decided, strict=True)]
-
-
-def claim_verdicts(studies: dict[str, list[Arm]], target: float) -> list[str]:
-  """One line per claim and study that can test it: the verdict `decision.decide` gives, its effect
-  [95% interval] and the numbers beside it."""
-  decided = claim_decisions(studies, target)
-  lines = []
-  for index, claim in enumerate(CLAIMS):
-    lines.append(f'{index + 1}. **{claim}**. Measured by {ENDPOINTS[index][2]} (margin {ENDPOINTS[index][1]:g}).')
-    found = [(label, d, text) for c, label, d, text in decided if c == index]
-    lines += [f'   - {label}: {d.label} — {d.effect.format()}; {text}' for label, d, text in found]
-    if not found:
-      lines.append(
-        '   - not tested in this grid: run the depth sweep, --config=experiments/configs/ablate_depth.py'
-        if index == 3
-        else '   - not tested (no study has plain and residual arms with all skips)'
-      )
-  return lines
 
 
 def decision_table(decisions: Sequence[decision.Decision]) -> list[str]:
@@ -313,7 +212,7 @@ def _study_section(name: str, arms: Sequence[Arm], target: float) -> list[str]:
   lines += _table(header, rows) + ['']
 
   compared = [
-    (a, _find(arms, residual=a.residual, skips='1' * a.depth, depth=a.depth, variant=a.variant)) for a in arms
+    (a, find_arm(arms, residual=a.residual, skips='1' * a.depth, depth=a.depth, variant=a.variant)) for a in arms
   ]
   compared = [(a, full) for a, full in compared if full is not None and full is not a]
   if compared:
@@ -332,7 +231,7 @@ def _study_section(name: str, arms: Sequence[Arm], target: float) -> list[str]:
     ]
     lines += _table(['arm', 'full model', *(f'Δ {_LABELS[k]}' for k in metrics)], rows) + ['']
   switched = [
-    (a, _find(arms, residual=False, skips=a.skips, depth=a.depth, variant=a.variant)) for a in arms if a.residual
+    (a, find_arm(arms, residual=False, skips=a.skips, depth=a.depth, variant=a.variant)) for a in arms if a.residual
   ]
   switched = [(a, p) for a, p in switched if p is not None]
   if switched:
@@ -421,8 +320,8 @@ def markdown(
   """The whole `report.md` of a sweep.
 
   Args:
-    verdicts: a pre-registered study's own verdict section (built on `decision`), which then
-      replaces the exploratory claim verdicts (`claim_verdicts`): one family carries the verdict words.
+    verdicts: the sweep's verdict section (Markdown lines built on `decision`), placed before the
+      studies' tables: a pre-registered study's, or the exploratory grid's (experiments/claims.py).
   """
   studies = group(pairs)
   seeds = sorted({spec.seed for spec, _ in pairs})
@@ -439,10 +338,7 @@ def markdown(
     "the whole network's, averaged over logged steps (more negative: more vanishing).",
     '',
   ]
-  if verdicts is not None:
-    lines += verdicts
-  else:
-    lines += ["## Verdicts on the design note's claims (exploratory)", '', *claim_verdicts(studies, target), '']
+  lines += list(verdicts or ())
   for name, arms in studies.items():
     lines += _study_section(name, arms, target)
   if figures:

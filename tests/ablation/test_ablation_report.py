@@ -4,6 +4,7 @@ import csv
 
 import pytest
 
+from experiments import claims
 from resunet_jax import ablation, models
 from resunet_jax.ablation import report
 
@@ -70,7 +71,7 @@ def _pairs(residual_better: bool, depths=(2,)):
 
 def _verdicts(pairs, study='roads'):
   """The verdict lines of `study`, claim by claim, and all lines."""
-  lines = report.claim_verdicts(report.group(pairs), target=0.5)
+  lines = claims.claim_verdicts(report.group(pairs), target=0.5)
   return [line.removeprefix(f'   - {study}: ') for line in lines if line.startswith(f'   - {study}: ')], lines
 
 
