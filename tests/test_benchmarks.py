@@ -213,3 +213,47 @@ def test_whole_image_benchmark_prints_each_sides_peak_and_the_ratio(bench):
   assert ratio['benchmark'] == 'whole_image_ratio' and ratio['ratio'] == pytest.approx(
     sides[1]['peak_mb'] / bound, abs=1e-3
   )
+
+
+def test_monuseg_table_runs_resumes_and_tabulates_per_seed_rows(tmp_path, commands):
+  """The sweep on a MoNuSeg-shaped folder of tiny images: one CSV row per run, a second call
+  trains nothing, and the table gives the mean and t-interval of the seeds beside the paper."""
+  import csv
+
+  import numpy as np
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for folder, count in (('Train_Folder', 4), ('Val_Folder', 1), ('Test_Folder', 2)):
+    for i in range(count):
+      for kind in ('img', 'labelcol'):
+        (tmp_path / 'mn' / folder / kind).mkdir(parents=True, exist_ok=True)
+      image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+      Image.fromarray(image).save(tmp_path / 'mn' / folder / 'img' / f'{i}.png')
+      Image.fromarray(((image[..., 0] > 128) * 255).astype(np.uint8)).save(
+        tmp_path / 'mn' / folder / 'labelcol' / f'{i}.png'
+      )
+  sweep = [
+    sys.executable, 'benchmarks/monuseg.py', '--protocols=paper', '--presets=unet', '--seeds=0,1', '--steps=2',
+    '--base-width=2', f'--root={tmp_path / "runs"}', f'--csv={tmp_path / "table.csv"}',
+    '--config-arg=--config.data.image_size=32', '--config-arg=--config.model.depth=2',
+  ]  # fmt: skip
+  env = {**os.environ, 'MONUSEG_DIR': str(tmp_path / 'mn'), 'XLA_FLAGS': ''}
+  result = commands.run(sweep, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = list(csv.DictReader((tmp_path / 'table.csv').open()))
+  assert [(r['protocol'], r['preset'], r['seed'], r['steps']) for r in rows] == [
+    ('paper', 'unet', '0', '2'),
+    ('paper', 'unet', '1', '2'),
+  ]
+  for row in rows:  # the row is the run's own evaluation of the test split
+    record = json.loads((tmp_path / 'runs' / f'paper-unet-w2-n2-s{row["seed"]}' / 'eval_test.json').read_text())
+    assert float(row['dice']) == pytest.approx(record['metrics']['dice']['mean'], abs=1e-4) and record['images'] == 2
+  again = commands.run(sweep, env=env, timeout=300)
+  assert again.returncode == 0 and len(list(csv.DictReader((tmp_path / 'table.csv').open()))) == 2  # nothing rerun
+  dice = [float(r['dice']) for r in rows]
+  low, high = np.mean(dice) + np.array([-1, 1]) * 12.706 * np.std(dice, ddof=1) / np.sqrt(2)  # t(0.975, 1)
+  line = next(line for line in again.stdout.splitlines() if line.startswith('| paper | unet |'))
+  assert f'{np.mean(dice):.3f} [{low:.3f}, {high:.3f}]' in line and '0.7645 / 0.6286' in line
+  missing = commands.run(sweep, env={**env, 'MONUSEG_DIR': ''}, timeout=60)
+  assert missing.returncode != 0 and 'MONUSEG_DIR is not set' in missing.stderr
