@@ -132,7 +132,9 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=400)
   parser.add_argument('--base-width', type=int, default=16)
   parser.add_argument('--root', default=str(ROOT / 'runs/monuseg'), help='Folder of the runs (checkpoints).')
-  parser.add_argument('--csv', default=str(ROOT / 'benchmarks/results/monuseg.csv'))
+  parser.add_argument(
+    '--csv', default=str(ROOT / 'benchmarks/results/monuseg.csv'), help='One CSV per set of --config-arg values.'
+  )
   parser.add_argument('--table-only', action='store_true', help='Print the table of the CSV and exit.')
   parser.add_argument(
     '--config-arg',
