@@ -67,10 +67,9 @@ def one_run(
   """Trains (or resumes) one run and evaluates its best checkpoint on the test split."""
   workdir = root / f'{protocol}-{preset}-w{width}-n{steps}-s{seed}'
   start = time.time()
-  common = [sys.executable]
   subprocess.run(
     [
-      *common,
+      sys.executable,
       str(ROOT / 'experiments/train.py'),
       f'--config={ROOT / "experiments/configs/monuseg.py"}:{protocol}',
       f'--model={preset}',
@@ -82,7 +81,9 @@ def one_run(
     ],
     check=True,
   )
-  subprocess.run([*common, str(ROOT / 'experiments/evaluate.py'), f'--workdir={workdir}', '--split=test'], check=True)
+  subprocess.run(
+    [sys.executable, str(ROOT / 'experiments/evaluate.py'), f'--workdir={workdir}', '--split=test'], check=True
+  )
   record = json.loads((workdir / 'eval_test.json').read_text())
   return {
     'protocol': protocol,

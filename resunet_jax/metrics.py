@@ -44,10 +44,10 @@ def confusion(
   true = masks[..., None] == classes
   axes = (1, 2)
   if weights is not None:
-    counted = weights[..., None] > 0
-    pred, true = pred & counted, true & counted
-    right = (predictions == masks) & (weights > 0)
-    correct = xp.sum(right, axes, dtype=xp.float32) / xp.maximum(xp.sum(weights > 0, axes, dtype=xp.float32), 1.0)
+    counted = weights > 0
+    pred, true = pred & counted[..., None], true & counted[..., None]
+    right = (predictions == masks) & counted
+    correct = xp.sum(right, axes, dtype=xp.float32) / xp.maximum(xp.sum(counted, axes, dtype=xp.float32), 1.0)
   else:
     correct = xp.mean(predictions == masks, axis=axes, dtype=xp.float32)
   return {

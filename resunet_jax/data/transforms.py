@@ -99,11 +99,11 @@ class RandomPatch(grain.transforms.RandomMap):
       raise DataError(
         f'{element["id"]}: mask {mask.shape} and image {(height, width)} differ; patches need equal sizes'
       )
-    weight = np.ones((height, width), np.uint8)
+    weight = None  # padding: 1 on the image's pixels, 0 on the padding
     if min(height, width) < self.size:
       pads = [(0, max(0, self.size - height)), (0, max(0, self.size - width))]
       image = np.pad(image, pads + [(0, 0)] * (image.ndim - 2), mode='edge')
-      mask, weight = np.pad(mask, pads), np.pad(weight, pads)
+      mask, weight = np.pad(mask, pads), np.pad(np.ones((height, width), np.uint8), pads)
       height, width = mask.shape
     forced = rng.random() < self.foreground
     rows, cols = np.nonzero(mask) if forced else ((), ())
@@ -119,7 +119,7 @@ class RandomPatch(grain.transforms.RandomMap):
       **element,
       'image': np.ascontiguousarray(image[window]),
       'mask': np.ascontiguousarray(mask[window]),
-      'weight': np.ascontiguousarray(weight[window]),
+      'weight': np.ones((self.size, self.size), np.uint8) if weight is None else np.ascontiguousarray(weight[window]),
     }
 
 

@@ -257,23 +257,18 @@ def knockouts(loaded: restore.LoadedRun, role: str, model_config: models.ModelCo
   validation ('val_dice'); a `runner.run_population` knock-out function."""
   roles = {'dice': role, 'val_dice': 'validation'}
   out = runner.measure_knockouts(loaded, role, model_config, roles)
+
+  def like(kind: str, **scales) -> dict[str, list]:  # `kind`'s rows, scored with other scales
+    scored = {key: runner.knockout_dice(loaded, split, scales).tolist() for key, split in roles.items()}
+    return {'labels': out[kind]['labels'], 'scales': out[kind]['scales'], **scored}
+
   extra = {}
   if 'skip' in out:
     masks = np.asarray(out['skip']['scales'], np.float32)
     fill = [np.broadcast_to(mean, (len(masks), mean.size)) for mean in skip_means(loaded)]
-    extra['skip_mean'] = {'labels': out['skip']['labels'], 'scales': masks.tolist()}
-    extra['skip_mean'].update(
-      {
-        k: runner.knockout_dice(loaded, split, {'skip_scale': masks, 'skip_fill': fill}).tolist()
-        for k, split in roles.items()
-      }
-    )
+    extra['skip_mean'] = like('skip', skip_scale=masks, skip_fill=fill)
   if 'residual' in out:
-    masks = np.asarray(out['residual']['scales'], np.float32)
-    extra['branch'] = {'labels': out['residual']['labels'], 'scales': masks.tolist()}
-    extra['branch'].update(
-      {k: runner.knockout_dice(loaded, split, {'branch_scale': masks}).tolist() for k, split in roles.items()}
-    )
+    extra['branch'] = like('residual', branch_scale=np.asarray(out['residual']['scales'], np.float32))
   order = ('skip', 'skip_mean', 'gate', 'prune', 'residual', 'branch')  # the order of the committed results
   merged = {**out, **extra}
   return {kind: merged[kind] for kind in order if kind in merged}

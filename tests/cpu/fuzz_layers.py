@@ -105,33 +105,32 @@ def check(case: Case) -> dict:
   init, stock_apply = _apply(case, models.STOCK)
   _, cpu_apply = _apply(case, cpu_layers.layers())
   variables = {} if init is None else (init(keys[2], x, skip) if skip is not None else init(keys[2], x))
-  y_stock = jax.jit(lambda v, x: stock_apply(v, x, skip))(variables, x)
-  y_cpu = jax.jit(lambda v, x: cpu_apply(v, x, skip))(variables, x)
+
+  def program(apply):  # one compiled program per set: the outputs and the gradients of sum(y * probe)
+    def step(variables, x, probe):
+      y, vjp = jax.vjp(lambda variables, x: apply(variables, x, skip), variables, x)
+      return y, vjp(probe)
+
+    compiled = jax.jit(step)
+    return lambda probe: [np.asarray(a) for a in jax.tree.leaves(compiled(variables, x, probe))]
+
+  stock_step, cpu_step = program(stock_apply), program(cpu_apply)
+  zero = jnp.zeros(jax.eval_shape(lambda v, x: stock_apply(v, x, skip), variables, x).shape)
+  y_stock, y_cpu = stock_step(zero)[0], cpu_step(zero)[0]  # oneDNN's primitives are made here, on this thread
   # A ReLU's kink: where exactly one set's output is 0, the rounding of a pre-activation near 0
   # put the two on different sides, and the gradients differ there by the probe itself. Those
   # pixels carry no probe (a wrong mask elsewhere still shows, and so do the forward values).
   agree = (y_stock == 0) == (y_cpu == 0)
   probe = jax.random.normal(keys[3], y_stock.shape) * agree
-
-  def program(apply):
-    def loss(variables, x):
-      y = apply(variables, x, skip)
-      return jnp.sum(y * probe), y
-
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    return lambda: [np.asarray(a) for a in jax.tree.leaves(step(variables, x))]
-
-  stock, cpu_step = program(stock_apply)(), program(cpu_apply)
-  cpu = cpu_step()  # oneDNN's primitives are made here, on this thread
+  stock, cpu = stock_step(probe), cpu_step(probe)
   # XLA runs a call on whichever of its threads is free: the same program from other threads
   # must give the same bits (a scratchpad owned by the creating thread crashed or corrupted them).
   with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
-    others = list(pool.map(lambda _: cpu_step(), range(THREADS)))
+    others = list(pool.map(lambda _: cpu_step(probe), range(THREADS)))
   if any(not all(np.array_equal(a, b) for a, b in zip(cpu, other, strict=True)) for other in others):
     return {'ok': False, 'why': 'another thread gave other values', 'error': float('inf')}
   worst = 0.0
   for s, c in zip(stock, cpu, strict=True):
-    s, c = np.asarray(s), np.asarray(c)
     if s.shape != c.shape:
       return {'ok': False, 'why': f'shape {c.shape} != {s.shape}', 'error': float('inf')}
     if not np.isfinite(c).all():
