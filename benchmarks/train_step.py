@@ -216,7 +216,6 @@ def jax_step(args) -> tuple[dict, dict]:
   import jax
 
   from resunet_jax import models, runtime
-  from resunet_jax.cpu import hostmem
   from resunet_jax.training import parallel
 
   mesh = parallel.make_mesh()
@@ -240,8 +239,6 @@ def jax_step(args) -> tuple[dict, dict]:
   # calls: there the count is the model FLOPs.
   counts['flops'] = (lowered.cost_analysis() or {}).get('flops', counts['model_flops'])
   del traced, lowered
-  if jax.default_backend() == 'cpu':  # as the training loop does after its first step
-    hostmem.release_free_memory()
   for _ in range(args.warmup):
     operands = run(compiled, operands)
   times = []
@@ -421,7 +418,8 @@ def compare(argv: list[str], repeats: int) -> list[dict]:
 
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
-  if args.framework == 'jax' and not args.compare:  # as the command-line tools run; PyTorch with glibc's defaults
+  # As the command-line tools run (`cli.run`: setup memory returned after compiling); PyTorch with glibc's defaults.
+  if args.framework == 'jax' and not args.compare:
     from resunet_jax.cpu import hostmem
 
     hostmem.relaunch_for_cpu()

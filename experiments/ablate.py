@@ -17,15 +17,10 @@ import shlex
 import sys
 import time
 
+import claims  # experiments/claims.py
 from absl import flags
 
-from resunet_jax import cli
-
-cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
-
-import claims  # noqa: E402 (experiments/claims.py)
-
-from resunet_jax import ablation  # noqa: E402
+from resunet_jax import ablation, cli
 
 _CONFIG = cli.define_config_file('config', 'experiments/configs/ablate.py', 'Ablation config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder; default runs/<config file name>.')

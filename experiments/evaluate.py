@@ -11,12 +11,8 @@ import json
 
 from absl import flags
 
-from resunet_jax import cli
-
-cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
-
-from resunet_jax import losses, runtime  # noqa: E402
-from resunet_jax.training import evaluation, parallel, restore  # noqa: E402
+from resunet_jax import cli, losses, runtime
+from resunet_jax.training import evaluation, parallel, restore
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
 _SPLIT = flags.DEFINE_string('split', 'test', "Split: 'train', 'validation', 'test' or a raw split string.")

@@ -12,11 +12,7 @@ float32 [N, H, W, 3] pixel values in 0..255 and return (logits, probabilities).
 
 from absl import flags
 
-from resunet_jax import cli
-
-cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
-
-from resunet_jax import export  # noqa: E402
+from resunet_jax import cli, export
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True)
 _FORMAT = flags.DEFINE_string('format', 'stablehlo', f'One of {", ".join(export.FORMATS)}.')

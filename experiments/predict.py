@@ -18,19 +18,14 @@ same masks.
 
 import pathlib
 
+import jax.numpy as jnp
+import numpy as np
 from absl import flags
+from PIL import Image
+from tqdm import tqdm
 
-from resunet_jax import cli
-
-cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from resunet_jax import data, export, inference, runtime  # noqa: E402
-from resunet_jax.training import reporting, restore  # noqa: E402
+from resunet_jax import cli, data, export, inference, runtime
+from resunet_jax.training import reporting, restore
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (or --exported).')
 _EXPORTED = flags.DEFINE_string('exported', None, 'An artefact folder of experiments/export.py (or --workdir).')

@@ -13,12 +13,8 @@ Restarting with the same `--workdir` resumes.
 
 from absl import flags
 
-from resunet_jax import cli
-
-cli.relaunch_for_cpu()  # first: a run on CPU restarts with its process settings before the heavy imports
-
-from resunet_jax import models  # noqa: E402
-from resunet_jax.training import loop  # noqa: E402
+from resunet_jax import cli, models
+from resunet_jax.training import loop
 
 _MODEL = flags.DEFINE_string(
   'model', None, f"Model preset: {', '.join(models.PRESETS)}; default: the config file's preset (resunet)."

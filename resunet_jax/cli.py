@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from resunet_jax.cpu import hostmem
 from resunet_jax.errors import PeerLostError, UserError
 
-__all__ = ['UserError', 'define_config_file', 'parse_flags', 'relaunch_for_cpu', 'run']
+__all__ = ['UserError', 'define_config_file', 'parse_flags', 'run']
 
 
 def _one_line(error: BaseException) -> str:
@@ -69,20 +69,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     _exit_with(e)
 
 
-def relaunch_for_cpu() -> None:
-  """Relaunches a command that runs on CPU with the CPU process settings (`resunet_jax.cpu.hostmem`).
-
-  `run` does it too; a tool calls it first, before its heavy imports, so that the relaunch
-  costs a fraction of a second rather than the seconds of importing JAX twice.
-  """
-  hostmem.relaunch_for_cpu()
-
-
 def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` with one-line errors for `UserError` and bad flags.
 
-  A command that runs on CPU first relaunches itself with the CPU process settings
-  (`resunet_jax.cpu.hostmem`, where they are described).
+  The one place where a command's process is set up: on CPU it first relaunches itself with
+  the CPU process settings (`resunet_jax.cpu.hostmem`, where they are described). The relaunch
+  comes after the tool's imports, which it repeats (about 2 s; benchmarks/README.md, "Page faults").
   """
   hostmem.relaunch_for_cpu()
 

@@ -1,13 +1,13 @@
 """Process settings of a run on CPU: huge pages for XLA's large host buffers, a kept block, setup memory returned.
 
-They apply to a command-line run whose JAX platform is the CPU: `relaunch_for_cpu` (called by
-each tool through `cli`, before its heavy imports) re-executes the command once, same process
-id, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc reads tunables only at start; 2.35 and
-later) and `keep_blocks.c` preloaded, and then runs JAX's CPU computations synchronously.
-`release_free_memory` (glibc's `malloc_trim(0)`), once after the first compile, returns what
-compiling freed and switches the kept block on. A run on an accelerator, a process that is not
-a tool, another C library, `RESUNET_HUGE_PAGES=0` (all of it off) and `RESUNET_KEEP_BLOCKS=0`
-(the kept block off) start unchanged.
+They apply to a command-line run whose JAX platform is the CPU, set up in one place:
+`relaunch_for_cpu` (called by `cli.run`) re-executes the command once, same process id, with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc reads tunables only at start; 2.35 and later) and
+`keep_blocks.c` preloaded; in the relaunched process it runs JAX's CPU computations
+synchronously and, after each compilation of 0.1 s or more, returns what compiling freed
+(`release_free_memory`, glibc's `malloc_trim(0)`) and switches the kept block on. A run on an
+accelerator, a process that is not a tool, another C library, `RESUNET_HUGE_PAGES=0` (all of it
+off) and `RESUNET_KEEP_BLOCKS=0` (the kept block off) start unchanged.
 
 Why: XLA's CPU runtime allocates each step's large temporaries anew, and glibc serves them with
 fresh `mmap`s whose 4 KiB pages fault and are zeroed every step. Huge pages take the faults to
@@ -97,14 +97,16 @@ def relaunch_for_cpu() -> None:
 
   The relaunched command has `glibc.malloc.hugetlb=1`, preloads keep_blocks.c (unless
   `RESUNET_KEEP_BLOCKS=0` or it cannot be built) and, back here in it, runs JAX's CPU
-  computations synchronously. Nothing happens with `RESUNET_HUGE_PAGES=0`, a C library other
+  computations synchronously, and returns setup memory after each compilation (`_after_compile`).
+  Nothing happens with `RESUNET_HUGE_PAGES=0`, a C library other
   than glibc, an accelerator platform, or a `__main__` the interpreter was not started with.
   """
   if enabled():
-    if keeping_blocks():  # one step's temporaries freed before the next allocates its own
-      import jax
+    import jax
 
+    if keeping_blocks():  # one step's temporaries freed before the next allocates its own
       jax.config.update('jax_cpu_enable_async_dispatch', False)
+    _listen_for_compilations()
     return
   if os.environ.get('RESUNET_HUGE_PAGES', '1') == '0' or platform.libc_ver()[0] != 'glibc':
     return
@@ -121,6 +123,24 @@ def relaunch_for_cpu() -> None:
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
+COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+SETUP_COMPILE_S = 0.1  # a step function's compilation, not an eager operation's
+
+
+@functools.cache  # once per process
+def _listen_for_compilations() -> None:
+  import jax
+
+  jax.monitoring.register_event_duration_secs_listener(_after_compile)
+
+
+def _after_compile(event: str, duration: float, **kwargs) -> None:
+  """JAX monitoring listener: `release_free_memory` after a compilation of `SETUP_COMPILE_S` or more."""
+  del kwargs
+  if event == COMPILE_EVENT and duration >= SETUP_COMPILE_S:
+    release_free_memory()
+
+
 @functools.cache
 def _libc():
   if platform.libc_ver()[0] != 'glibc':
@@ -133,7 +153,7 @@ def release_free_memory() -> bool:
 
   Then, where keep_blocks.c is loaded, switches on keeping a freed large block for reuse.
 
-  Takes milliseconds; meant for once after setup (compiling, initialising, restoring), not for
+  Takes milliseconds; meant for after setup (compiling, initialising, restoring), not for
   every step.
   """
   libc = _libc()

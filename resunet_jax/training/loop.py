@@ -23,7 +23,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resunet_jax import configs, data, losses, models, runtime
-from resunet_jax.cpu import hostmem
 from resunet_jax.errors import PeerLostError, UserError
 from resunet_jax.training import checkpoint, evaluation, parallel, population, reporting
 from resunet_jax.training import state as state_lib
@@ -258,7 +257,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
   else:
     files['members'] = workdir / 'members'
   preemption = _Preemption()
-  step = start_step = members_run.step
+  step = members_run.step
   validation: list[dict] = [{} for _ in members]
   samples: list | None = None
   keep = config.train.num_sample_images
@@ -273,8 +272,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path | None = None, *, ver
       while step < config.train.num_steps:
         host = [next(iterator) for iterator in iterators]
         members_run.train([host[feed] for feed in feeds], config.train.batch_size)
-        if step == start_step and jax.default_backend() == 'cpu':  # compiled: return what it freed
-          hostmem.release_free_memory()
         step += 1
         bar.update(1)
         final = step == config.train.num_steps

@@ -130,6 +130,30 @@ def test_a_relaunched_command_keeps_blocks_and_dispatches_synchronously(tmp_path
   assert _relaunched(tmp_path) == ['True', 'True', 'False']
 
 
+# Counts the releases of setup memory after an eager operation and after compiling a step-sized
+# program, then prints whether the kept block was switched on by them.
+COMPILES = """
+import functools
+from resunet_jax.cpu import hostmem
+hostmem.relaunch_for_cpu()
+import jax, jax.numpy as jnp
+calls, release = [], hostmem.release_free_memory
+hostmem.release_free_memory = lambda: calls.append(1) or release()
+(jnp.ones(3) + 1).block_until_ready()
+eager = len(calls)
+step = jax.jit(lambda x: functools.reduce(lambda a, i: jnp.tanh(a @ a + i), range(300), x))
+step(jnp.eye(8)).block_until_ready()
+step(jnp.eye(8)).block_until_ready()  # compiled once
+print(eager, len(calls), hostmem._keep_switch()(1))
+"""
+
+
+def test_a_relaunched_command_returns_setup_memory_after_each_compilation(tmp_path):
+  _keep_library_or_skip()
+  # The eager addition compiles in milliseconds: no release; the step once, and it switched keeping on.
+  assert _run_script(tmp_path, COMPILES)[0] == ['0', '1', '1']
+
+
 def test_keeping_blocks_can_be_switched_off(tmp_path):
   _keep_library_or_skip()
   assert _relaunched(tmp_path, RESUNET_KEEP_BLOCKS='0') == ['True', 'False', 'True']
