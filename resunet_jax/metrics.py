@@ -1,11 +1,13 @@
 """Segmentation metrics.
 
 In the jitted steps: per-image confusion counts (`confusion`), from which Dice, IoU and pixel
-accuracy follow. On the host at evaluation: boundary F1 and HD95 from predicted and true masks.
+accuracy follow. On the host at evaluation: boundary F1, HD95 and surface Dice from predicted
+and true masks; HD95 and surface Dice take 2D images or 3D volumes and a voxel spacing.
 
 Conventions for empty masks (per image and class): Dice and IoU are 1 when prediction and
-truth are both empty and 0 when exactly one is; boundary F1 likewise; HD95 is 0 when both
-are empty and the image diagonal (the largest possible distance) when exactly one is.
+truth are both empty and 0 when exactly one is; boundary F1 and surface Dice likewise; HD95 is
+0 when both are empty and the image diagonal (the largest possible distance, in the units of
+the spacing) when exactly one is.
 """
 
 from __future__ import annotations
@@ -110,20 +112,82 @@ def boundary_f1(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.
   return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
-def hd95(prediction: np.ndarray, truth: np.ndarray) -> float:
-  """95th percentile of the symmetric boundary-to-boundary distances, in pixels."""
+def _spacing(shape: tuple[int, ...], spacing) -> np.ndarray:
+  if spacing is None:
+    return np.ones(len(shape))
+  spacing = np.asarray(spacing, np.float64)
+  if spacing.shape != (len(shape),) or not (spacing > 0).all():
+    raise ValueError(f'spacing {spacing.tolist()} must give one positive size per axis of the {len(shape)}D mask')
+  return spacing
+
+
+def hd95(prediction: np.ndarray, truth: np.ndarray, spacing=None) -> float:
+  """95th percentile of the symmetric boundary-to-boundary distances (2D or 3D).
+
+  Boundary voxels are those with a face neighbour outside the mask, and the distances are
+  between their centres, in the units of `spacing` (one size per axis; None: pixels), as
+  MedPy's `hd95(voxelspacing=...)` computes them.
+  """
+  spacing = _spacing(prediction.shape, spacing)
   pred_edge, true_edge = _boundary(prediction.astype(bool)), _boundary(truth.astype(bool))
   if not pred_edge.any() and not true_edge.any():
     return 0.0
   if not pred_edge.any() or not true_edge.any():
-    return float(np.hypot(*prediction.shape))
+    return float(np.linalg.norm(np.asarray(prediction.shape) * spacing))
   # Nearest-neighbour distances between the two sets of edge pixels: memory in edge pixels, not in
   # image pixels (the same exact Euclidean distances as a distance transform's).
-  pred_points, true_points = np.argwhere(pred_edge), np.argwhere(true_edge)
+  pred_points, true_points = np.argwhere(pred_edge) * spacing, np.argwhere(true_edge) * spacing
   distances = np.concatenate(
     [spatial.cKDTree(true_points).query(pred_points)[0], spatial.cKDTree(pred_points).query(true_points)[0]]
   )
   return float(np.percentile(distances, 95))
+
+
+def _surface(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The surface of a 2D or 3D mask on the grid of voxel corners: a boolean grid one larger per
+  axis (corners whose 2**n voxels are neither all inside nor all outside) and each corner's
+  contour length (2D) or surface area (3D) in the units of `spacing`."""
+  from surface_distance import lookup_tables  # DeepMind's marching-squares/cubes element sizes
+
+  if mask.ndim == 2:
+    kernel, table = (
+      lookup_tables.ENCODE_NEIGHBOURHOOD_2D_KERNEL,
+      lookup_tables.create_table_neighbour_code_to_contour_length,
+    )
+  else:
+    kernel, table = (
+      lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL,
+      lookup_tables.create_table_neighbour_code_to_surface_area,
+    )
+  padded = np.pad(mask.astype(np.uint8), [(1, 1)] * mask.ndim)
+  # The code of corner c is the 2**n voxels around it; correlate's 2-wide kernel is centred on its
+  # second element, so position i + 1 of the padded grid sees voxels i and i + 1: corner i + 1.
+  codes = ndimage.correlate(padded, kernel, mode='constant', cval=0)[(slice(1, None),) * mask.ndim]
+  full = 2 ** (2**mask.ndim) - 1
+  return (codes != 0) & (codes != full), table(spacing)[codes]
+
+
+def surface_dice(prediction: np.ndarray, truth: np.ndarray, tolerance: float, spacing=None) -> float:
+  """Surface Dice at `tolerance` (the normalised surface distance) of two 2D or 3D binary masks.
+
+  The share of both surfaces, by contour length (2D) or area (3D), that lies within
+  `tolerance` of the other surface, in the units of `spacing` (one size per axis; None:
+  pixels). Surfaces are marching squares/cubes through the voxel corners, with the element
+  sizes of DeepMind's `surface-distance` (Nikolov et al., JMIR 2021), whose
+  `compute_surface_dice_at_tolerance` this equals; both masks empty give 1, one empty 0.
+  """
+  if prediction.shape != truth.shape or prediction.ndim not in (2, 3):
+    raise ValueError(f'surface_dice takes two 2D or 3D masks of one shape; got {prediction.shape} and {truth.shape}')
+  spacing = _spacing(prediction.shape, spacing)
+  pred_edge, pred_size = _surface(prediction.astype(bool), spacing)
+  true_edge, true_size = _surface(truth.astype(bool), spacing)
+  if not pred_edge.any() or not true_edge.any():
+    return float(pred_edge.any() == true_edge.any())
+  to_truth = ndimage.distance_transform_edt(~true_edge, sampling=spacing)[pred_edge]
+  to_prediction = ndimage.distance_transform_edt(~pred_edge, sampling=spacing)[true_edge]
+  pred_size, true_size = pred_size[pred_edge], true_size[true_edge]
+  within = pred_size[to_truth <= tolerance].sum() + true_size[to_prediction <= tolerance].sum()
+  return float(within / (pred_size.sum() + true_size.sum()))
 
 
 def boundary_scores(predictions: np.ndarray, masks: np.ndarray, num_outputs: int, tolerance: float = 2.0) -> dict:
