@@ -50,7 +50,13 @@ def train_section() -> ml_collections.ConfigDict:
   c.grad_clip = 1.0  # global-norm clipping; 0 disables
   c.ema_decay = 0.0  # EMA of weights for evaluation; 0 disables
   c.cross_entropy_weight = 1.0
-  c.dice_weight = 1.0
+  c.dice_weight = 1.0  # soft Dice, or Tversky's index with these weights of false positives and negatives:
+  c.tversky_alpha = 0.5
+  c.tversky_beta = 0.5
+  c.focal_weight = 0.0  # focal loss (Lin et al. 2017); Dice + focal: cross_entropy_weight=0, focal_weight=1
+  c.focal_gamma = 2.0
+  c.cldice_weight = 0.0  # soft clDice (Shit et al. 2021), for thin structures
+  c.cldice_iterations = 3  # soft-skeleton iterations: at least the thickest structure's radius in pixels
   # Deeply supervised models (model.deep_supervision): one loss weight per head, the main head
   # first; () is nnU-Net's halving (losses.deep_supervision_weights).
   c.deep_supervision_weights = ()
@@ -142,7 +148,15 @@ PLACEMENT_KEYS = {
 # is left out of the hash, so earlier runs keep their hashes (and finished sweeps their results).
 ADDED_KEYS = {
   'model': {'shortcut': 'projection', 'init': 'lecun', 'skip_kind': 'concat', 'deep_supervision': False},
-  'train': {'deep_supervision_weights': []},
+  'train': {
+    'deep_supervision_weights': [],
+    'tversky_alpha': 0.5,
+    'tversky_beta': 0.5,
+    'focal_weight': 0.0,
+    'focal_gamma': 2.0,
+    'cldice_weight': 0.0,
+    'cldice_iterations': 3,
+  },
   'data': {
     'channels': 3,
     'normalization': 'fixed',
