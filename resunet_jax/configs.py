@@ -147,7 +147,14 @@ PLACEMENT_KEYS = {
 # Keys added after runs were recorded, with the value every earlier run had: a key at that value
 # is left out of the hash, so earlier runs keep their hashes (and finished sweeps their results).
 ADDED_KEYS = {
-  'model': {'shortcut': 'projection', 'init': 'lecun', 'skip_kind': 'concat', 'deep_supervision': False},
+  'model': {
+    'shortcut': 'projection',
+    'init': 'lecun',
+    'skip_kind': 'concat',
+    'deep_supervision': False,
+    'spatial_dims': 2,
+    'pool_strides': [],
+  },
   'train': {
     'deep_supervision_weights': [],
     'tversky_alpha': 0.5,

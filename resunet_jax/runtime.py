@@ -75,13 +75,24 @@ def auto_backend() -> str:
   return 'stock'
 
 
-def layers(backend: str) -> models.Layers:
-  """The layer set for a `runtime.backend` value ('auto' | 'stock' | 'cpu').
+def layers(backend: str, model: models.ModelConfig | None = None) -> models.Layers:
+  """The layer set for a `runtime.backend` value ('auto' | 'stock' | 'cpu') and the network `model`.
+
+  The CPU backend's layers are 2D with stride 2 (`ModelConfig.planar`): for a volume or other
+  pooling strides 'auto' takes the stock set.
 
   Raises:
-    UserError: an unknown name, or 'cpu' where the CPU backend cannot load (the reason, in one line).
+    UserError: an unknown name, 'cpu' where the CPU backend cannot load (the reason, in one
+      line), or 'cpu' for a network that is not planar.
   """
   if backend == 'stock':
+    return models.STOCK
+  if model is not None and not model.planar and backend in ('auto', 'cpu'):
+    if backend == 'cpu':
+      raise UserError(
+        f'runtime.backend=cpu has 2D layers of stride 2 only; this network has spatial_dims={model.spatial_dims} '
+        f'and pool_strides={model.strides}: use runtime.backend=stock or auto'
+      )
     return models.STOCK
   if backend == 'cpu':
     from resunet_jax.cpu import layers as cpu_layers

@@ -2,7 +2,7 @@
 
 from resunet_jax.models import layers, summary
 from resunet_jax.models.blocks import ConvBlock, make_norm
-from resunet_jax.models.config import PRESETS, ModelConfig, preset
+from resunet_jax.models.config import PRESETS, ModelConfig, pool_strides_for_spacing, preset
 from resunet_jax.models.layers import STOCK, Layers
 from resunet_jax.models.unet import UNet, block_names, count_params, nested_nodes, prune
 
@@ -12,6 +12,7 @@ __all__ = [
   'ConvBlock',
   'Layers',
   'ModelConfig',
+  'pool_strides_for_spacing',
   'UNet',
   'block_names',
   'count_params',

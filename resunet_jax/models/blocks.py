@@ -84,13 +84,15 @@ class ConvBlock(nn.Module):
     initializer: kernel initialiser name, a key of `KERNEL_INITS` (`ModelConfig.init`).
     preact: 'preact' ordering instead of 'postact'.
     first: preact only: no normalisation/activation before `conv1`.
-    stride: stride of `conv1` and `conv_proj` (2 downsamples).
+    stride: stride of `conv1` and `conv_proj` (2 downsamples), or one per spatial axis.
     norm: normalisation kind (see `make_norm`).
     norm_groups: groups for 'group' norm.
     dtype: compute dtype.
     param_dtype: parameter dtype.
     axis_name: BatchNorm's mapped axis (see `make_norm`).
     upsample: None (not a decoder block) or how `x` is upsampled: 'nearest' | 'bilinear' | 'transpose'.
+    factors: decoder blocks: the upsampling factor of each spatial axis (the level's pooling
+      strides); None is 2 on each.
     layers: the layer set (`models.layers.STOCK`: Flax's and lax's).
   """
 
@@ -100,13 +102,14 @@ class ConvBlock(nn.Module):
   initializer: str = 'lecun'
   preact: bool = False
   first: bool = False
-  stride: int = 1
+  stride: int | tuple[int, ...] = 1
   norm: str = 'none'
   norm_groups: int = 8
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None
   upsample: str | None = None
+  factors: tuple[int, ...] | None = None
   layers: layers_lib.Layers = layers_lib.STOCK
 
   @nn.compact
@@ -121,7 +124,7 @@ class ConvBlock(nn.Module):
     """Applies the block.
 
     Args:
-      x: `[B, H, W, C_in]`.
+      x: `[B, H, W, C_in]` (`[B, D, H, W, C_in]` for a volume).
       train: BatchNorm mode. Positional so that `nn.remat` can mark it static.
       residual_scale: scalar multiplier on the shortcut (apply-time knock-out); None is 1.
       skip: decoder blocks: `[B, 2H, 2W, C_skip]` concatenated after the upsampled `x`, or None.
@@ -136,10 +139,14 @@ class ConvBlock(nn.Module):
     layers = self.layers
     kernel_init = KERNEL_INITS[self.initializer]
     common = {'padding': 'SAME', 'dtype': self.dtype, 'param_dtype': self.param_dtype, 'kernel_init': kernel_init}
+    dims = x.ndim - 2
+    factors = (2,) * dims if self.factors is None else tuple(self.factors)
+    block_stride = (self.stride,) * dims if isinstance(self.stride, int) else tuple(self.stride)
 
     def conv(h, kernel, stride, name, relu=False):
       module = layers.conv_relu if relu else layers.conv
-      return module(self.features, (kernel, kernel), strides=(stride, stride), name=name, **common)(h)
+      strides = (stride,) * dims if isinstance(stride, int) else stride
+      return module(self.features, (kernel,) * dims, strides=strides, name=name, **common)(h)
 
     def norm_act(h, name):
       layer = make_norm(
@@ -157,8 +164,8 @@ class ConvBlock(nn.Module):
     if self.upsample == 'transpose':
       up = layers.conv_transpose(
         self.features,
-        (2, 2),
-        strides=(2, 2),
+        factors,
+        strides=factors,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         kernel_init=kernel_init,
@@ -166,27 +173,33 @@ class ConvBlock(nn.Module):
       )
       x = up(x)
     elif self.upsample == 'bilinear':
-      x = jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), method='bilinear')
+      shape = (x.shape[0], *(n * f for n, f in zip(x.shape[1:-1], factors, strict=True)), x.shape[-1])
+      x = jax.image.resize(x, shape, method='bilinear')  # linear on every axis, in 3D too
     nearest = self.upsample == 'nearest'
     in_channels = x.shape[-1] + (0 if skip is None else skip.shape[-1])
-    reshapes = in_channels != self.features or self.stride != 1
+    reshapes = in_channels != self.features or set(block_stride) != {1}
 
     def block_input():  # u, built only where the block reads it whole (a preact norm, an identity shortcut)
       if self.upsample is None:
         return x
-      return layers_lib.concat_skip(layers.upsample(x) if nearest else x, skip)
+      if not nearest:
+        return layers_lib.concat_skip(x, skip)
+      up = layers.upsample(x) if self.factors is None else layers.upsample(x, factors)  # a set serves the default
+      return layers_lib.concat_skip(up, skip)
 
     def conv_of_input(kernel, name, relu):
       if self.upsample is None:
-        return conv(x, kernel, self.stride, name, relu)
-      return layers.upsample_conv(self.features, (kernel, kernel), nearest=nearest, relu=relu, name=name, **common)(
-        x, skip
+        return conv(x, kernel, block_stride, name, relu)
+      extra = {} if self.factors is None else {'factors': factors}  # the default keeps a set's own class
+      module = layers.upsample_conv(
+        self.features, (kernel,) * dims, nearest=nearest, relu=relu, name=name, **common, **extra
       )
+      return module(x, skip)
 
     entry = None  # 'identity' shortcuts: `p`, the input mapped to the block's shape, which the body reads
     if self.residual and self.shortcut == 'identity' and reshapes:
-      entry = conv(block_input(), 1, self.stride, 'conv_in') if self.preact else conv_of_input(1, 'conv_in', False)
-    stride = self.stride if entry is None else 1
+      entry = conv(block_input(), 1, block_stride, 'conv_in') if self.preact else conv_of_input(1, 'conv_in', False)
+    stride = block_stride if entry is None else 1
 
     def whole_input():
       return block_input() if entry is None else entry
@@ -209,7 +222,7 @@ class ConvBlock(nn.Module):
     if entry is not None:
       shortcut = entry
     elif reshapes:
-      shortcut = conv(u, 1, self.stride, 'conv_proj') if self.preact else conv_of_input(1, 'conv_proj', relu=False)
+      shortcut = conv(u, 1, block_stride, 'conv_proj') if self.preact else conv_of_input(1, 'conv_proj', relu=False)
     else:
       shortcut = u if self.preact else block_input()
     if residual_scale is not None:
@@ -219,10 +232,11 @@ class ConvBlock(nn.Module):
     return h + shortcut
 
 
-def bilinear_2x(x: jax.Array) -> jax.Array:
+def bilinear_2x(x: jax.Array, factors: tuple[int, ...] | None = None) -> jax.Array:
   """`[B, H, W, C] -> [B, 2H, 2W, C]`: `jax.image.resize(..., 'bilinear')` at exactly x2 (half-pixel
   centres, edges clamped), written with slices and a reshape so that it exports with symbolic
-  sizes, to ONNX too (jax2onnx cannot convert `resize` with a dynamic batch)."""
+  sizes, to ONNX too (jax2onnx cannot convert `resize` with a dynamic batch). In general x2 along
+  each spatial axis whose entry of `factors` is 2 (None: every axis), unchanged along the others."""
 
   def along(a: jax.Array, axis: int) -> jax.Array:
     size = a.shape[axis]
@@ -232,7 +246,10 @@ def bilinear_2x(x: jax.Array) -> jax.Array:
     pairs = jnp.stack([0.75 * a + 0.25 * before, 0.75 * a + 0.25 * after], axis + 1)
     return pairs.reshape((*a.shape[:axis], 2 * size, *a.shape[axis + 1 :]))
 
-  return along(along(x, 1), 2)
+  for axis, factor in enumerate((2,) * (x.ndim - 2) if factors is None else factors, start=1):
+    if factor == 2:
+      x = along(x, axis)
+  return x
 
 
 class AttentionGate(nn.Module):
@@ -243,9 +260,12 @@ class AttentionGate(nn.Module):
   C_g]`; `W_x` a 1x1 convolution with stride 2 and no bias (the skip brought to the gating
   signal's grid, as in the paper), `W_g` and `psi` 1x1 convolutions with bias (`features`
   intermediate channels, then one), `up` bilinear resampling of the one-channel map to `x`'s grid.
+  In 3D the same with `[B, D, H, W, C]` and 1x1x1 convolutions; `factors` is the stride from the
+  skip's grid to the gating signal's (None: 2 on each axis).
 
   Attributes:
     features: intermediate channels (`F_int`).
+    factors: per spatial axis, the skip's size over the gating signal's (None: 2 each).
     initializer: `ModelConfig.init` name of the kernels' initialiser.
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -257,21 +277,24 @@ class AttentionGate(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   layers: layers_lib.Layers = layers_lib.STOCK
+  factors: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, g: jax.Array, opened: jax.Array | None = None) -> jax.Array:
     """`x` gated by `g`; `opened` (a scalar in [0, 1], apply-time) moves the gate towards ones:
     `alpha + opened * (1 - alpha)`, so 1 passes the plain skip (the gate's knock-out)."""
+    dims = x.ndim - 2
+    factors = (2,) * dims if self.factors is None else tuple(self.factors)
     common = {
-      'kernel_size': (1, 1),
+      'kernel_size': (1,) * dims,
       'dtype': self.dtype,
       'param_dtype': self.param_dtype,
       'kernel_init': KERNEL_INITS[self.initializer],
     }
-    theta = self.layers.conv(self.features, strides=(2, 2), use_bias=False, name='W_x', **common)(x)
+    theta = self.layers.conv(self.features, strides=factors, use_bias=False, name='W_x', **common)(x)
     phi = self.layers.conv(self.features, name='W_g', **common)(g)
     q = self.layers.conv(1, name='psi', **common)(nn.relu(theta + phi))
-    alpha = bilinear_2x(nn.sigmoid(q.astype(jnp.float32)))
+    alpha = bilinear_2x(nn.sigmoid(q.astype(jnp.float32)), factors)
     if opened is not None:
       alpha = alpha + opened * (1 - alpha)
     return x * alpha.astype(x.dtype)

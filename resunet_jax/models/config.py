@@ -114,6 +114,12 @@ class ModelConfig:
     dtype: compute dtype name; logits are always float32.
     param_dtype: parameter dtype name.
     remat: rematerialise each block in the backward pass (less memory, more compute).
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W, C]`): every kernel,
+      pooling and upsampling has that many axes (3x3x3 convolutions in 3D, as Cicek et al.'s
+      3D U-Net, MICCAI 2016).
+    pool_strides: per downsampling step (level 1 first), the stride of each spatial axis, 1 or 2;
+      empty: 2 on every axis. An axis of stride 1 keeps its size at that level, for voxels much
+      coarser along it than across (`pool_strides_for_spacing`: nnU-Net's rule).
 
   Which kernels compute the layers is not part of the model: see `UNet.layers`.
   """
@@ -135,6 +141,8 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: bool = False
+  spatial_dims: int = 2
+  pool_strides: tuple[tuple[int, ...], ...] = ()
 
   def __new__(cls, **kwargs: Any) -> ModelConfig:
     # Runs before the dataclass __init__, so a mistyped key gets the valid names.
@@ -146,6 +154,13 @@ class ModelConfig:
   def __post_init__(self) -> None:
     if isinstance(self.skips, list):  # Keep the config hashable.
       object.__setattr__(self, 'skips', tuple(self.skips))
+    if not isinstance(self.pool_strides, tuple) or any(not isinstance(s, tuple) for s in self.pool_strides):
+      try:  # lists, from config.json or a config file
+        object.__setattr__(self, 'pool_strides', tuple(tuple(int(a) for a in s) for s in self.pool_strides))
+      except TypeError:
+        raise ValueError(
+          f'ModelConfig.pool_strides={self.pool_strides!r} must be one tuple of per-axis strides per level'
+        ) from None
     for name in ('base_width', 'depth', 'norm_groups', 'num_classes'):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -175,6 +190,16 @@ class ModelConfig:
         "leave shortcut='projection' for plain models"
       )
     _parse_skips(self.skips, self.depth)
+    if self.spatial_dims not in (2, 3) or isinstance(self.spatial_dims, bool):
+      raise ValueError(f'ModelConfig.spatial_dims={self.spatial_dims!r} must be 2 (images) or 3 (volumes)')
+    if self.pool_strides and (
+      len(self.pool_strides) != self.depth
+      or any(len(s) != self.spatial_dims or not set(s) <= {1, 2} for s in self.pool_strides)
+    ):
+      raise ValueError(
+        f'ModelConfig.pool_strides={self.pool_strides} needs {self.depth} entries (one per level) of '
+        f'{self.spatial_dims} strides each, every one 1 or 2; or () for 2 everywhere'
+      )
 
   @classmethod
   def field_names(cls) -> tuple[str, ...]:
@@ -198,6 +223,24 @@ class ModelConfig:
   def skip_levels(self) -> tuple[bool, ...]:
     """One bool per level, level 0 (finest) first: whether that long skip exists."""
     return _parse_skips(self.skips, self.depth)
+
+  @property
+  def strides(self) -> tuple[tuple[int, ...], ...]:
+    """Per downsampling step (level 1 first), each spatial axis's stride: `pool_strides` or all 2."""
+    return self.pool_strides or ((2,) * self.spatial_dims,) * self.depth
+
+  def multiples(self, depth: int | None = None) -> tuple[int, ...]:
+    """Per spatial axis, the total downsampling of the first `depth` levels (default all): inputs
+    are padded to multiples of it."""
+    total = [1] * self.spatial_dims
+    for step in self.strides[: self.depth if depth is None else depth]:
+      total = [t * s for t, s in zip(total, step, strict=True)]
+    return tuple(total)
+
+  @property
+  def planar(self) -> bool:
+    """2D with stride 2 on both axes at every level: what every layer set supports."""
+    return self.spatial_dims == 2 and set(self.strides) <= {(2, 2)}
 
   def widths(self) -> tuple[int, ...]:
     """Channels of encoder levels 0..depth-1 followed by the bottleneck."""
@@ -242,6 +285,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     'downsample': 'stride',
   },
 }
+
+
+def pool_strides_for_spacing(spacing: Sequence[float], depth: int) -> tuple[tuple[int, ...], ...]:
+  """`ModelConfig.pool_strides` for voxels of `spacing` (one size per spatial axis): nnU-Net's rule.
+
+  At each downsampling step an axis is pooled (stride 2) unless its current spacing is more
+  than twice the finest current spacing; pooling doubles an axis's spacing. So a volume of
+  3 x 0.8 x 0.8 mm keeps its slices at the first level and pools all axes once the in-plane
+  spacing has caught up (Isensee et al., Nature Methods 2021, "Network topology").
+  """
+  current = [float(s) for s in spacing]
+  if not current or min(current) <= 0:
+    raise ValueError(f'spacing {list(spacing)} must give one positive size per spatial axis')
+  steps = []
+  for _ in range(depth):
+    finest = min(current)
+    step = tuple(1 if size > 2 * finest else 2 for size in current)
+    current = [size * s for size, s in zip(current, step, strict=True)]
+    steps.append(step)
+  return tuple(steps)
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

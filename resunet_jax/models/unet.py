@@ -79,19 +79,21 @@ def _check_scale(name: str, scale, length: int, what: str) -> jax.Array | None:
   return scale
 
 
-def _pad_to_multiple(x: jax.Array, multiple: int) -> tuple[jax.Array, tuple[int, int, int, int]]:
-  """Zero-pads H and W (centred) up to a multiple; returns the padded array and the crop box.
+def _pad_to_multiple(x: jax.Array, multiples: Sequence[int]) -> tuple[jax.Array, tuple[slice, ...]]:
+  """Zero-pads each spatial axis (centred) up to a multiple of its entry of `multiples`; returns
+  the padded array and the index that crops it back.
 
   The padded size is written as `multiple * ceil(size / multiple)` so that it stays a known
   multiple for symbolic H and W (`jax.export` with shapes such as 'b, h, w'), where `-h % m`
   would not let the decoder's concatenations prove that their sizes agree.
   """
-  _, height, width, _ = x.shape
-  pad_h = (height + multiple - 1) // multiple * multiple - height
-  pad_w = (width + multiple - 1) // multiple * multiple - width
-  top, left = pad_h // 2, pad_w // 2
-  x = jnp.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)))  # a no-op when both are 0
-  return x, (top, left, height, width)
+  pads, crop = [(0, 0)], [slice(None)]
+  for size, multiple in zip(x.shape[1:-1], multiples, strict=True):
+    pad = (size + multiple - 1) // multiple * multiple - size
+    pads.append((pad // 2, pad - pad // 2))
+    crop.append(slice(pad // 2, pad // 2 + size))
+  x = jnp.pad(x, (*pads, (0, 0)))  # a no-op when nothing is padded
+  return x, (*crop, slice(None))
 
 
 class UNet(nn.Module):
@@ -127,7 +129,7 @@ class UNet(nn.Module):
 
     Args:
       x: `[B, H, W, C_in]` float images, any H and W (padded to a multiple of 2**depth
-        inside, logits cropped back).
+        inside, logits cropped back); `[B, D, H, W, C_in]` volumes for `spatial_dims=3`.
       train: BatchNorm uses batch statistics and updates `batch_stats` when True.
       skip_scale: `[depth]` multipliers on the skip tensors before concatenation, level 0
         first (apply-time knock-out: 0 removes a skip's contribution; for 'nested' it scales
@@ -165,11 +167,13 @@ class UNet(nn.Module):
         heads are not computed.
 
     Returns:
-      logits: `[B, H, W, num_classes]` float32, or a tuple of them (`all_heads`).
+      logits: `[B, H, W, num_classes]` float32 (`[B, D, H, W, num_classes]` for volumes), or a
+      tuple of them (`all_heads`).
     """
     cfg = self.config
-    if x.ndim != 4:
-      raise ValueError(f'UNet expects NHWC images [B, H, W, C]; got shape {x.shape}')
+    if x.ndim != cfg.spatial_dims + 2:
+      layout = '[B, H, W, C] images' if cfg.spatial_dims == 2 else '[B, D, H, W, C] volumes'
+      raise ValueError(f'this UNet (spatial_dims={cfg.spatial_dims}) takes {layout}; got shape {x.shape}')
     nested = cfg.skip_kind == 'nested'
     skip_scale = _check_scale('skip_scale', skip_scale, cfg.depth, 'level')
     if gate_open is not None and cfg.skip_kind != 'attention':
@@ -198,7 +202,7 @@ class UNet(nn.Module):
     stride_down = cfg.downsample == 'stride'
     index_of = {name: index for index, name in enumerate(names)}
 
-    def block(h, name, features, stride=1, upsample=None, skip=None):
+    def block(h, name, features, stride=1, upsample=None, skip=None, factors=None):
       index = index_of[name]
       module = block_cls(
         features=features,
@@ -214,6 +218,7 @@ class UNet(nn.Module):
         param_dtype=cfg.params_dtype,
         axis_name=self.axis_name,
         upsample=upsample,
+        factors=None if factors is None or cfg.planar else factors,  # planar: the module as it was
         layers=self.layers,
         name=name,
       )
@@ -222,9 +227,9 @@ class UNet(nn.Module):
 
     def encoder(h, level):
       if level > 0 and not stride_down:
-        h = self.layers.max_pool(h)
+        h = self.layers.max_pool(h) if cfg.planar else self.layers.max_pool(h, cfg.strides[level - 1])
       name = 'bottleneck' if level == cfg.depth else f'enc_{level}'
-      return block(h, name, widths[level], stride=2 if level > 0 and stride_down else 1)
+      return block(h, name, widths[level], stride=cfg.strides[level - 1] if level > 0 and stride_down else 1)
 
     def scaled(skip, level):
       if skip is None or skip_scale is None:
@@ -235,7 +240,9 @@ class UNet(nn.Module):
       return skip * scale + (1 - scale) * jnp.asarray(skip_fill[level], skip.dtype)
 
     def head(h, name):
-      conv = self.layers.conv(cfg.num_classes, (1, 1), dtype=jnp.float32, param_dtype=cfg.params_dtype, name=name)
+      conv = self.layers.conv(
+        cfg.num_classes, (1,) * cfg.spatial_dims, dtype=jnp.float32, param_dtype=cfg.params_dtype, name=name
+      )
       return conv(h.astype(jnp.float32))
 
     upto = cfg.depth if static_prune is None else static_prune  # the depth computed
@@ -243,7 +250,7 @@ class UNet(nn.Module):
     # or an inference call traces the main head alone.
     chosen = prune_level is not None and static_prune is None
     auxiliary = cfg.deep_supervision and (all_heads or chosen or self.is_initializing())
-    h, (top, left, height, width) = _pad_to_multiple(x.astype(cfg.compute_dtype), 2**upto)
+    h, crop = _pad_to_multiple(x.astype(cfg.compute_dtype), cfg.multiples(upto))
     if nested:
       # X^{i,0} is the encoder; X^{i,j} reads up(X^{i+1,j-1}) and [X^{i,0}, ..., X^{i,j-1}].
       grid = {}
@@ -254,7 +261,12 @@ class UNet(nn.Module):
           same = [grid[level, c] for c in range(column)]
           skip = scaled(jnp.concatenate(same, axis=-1), level) if cfg.skip_levels[level] else None
           grid[level, column] = block(
-            grid[level + 1, column - 1], f'x_{level}_{column}', widths[level], upsample=cfg.upsample, skip=skip
+            grid[level + 1, column - 1],
+            f'x_{level}_{column}',
+            widths[level],
+            upsample=cfg.upsample,
+            skip=skip,
+            factors=cfg.strides[level],
           )
       columns = range(1, upto + 1) if auxiliary else (upto,)
       logits = {c: head(grid[0, c], 'head' if c == cfg.depth else f'aux_{c}') for c in columns}
@@ -277,17 +289,20 @@ class UNet(nn.Module):
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
             layers=self.layers,
+            factors=None if cfg.planar else cfg.strides[level],
             name=f'gate_{level}',
           )
           skip = gate(skip, h, None if gate_open is None else gate_open[level])
-        h = decoder[level] = block(h, f'dec_{level}', widths[level], upsample=cfg.upsample, skip=scaled(skip, level))
+        h = decoder[level] = block(
+          h, f'dec_{level}', widths[level], upsample=cfg.upsample, skip=scaled(skip, level), factors=cfg.strides[level]
+        )
       outputs = (head(h, 'head'),)
       if auxiliary:
-        padded = (h.shape[0], *decoder[0].shape[1:3], cfg.num_classes)
+        padded = (h.shape[0], *decoder[0].shape[1:-1], cfg.num_classes)
         outputs += tuple(
           jax.image.resize(head(decoder[level], f'aux_{level}'), padded, 'bilinear') for level in range(1, cfg.depth)
         )
-    outputs = tuple(logits[:, top : top + height, left : left + width, :] for logits in outputs)
+    outputs = tuple(logits[crop] for logits in outputs)
     return outputs if all_heads else outputs[0]
 
 
@@ -322,7 +337,7 @@ def prune(config: ModelConfig, variables: dict, level: int) -> tuple[ModelConfig
     `UNet(pruned).apply(pruned_variables, x)` equals `UNet(config).apply(variables, x, prune_level=L)`.
   """
   _check_prune(config, level)
-  sub = config.replace(depth=level, skips=config.skip_levels[:level])
+  sub = config.replace(depth=level, skips=config.skip_levels[:level], pool_strides=config.pool_strides[:level])
   renames = {f'enc_{level}': 'bottleneck', f'aux_{level}': 'head'} if level < config.depth else {}
   keep = set(block_names(sub)) | {'head'}
   if sub.deep_supervision:

@@ -111,7 +111,7 @@ def _check_same_model(saved: dict | None, resolved: dict, workdir: pathlib.Path)
     return
   # A field added since the run started has, in that run, the value every earlier run had.
   model = {**configs.ADDED_KEYS['model'], **saved.get('model', {})}
-  differing = sorted(k for k in resolved['model'] if model.get(k) != resolved['model'][k])
+  differing = sorted(k for k, v in resolved['model'].items() if json.dumps(model.get(k)) != json.dumps(v))  # () is []
   if differing:
     what = ', '.join(f'{k} {model.get(k)!r} -> {resolved["model"][k]!r}' for k in differing[:4])
     raise UserError(
@@ -125,7 +125,7 @@ def build_population(config, model_config: models.ModelConfig, info: data.Datase
   What `train_and_evaluate` trains (before resuming); `benchmarks/train_loop.py` and
   `benchmarks/population.py` time the same steps bare.
   """
-  layers = runtime.layers(config.runtime.backend)
+  layers = runtime.layers(config.runtime.backend, model_config)
   model = models.UNet(model_config, axis_name=parallel.model_axis_name(config.parallel.strategy), layers=layers)
   built = population.Population(config, model, (1, *info.image_shape), population.members(config, model_config), mesh)
   jax.clear_caches()  # the initialiser's executable (50 MB at base 64) is never run again

@@ -136,7 +136,7 @@ def load_run(
     raise UserError(f"--checkpoint={which} is not 'best', 'latest' or a saved step ({', '.join(map(str, steps))})")
 
   mesh = parallel.make_mesh()
-  model = models.UNet(model_config, layers=runtime.layers(backend))
+  model = models.UNet(model_config, layers=runtime.layers(backend, model_config))
   shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
   init, args = population.init_fn(config, model, shape, members)
   abstract = checkpoint.abstract_like(jax.eval_shape(init, *args), parallel.replicated(mesh))

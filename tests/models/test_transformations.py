@@ -1,4 +1,4 @@
-"""Every JAX transformation through the stock `UNet`, for every preset and switch.
+"""Every JAX transformation through the stock `UNet`, for every preset and switch, on images and volumes.
 
 Each transformation is checked against an independent computation of the same quantity (a
 finite difference, the gradient, the untransformed call), so a layer that breaks it (a custom
@@ -43,25 +43,34 @@ CONFIGS = {
     **TINY,
   ),
 }
-X = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+# Each preset's configuration again as a 3D network; one pools anisotropically (depth kept at level 1).
+VOLUMES = {f'{name}_3d': config.replace(spatial_dims=3) for name, config in CONFIGS.items()}
+VOLUMES['resunet_zhang_3d'] = VOLUMES['resunet_zhang_3d'].replace(pool_strides=((1, 2, 2), (2, 2, 2)))
+CONFIGS |= VOLUMES
+IMAGES = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+VOLUME = jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 3))
+
+
+def _input(name):
+  return VOLUME if CONFIGS[name].spatial_dims == 3 else IMAGES
 
 
 @functools.cache
 def _setup(name):
   """The model, its variables, a probe on the logits and a parameter direction `v`."""
-  config = CONFIGS[name]
+  config, x = CONFIGS[name], _input(name)
   model = models.UNet(config)
-  variables = quick_init.init(model, X, train=False)
+  variables = quick_init.init(model, x, train=False)
   rng = np.random.default_rng(2)  # numpy draws: no generator to compile per shape
-  probe = jnp.asarray(rng.standard_normal((*X.shape[:3], config.num_classes)), jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((*x.shape[:-1], config.num_classes)), jnp.float32)
   direction = jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype), variables['params'])
   return model, variables, probe, direction
 
 
-def _loss(name, params, x=X):
+def _loss(name, params):
   """A scalar of the parameters: the logits against a fixed probe."""
   model, variables, probe, _ = _setup(name)
-  return jnp.sum(model.apply({**variables, 'params': params}, x, train=False) * probe)
+  return jnp.sum(model.apply({**variables, 'params': params}, _input(name), train=False) * probe)
 
 
 def _dot(a, b):
@@ -96,14 +105,16 @@ def check_linearize(name):
 def check_jacfwd_jacrev(name):
   """The input Jacobian of one image's logits, both ways; its rows are input gradients."""
   model, variables, probe, _ = _setup(name)
+  x = _input(name)
+  corner = (0, slice(0, 4), slice(0, 4)) if x.ndim == 4 else (0, slice(0, 2), slice(0, 2), slice(0, 4))
 
   def logits(x):
-    return model.apply(variables, x[None], train=False)[0, :4, :4].ravel()  # 16 outputs
+    return model.apply(variables, x[None], train=False)[corner].ravel()  # 16 outputs
 
-  forward, reverse = jax.jit(jax.jacfwd(logits))(X[0]), jax.jit(jax.jacrev(logits))(X[0])
-  assert forward.shape == (16, 8, 8, 3)
+  forward, reverse = jax.jit(jax.jacfwd(logits))(x[0]), jax.jit(jax.jacrev(logits))(x[0])
+  assert forward.shape == (16, *x.shape[1:])
   _close(forward, reverse)
-  _close(reverse[5], jax.grad(lambda x: logits(x)[5])(X[0]))
+  _close(reverse[5], jax.grad(lambda x: logits(x)[5])(x[0]))
 
 
 def check_hvp(name):
@@ -119,18 +130,20 @@ def check_hvp(name):
 
 def check_vmap_inputs(name):
   model, variables, _, _ = _setup(name)
-  per_image = jax.jit(jax.vmap(lambda x: model.apply(variables, x[None], train=False)[0]))(X)
-  _close(per_image, model.apply(variables, X, train=False))
+  x = _input(name)
+  per_image = jax.jit(jax.vmap(lambda x: model.apply(variables, x[None], train=False)[0]))(x)
+  _close(per_image, model.apply(variables, x, train=False))
 
 
 def check_vmap_params(name):
   """Two parameter sets stacked on a leading axis, applied in one vmapped call."""
   model, variables, _, v = _setup(name)
+  x = _input(name)
   other = jax.tree.map(lambda p, d: p + 0.1 * d, variables['params'], v)
   stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), variables['params'], other)
-  both = jax.jit(jax.vmap(lambda p: model.apply({**variables, 'params': p}, X, train=False)))(stacked)
-  _close(both[0], model.apply(variables, X, train=False))
-  _close(both[1], model.apply({**variables, 'params': other}, X, train=False))
+  both = jax.jit(jax.vmap(lambda p: model.apply({**variables, 'params': p}, x, train=False)))(stacked)
+  _close(both[0], model.apply(variables, x, train=False))
+  _close(both[1], model.apply({**variables, 'params': other}, x, train=False))
 
 
 def check_remat(name):
@@ -140,15 +153,17 @@ def check_remat(name):
 
 
 def check_export(name):
-  """Exported with a symbolic batch, height and width, serialised, deserialised and run at two
+  """Exported with a symbolic batch and spatial sizes, serialised, deserialised and run at two
   batch sizes and at an odd size (which the model pads inside, centred, and crops back)."""
   model, variables, _, _ = _setup(name)
-  batch, height, width = export.symbolic_shape('b, h, w')
+  x = _input(name)
+  shape = export.symbolic_shape('b, h, w' if x.ndim == 4 else 'b, d, h, w')
   exported = export.export(jax.jit(lambda v, x: model.apply(v, x, train=False)))(
-    variables, jax.ShapeDtypeStruct((batch, height, width, X.shape[-1]), X.dtype)
+    variables, jax.ShapeDtypeStruct((*shape, x.shape[-1]), x.dtype)
   )
   restored = export.deserialize(exported.serialize())
-  for images in (X[:1], X, X[:1, :7, :5]):
+  odd = x[:1, :7, :5] if x.ndim == 4 else x[:1, :3, :7, :5]
+  for images in (x[:1], x, odd):
     _close(restored.call(variables, images), model.apply(variables, images, train=False))
 
 
@@ -190,4 +205,5 @@ def test_the_configs_cover_every_preset_and_switch_value():
     'deep_supervision': {False, True},
   }
   assert set(models.PRESETS) <= set(CONFIGS)
+  assert {f'{name}_3d' for name in models.PRESETS} <= set(CONFIGS)  # every preset as a volume network
   assert {c.skips for c in CONFIGS.values()} >= {'all', 'none', '10'}

@@ -328,7 +328,7 @@ def test_residual_scale_needs_a_residual_model():
 
 def test_non_nhwc_input_is_refused():
   config = models.ModelConfig(**TINY)
-  with pytest.raises(ValueError, match=r'NHWC.*\(10, 14, 3\)'):
+  with pytest.raises(ValueError, match=r'takes \[B, H, W, C\] images; got shape \(10, 14, 3\)'):
     _init(config, X_TINY[0])
 
 
