@@ -265,7 +265,11 @@ API = {
     r'skip_scale has shape \(3,\); it needs one multiplier per level: shape \(2,\)',
   ),
   'residual_scale on a plain network': (lambda: UNet_apply(residual_scale=jnp.ones(5)), ValueError, 'residual=False'),
-  'image without batch axis': (lambda: UNET.init(jax_key(), X[0], train=False), ValueError, 'NHWC'),
+  'image without batch axis': (
+    lambda: UNET.init(jax_key(), X[0], train=False),
+    ValueError,
+    r'takes \[B, H, W, C\] images; got shape',
+  ),
   'NaN pixels': (
     lambda: inference.sliding_window(lambda v, x: x, {}, np.full((8, 8, 3), np.nan), tile=8),
     ValueError,
