@@ -24,6 +24,9 @@ serialisation guarantee (`jax.export` refuses them), and any run restores into t
   concatenations. The card says so (`input.height`), and `predict.py --exported` runs it tile
   by tile. Checked with `onnx.checker`.
 
+A volume network (`ModelConfig.spatial_dims=3`) exports the same way with `[N, D, H, W, C]`
+inputs (ONNX: D = H = W = the tile size; the card's layout says NDHWC).
+
 `load(directory)` reads any artefact back as an `Exported` (the model card checked against the
 file) whose call returns the logits, for `experiments/predict.py --exported`.
 """
@@ -133,7 +136,10 @@ def _metrics(loaded, prune_level: int | None = None) -> dict:
 
 def card(model_config, fmt: str, *, size: int | str, normalization: Normalization, tile: int, **about) -> dict:
   """A model card: the artefact's contract (`fmt`, input of `size` x `size` or 'any', outputs,
-  classes, normalisation) and `about` (preset, training data, metrics, commit, command...)."""
+  classes, normalisation) and `about` (preset, training data, metrics, commit, command...).
+  A volume network's input is NDHWC, with a `depth` of `size` too."""
+  volume = model_config.spatial_dims == 3
+  spatial = 'D, H, W' if volume else 'H, W'
   return {
     'card_version': CARD_VERSION,
     'format': fmt,
@@ -142,8 +148,9 @@ def card(model_config, fmt: str, *, size: int | str, normalization: Normalizatio
     'input': {
       'name': 'images',
       'dtype': 'float32',
-      'layout': 'NHWC',
+      'layout': 'NDHWC' if volume else 'NHWC',
       'batch': 'any',
+      **({'depth': size} if volume else {}),
       'height': size,
       'width': size,
       'channels': normalization.channels,
@@ -151,8 +158,8 @@ def card(model_config, fmt: str, *, size: int | str, normalization: Normalizatio
       'normalisation': f'inside: {normalization.describe()["formula"]} (see normalisation)',
     },
     'outputs': {
-      'logits': 'float32 [N, H, W, K]',
-      'probabilities': 'float32 [N, H, W, K]: ' + ('sigmoid' if model_config.num_classes == 1 else 'softmax'),
+      'logits': f'float32 [N, {spatial}, K]',
+      'probabilities': f'float32 [N, {spatial}, K]: ' + ('sigmoid' if model_config.num_classes == 1 else 'softmax'),
     },
     'model': model_config.to_dict(),
     'classes': max(2, model_config.num_classes),
@@ -214,13 +221,13 @@ def export_model(
     raise UserError(f'cannot create --output={output}: {e.strerror}') from None
   if fmt == 'stablehlo':
     _need_flatbuffers()
-    exported = _to_stablehlo(infer, normalization.channels)
+    exported = _to_stablehlo(infer, normalization.channels, model.config.spatial_dims)
     _write(output, FILES[fmt], bytes(exported.serialize()))
     _write(output, 'load.py', LOADER)
     size, about = 'any', {'platforms': list(exported.platforms), **about}
   else:
     size = int(tile)
-    _write(output, FILES[fmt], _to_onnx(infer, size, normalization.channels))
+    _write(output, FILES[fmt], _to_onnx(infer, size, normalization.channels, model.config.spatial_dims))
   info = card(model.config, fmt, size=size, normalization=normalization, tile=tile, **about)
   _write(output, CARD, json.dumps(info, indent=1) + '\n')
   return output / FILES[fmt]
@@ -288,11 +295,11 @@ def _need_flatbuffers() -> None:
     raise UserError("StableHLO artefacts need flatbuffers (the export extra): pip install -e '.[export]'") from None
 
 
-def _to_stablehlo(infer: Callable, channels: int) -> jax.export.Exported:
-  """`infer` exported for symbolic batch, height and width, lowered for every platform of
-  `PLATFORMS` that this jaxlib can lower for (CPU always)."""
-  batch, height, width = jax.export.symbolic_shape('b, h, w')
-  shape = jax.ShapeDtypeStruct((batch, height, width, channels), jnp.float32)
+def _to_stablehlo(infer: Callable, channels: int, spatial_dims: int = 2) -> jax.export.Exported:
+  """`infer` exported for a symbolic batch and spatial sizes (height and width; and depth for a
+  volume network), lowered for every platform of `PLATFORMS` that this jaxlib can lower for (CPU always)."""
+  sizes = jax.export.symbolic_shape('b, h, w' if spatial_dims == 2 else 'b, d, h, w')
+  shape = jax.ShapeDtypeStruct((*sizes, channels), jnp.float32)
   for count in range(len(PLATFORMS), 1, -1):
     try:
       return jax.export.export(jax.jit(infer), platforms=PLATFORMS[:count])(shape)
@@ -301,8 +308,9 @@ def _to_stablehlo(infer: Callable, channels: int) -> jax.export.Exported:
   return jax.export.export(jax.jit(infer), platforms=PLATFORMS[:1])(shape)
 
 
-def _to_onnx(infer: Callable, size: int, channels: int) -> bytes:
-  """The ONNX model of `infer` at a fixed `size`, dynamic batch, checked with `onnx.checker`."""
+def _to_onnx(infer: Callable, size: int, channels: int, spatial_dims: int = 2) -> bytes:
+  """The ONNX model of `infer` at a fixed `size` on every spatial axis, dynamic batch, checked
+  with `onnx.checker`."""
   try:
     import onnx  # noqa: PLC0415 (the optional [export] extra)
     from jax2onnx import to_onnx  # noqa: PLC0415
@@ -311,7 +319,7 @@ def _to_onnx(infer: Callable, size: int, channels: int) -> bytes:
   logging.getLogger('onnx_ir.serde').setLevel(logging.ERROR)  # "value type ... not known" for shape constants
   model = to_onnx(
     infer,
-    [('N', size, size, channels)],
+    [('N', *(size,) * spatial_dims, channels)],
     opset=OPSET,
     model_name='resunet_jax',
     input_names=['images'],
@@ -333,6 +341,11 @@ class Exported:
   card: dict
   directory: pathlib.Path
   _logits: Callable[[jax.Array], jax.Array]  # traceable: usable inside jax.jit
+
+  @property
+  def spatial_dims(self) -> int:
+    """2 (images `[N, H, W, C]`) or 3 (volumes `[N, D, H, W, C]`)."""
+    return int(self.card.get('model', {}).get('spatial_dims', 2))
 
   @property
   def tile(self) -> int | None:
@@ -359,13 +372,15 @@ class Exported:
   def logits(self, images: jax.Array) -> jax.Array:
     """Logits `[N, H, W, K]` of float32 images `[N, H, W, C]` (pixel values); traceable (jit, the
     sliding window), an ONNX model through `jax.pure_callback` into onnxruntime."""
-    expected = self.card['input']
-    if images.ndim != 4 or images.shape[-1] != expected['channels']:
-      raise UserError(f'{self.directory}: the model takes [N, H, W, {expected["channels"]}] images, got {images.shape}')
-    if self.tile is not None and tuple(images.shape[1:3]) != (self.tile, self.tile):
+    expected, dims = self.card['input'], self.spatial_dims
+    if images.ndim != dims + 2 or images.shape[-1] != expected['channels']:
+      layout = 'N, H, W' if dims == 2 else 'N, D, H, W'
       raise UserError(
-        f'{self.directory}: the model takes {self.tile}x{self.tile} images (fixed), got {tuple(images.shape[1:3])}'
+        f'{self.directory}: the model takes [{layout}, {expected["channels"]}] inputs, got {images.shape}'
       )
+    if self.tile is not None and tuple(images.shape[1:-1]) != (self.tile,) * dims:
+      side = 'x'.join([str(self.tile)] * dims)
+      raise UserError(f'{self.directory}: the model takes {side} inputs (fixed), got {tuple(images.shape[1:-1])}')
     return self._logits(images)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -423,7 +438,8 @@ def load(directory: str | pathlib.Path) -> Exported:
   except Exception as e:  # noqa: BLE001 (onnxruntime raises its own error types)
     raise UserError(f'{model_path} cannot be loaded by onnxruntime ({type(e).__name__}); export again') from None
   (tensor,) = session.get_inputs()
-  if tensor.shape[1:] != [info['input']['height'], info['input']['width'], info['input']['channels']]:
+  sides = [info['input'][axis] for axis in ('depth', 'height', 'width') if axis in info['input']]
+  if tensor.shape[1:] != [*sides, info['input']['channels']]:
     raise UserError(f'{path} says input {info["input"]}, the ONNX model takes {tensor.shape}; export again')
 
   outputs = int(info['model']['num_classes']) if isinstance(info.get('model'), dict) else 1
@@ -432,7 +448,7 @@ def load(directory: str | pathlib.Path) -> Exported:
     return session.run(['logits'], {tensor.name: np.asarray(images, np.float32)})[0]
 
   def logits(images):
-    shape = jax.ShapeDtypeStruct((*images.shape[:3], outputs), jnp.float32)
+    shape = jax.ShapeDtypeStruct((*images.shape[:-1], outputs), jnp.float32)
     return jax.pure_callback(run, shape, images, vmap_method='sequential')
 
   return Exported(info, directory, logits)

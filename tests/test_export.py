@@ -95,8 +95,29 @@ def test_both_formats_agree_with_the_jax_model(preset, classes, overrides, norm,
   assert np.abs(export.load(tmp_path / 'stablehlo')(odd) - _logits(model, variables, odd, norm)).max() <= 1e-4
   onnx = export.load(tmp_path / 'onnx')
   assert onnx.tile == TILE and onnx.card['input']['height'] == TILE and onnx.card['opset'] == export.OPSET
-  with pytest.raises(UserError, match=f'takes {TILE}x{TILE} images'):
+  with pytest.raises(UserError, match=f'takes {TILE}x{TILE} inputs'):
     onnx(odd)
+
+
+@pytest.mark.parametrize('preset', ['resunet', 'unet_plusplus'])
+def test_a_volume_network_exports_in_both_formats(preset, tmp_path):
+  config = models.preset(preset, base_width=2, depth=2, spatial_dims=3, pool_strides=((1, 2, 2), (2, 2, 2)))
+  model, grey = models.UNet(config), Normalization('fixed', 1, (0.5,), (0.25,))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 8, 8, 1)), train=False)
+  rng = np.random.default_rng(1)
+  volume = rng.uniform(0, 255, (2, TILE, TILE, TILE, 1)).astype(np.float32)
+  odd = rng.uniform(0, 255, (1, 5, 11, 9, 1)).astype(np.float32)
+  expected = np.asarray(model.apply(variables, ((volume / 255 - 0.5) / 0.25).astype(np.float32), train=False))
+  for fmt in export.FORMATS:
+    export.export_model(model, variables, tmp_path / fmt, fmt=fmt, normalization=grey, tile=TILE, preset=preset)
+    artefact = export.load(tmp_path / fmt)
+    assert artefact.spatial_dims == 3 and artefact.card['input']['layout'] == 'NDHWC'
+    assert np.abs(artefact(volume) - expected).max() <= 1e-4, fmt
+  stablehlo = export.load(tmp_path / 'stablehlo')  # symbolic depth, height and width
+  odd_expected = model.apply(variables, ((odd / 255 - 0.5) / 0.25).astype(np.float32), train=False)
+  assert np.abs(stablehlo(odd) - np.asarray(odd_expected)).max() <= 1e-4
+  with pytest.raises(UserError, match=r'takes \[N, D, H, W, 1\] inputs'):
+    stablehlo(odd[:, 0])
 
 
 def _mosaic(run_config, size=(203, 137)):
