@@ -154,6 +154,7 @@ ADDED_KEYS = {
     'deep_supervision': False,
     'spatial_dims': 2,
     'pool_strides': [],
+    'width_scale': 1.0,
   },
   'train': {
     'deep_supervision_weights': [],

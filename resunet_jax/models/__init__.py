@@ -4,7 +4,15 @@ from resunet_jax.models import layers, summary
 from resunet_jax.models.blocks import ConvBlock, make_norm
 from resunet_jax.models.config import PRESETS, ModelConfig, pool_strides_for_spacing, preset
 from resunet_jax.models.layers import STOCK, Layers
-from resunet_jax.models.unet import UNet, block_names, count_params, nested_nodes, prune
+from resunet_jax.models.unet import (
+  UNet,
+  block_names,
+  count_params,
+  matched_width_scale,
+  nested_nodes,
+  param_count,
+  prune,
+)
 
 __all__ = [
   'PRESETS',
@@ -18,7 +26,9 @@ __all__ = [
   'count_params',
   'layers',
   'make_norm',
+  'matched_width_scale',
   'nested_nodes',
+  'param_count',
   'preset',
   'prune',
   'summary',

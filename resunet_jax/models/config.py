@@ -69,7 +69,7 @@ class ModelConfig:
 
   Attributes:
     base_width: channels at level 0; level `l` has `base_width * 2**l` channels and the
-      bottleneck (bridge) `base_width * 2**depth`.
+      bottleneck (bridge) `base_width * 2**depth` (times `width_scale`, rounded).
     depth: number of downsampling steps (encoder levels); the note uses 4, Zhang et al. 3.
     residual: blocks add a shortcut to their conv branch (see `shortcut`).
     shortcut: residual blocks only. 'projection' (the note's ResUNet made buildable): the
@@ -120,6 +120,9 @@ class ModelConfig:
     pool_strides: per downsampling step (level 1 first), the stride of each spatial axis, 1 or 2;
       empty: 2 on every axis. An axis of stride 1 keeps its size at that level, for voxels much
       coarser along it than across (`pool_strides_for_spacing`: nnU-Net's rule).
+    width_scale: every level's width multiplied by this and rounded (at least 1): a control
+      matched in parameters to another arm (`matched_width_scale`), e.g. a plain U-Net as large
+      as a ResUNet with its projections.
 
   Which kernels compute the layers is not part of the model: see `UNet.layers`.
   """
@@ -143,6 +146,7 @@ class ModelConfig:
   remat: bool = False
   spatial_dims: int = 2
   pool_strides: tuple[tuple[int, ...], ...] = ()
+  width_scale: float = 1.0
 
   def __new__(cls, **kwargs: Any) -> ModelConfig:
     # Runs before the dataclass __init__, so a mistyped key gets the valid names.
@@ -190,6 +194,8 @@ class ModelConfig:
         "leave shortcut='projection' for plain models"
       )
     _parse_skips(self.skips, self.depth)
+    if isinstance(self.width_scale, bool) or not isinstance(self.width_scale, (int, float)) or self.width_scale <= 0:
+      raise ValueError(f'ModelConfig.width_scale={self.width_scale!r} must be a positive number')
     if self.spatial_dims not in (2, 3) or isinstance(self.spatial_dims, bool):
       raise ValueError(f'ModelConfig.spatial_dims={self.spatial_dims!r} must be 2 (images) or 3 (volumes)')
     if self.pool_strides and (
@@ -244,7 +250,9 @@ class ModelConfig:
 
   def widths(self) -> tuple[int, ...]:
     """Channels of encoder levels 0..depth-1 followed by the bottleneck."""
-    return tuple(self.base_width * 2**level for level in range(self.depth + 1))
+    if self.width_scale == 1:
+      return tuple(self.base_width * 2**level for level in range(self.depth + 1))
+    return tuple(max(1, round(self.base_width * 2**level * self.width_scale)) for level in range(self.depth + 1))
 
   @property
   def compute_dtype(self) -> jnp.dtype:

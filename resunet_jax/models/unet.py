@@ -70,6 +70,38 @@ def count_params(params) -> int:
   return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))
 
 
+def param_count(config: ModelConfig, in_channels: int = 3) -> int:
+  """Parameters of `UNet(config)` for `in_channels` input channels (shapes only: nothing is computed)."""
+  size = tuple(config.multiples())
+  x = jax.ShapeDtypeStruct((1, *size, in_channels), jnp.float32)
+  variables = jax.eval_shape(lambda x: UNet(config).init(jax.random.key(0), x, train=False), x)
+  return count_params(variables['params'])
+
+
+def matched_width_scale(config: ModelConfig, target: int, in_channels: int = 3, tolerance: float = 0.02) -> float:
+  """The `width_scale` that gives `config` the parameter count nearest `target` (e.g. a plain arm's
+  control matched to the residual arm, `param_count(residual)`), to 3 decimals.
+
+  Raises:
+    ValueError: no scale in [1/8, 8] comes within `tolerance` (relative) of `target`.
+  """
+  low, high = 0.125, 8.0
+  for _ in range(40):  # the count grows with the scale, in steps where a width rounds up
+    middle = (low + high) / 2
+    if param_count(config.replace(width_scale=middle), in_channels) < target:
+      low = middle
+    else:
+      high = middle
+  candidates = {round(scale, 3) for scale in (low, high)}
+  best = min(candidates, key=lambda s: abs(param_count(config.replace(width_scale=s), in_channels) - target))
+  found = param_count(config.replace(width_scale=best), in_channels)
+  if abs(found - target) > tolerance * target:
+    raise ValueError(
+      f'no width_scale gives {target:,} parameters within {tolerance:.0%}: the nearest, {best}, gives {found:,}'
+    )
+  return best
+
+
 def _check_scale(name: str, scale, length: int, what: str) -> jax.Array | None:
   if scale is None:
     return None

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from resunet_jax import models
+from resunet_jax import configs, models
 
 
 def test_defaults_are_the_note_unet():
@@ -104,3 +104,28 @@ def test_replace_keeps_symbolic_skips_valid_across_depths():
 def test_round_trip_through_dict():
   config = models.preset('resunet_zhang', base_width=8, skips='101', dtype='bfloat16')
   assert models.ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_plain_control_matched_in_parameters_to_the_residual_arm():
+  for skips in ('all', 'none'):
+    residual = models.preset('resunet', base_width=8, depth=4, skips=skips)
+    plain = models.preset('unet', base_width=8, depth=4, skips=skips)
+    target = models.param_count(residual)
+    assert models.param_count(plain) < 0.96 * target  # the projections: 4-6% more parameters
+    scale = models.matched_width_scale(plain, target)
+    matched = plain.replace(width_scale=scale)
+    assert abs(models.param_count(matched) - target) <= 0.02 * target
+    assert matched.widths()[0] >= 8 and matched.widths() != plain.widths()
+  with pytest.raises(ValueError, match='no width_scale gives 10 parameters within 2%'):
+    models.matched_width_scale(plain, 10)
+
+
+def test_width_scale_rounds_every_level_and_one_changes_nothing():
+  config = models.ModelConfig(base_width=8, depth=3)
+  assert config.replace(width_scale=1.0).widths() == config.widths() == (8, 16, 32, 64)
+  assert config.replace(width_scale=1.1).widths() == (9, 18, 35, 70)
+  with pytest.raises(ValueError, match='width_scale=0 must be a positive number'):
+    models.ModelConfig(width_scale=0)
+  resolved = {'model': config.to_dict()}
+  earlier = {'model': {k: v for k, v in resolved['model'].items() if k != 'width_scale'}}
+  assert configs.config_hash(resolved) == configs.config_hash(earlier)  # earlier runs keep their hashes
