@@ -6,6 +6,7 @@ r"""Training-step and inference throughput of a preset, ours (JAX) or a PyTorch 
   python benchmarks/train_step.py --model=unet --base-width=16 --compare --repeats=3   # median of 3 rounds
   python benchmarks/train_step.py --model=unet --base-width=16 --backend=stock   # the stock layers alone
   python benchmarks/train_step.py --model=unet --base-width=64 --batch=64 --size=256 --dtype=bfloat16  # a GPU
+  python benchmarks/train_step.py --model=unet --base-width=16 --batch=2 --size=64 --spatial-dims=3 --compare  # 64^3
 
 One training step is forward, sigmoid BCE, backward and Adam on random float32 inputs, computed
 in `--dtype` (parameters stay float32); inference is the forward pass. Prints one JSON line:
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--base-width', type=int, default=64)
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--size', type=int, default=128)
+  parser.add_argument('--spatial-dims', type=int, choices=(2, 3), default=2, help='3: volumes of size^3')
   parser.add_argument('--infer', action='store_true', help='time inference instead of a training step')
   parser.add_argument(
     '--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype (parameters stay float32)'
@@ -115,7 +117,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10, dtype: str = 'float3
 def _config(args, **overrides):
   from resunet_jax import models
 
-  return models.preset(args.model, base_width=args.base_width, **overrides)
+  return models.preset(args.model, base_width=args.base_width, spatial_dims=args.spatial_dims, **overrides)
 
 
 def model_flops(jaxpr) -> float:
@@ -158,9 +160,11 @@ def _jax_program(args, mesh, backend: str, abstract: bool = False):
   from resunet_jax import models, runtime
   from resunet_jax.training import parallel
 
-  model = models.UNet(_config(args, dtype=args.dtype), layers=runtime.layers(backend))
-  images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
-  masks = (jax.random.uniform(jax.random.key(1), (args.batch, args.size, args.size, 1)) > 0.9).astype(jnp.float32)
+  config = _config(args, dtype=args.dtype)
+  model = models.UNet(config, layers=runtime.layers(backend, config))
+  spatial = (args.size,) * args.spatial_dims
+  images = jax.random.normal(jax.random.key(0), (args.batch, *spatial, 3))
+  masks = (jax.random.uniform(jax.random.key(1), (args.batch, *spatial, 1)) > 0.9).astype(jnp.float32)
   # As the training loop does: one jitted init on one image, created replicated (an eager init
   # runs the forward pass op by op and leaves its buffers in the allocator: +320 MB peak at base 64).
   init = jax.jit(lambda key: model.init(key, images[:1], train=False), out_shardings=parallel.replicated(mesh))
@@ -219,7 +223,7 @@ def jax_step(args) -> tuple[dict, dict]:
   from resunet_jax.training import parallel
 
   mesh = parallel.make_mesh()
-  layers = runtime.layers(args.backend)
+  layers = runtime.layers(args.backend, _config(args))
   step, operands, run = _jax_program(args, mesh, args.backend)
   jax.clear_caches()  # as the training loop does: the initialiser's executable is not run again
   params = operands[0]
@@ -264,14 +268,13 @@ def torch_step(args) -> tuple[dict, str]:
   device = 'cuda' if torch.cuda.is_available() else 'cpu'  # as JAX takes its accelerator when there is one
   fields = json.loads(args.torch_model) if args.torch_model else torch_unet.fields(_config(args))
   model = torch_unet.UNet(**fields).to(device)
-  images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-  masks = (torch.rand(args.batch, 1, args.size, args.size, device=device) > 0.9).float()
+  spatial = (args.size,) * args.spatial_dims
+  images = torch.randn(args.batch, 3, *spatial, device=device)
+  masks = (torch.rand(args.batch, 1, *spatial, device=device) > 0.9).float()
   if args.channels_last:
-    model = model.to(memory_format=torch.channels_last)
-    images, masks = (
-      images.contiguous(memory_format=torch.channels_last),
-      masks.contiguous(memory_format=torch.channels_last),
-    )
+    layout = torch.channels_last if args.spatial_dims == 2 else torch.channels_last_3d
+    model = model.to(memory_format=layout)
+    images, masks = images.contiguous(memory_format=layout), masks.contiguous(memory_format=layout)
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
   loss_fn = torch.nn.BCEWithLogitsLoss()
   # Mixed precision as ours: float32 parameters, `--dtype` arithmetic.
@@ -345,6 +348,7 @@ def measure(args) -> dict:
     'base_width': args.base_width,
     'batch': args.batch,
     'size': args.size,
+    **({'spatial_dims': 3} if args.spatial_dims == 3 else {}),
     'dtype': args.dtype,
     'devices': args.devices if args.framework == 'jax' else 1,
     'gflops_per_step': float(f'{flops / 1e9:.4g}'),
