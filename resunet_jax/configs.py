@@ -178,6 +178,11 @@ ADDED_KEYS = {
 }
 
 
+# Added keys that an unresolved config (a config file's model section of overrides, None where
+# unset) did not have either: None there is their earlier state too.
+UNSET_ADDED_KEYS = {'model': ('spatial_dims', 'pool_strides', 'width_scale')}
+
+
 def _same(value, earlier) -> bool:
   """Equal as JSON (a tuple in a fresh config, a list once read back from config.json)."""
   return json.dumps(value, default=str) == json.dumps(earlier, default=str)
@@ -188,7 +193,7 @@ def config_hash(resolved: dict) -> str:
 
   Args:
     resolved: the resolved config dict (what config.json holds). `PLACEMENT_KEYS` are ignored,
-      and so are `ADDED_KEYS` at their earlier value.
+      and so are `ADDED_KEYS` at their earlier value (`UNSET_ADDED_KEYS` also when None).
   """
   what = {}
   for section, values in resolved.items():
@@ -197,6 +202,11 @@ def config_hash(resolved: dict) -> str:
       continue
     added = ADDED_KEYS.get(section, {})
     if left_out or added:
-      values = {k: v for k, v in values.items() if k not in left_out and not (k in added and _same(v, added[k]))}
+      unset = UNSET_ADDED_KEYS.get(section, ())
+      values = {
+        k: v
+        for k, v in values.items()
+        if k not in left_out and not (k in added and (_same(v, added[k]) or (k in unset and v is None)))
+      }
     what[section] = values
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
