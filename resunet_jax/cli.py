@@ -74,7 +74,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
   The one place where a command's process is set up: on CPU it first relaunches itself with
   the CPU process settings (`resunet_jax.cpu.hostmem`, where they are described). The relaunch
-  comes after the tool's imports, which it repeats (about 2 s; benchmarks/README.md, "Page faults").
+  comes after the tool's imports, which it repeats (about 2 s; benchmarks/README.md, "The CPU backend").
   """
   hostmem.relaunch_for_cpu()
 

@@ -63,11 +63,9 @@ class LossWeights:
       float(train.get('cldice_weight', 0.0)),
       int(train.get('cldice_iterations', 3)),
     )
-    terms = {'cross_entropy': weights.cross_entropy, 'dice': weights.dice, 'focal': weights.focal}
-    terms |= {'cldice': weights.cldice, 'focal_gamma': weights.focal_gamma}
-    for name, value in terms.items():
-      if value < 0:
-        raise ValueError(f'train.{name}{"" if name == "focal_gamma" else "_weight"}={value} must be >= 0')
+    for key in ('cross_entropy_weight', 'dice_weight', 'focal_weight', 'focal_gamma', 'cldice_weight'):
+      if float(train.get(key, 0.0)) < 0:
+        raise ValueError(f'train.{key}={float(train[key])} must be >= 0')
     if min(weights.tversky) < 0 or sum(weights.tversky) <= 0:
       raise ValueError(f'train.tversky_alpha, tversky_beta = {weights.tversky} must be >= 0 and not both 0')
     if weights.cldice_iterations < 1:
@@ -121,13 +119,13 @@ def per_example_loss(
   """
   if pixel_weights is not None or not weights.standard:
     return _weighted_loss(logits, masks, weights, pixel_weights)
-  spatial = tuple(range(1, logits.ndim))
+  per_example = tuple(range(1, logits.ndim))  # spatial axes and channels
   if logits.shape[-1] == 1:
     targets = masks.astype(jnp.float32)[..., None]
-    cross_entropy = optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=spatial)
+    cross_entropy = optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=per_example)
     dice = optax.losses.binary_dice_loss(logits, targets) if weights.dice else 0.0
   else:
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, masks).mean(axis=spatial[:-1])
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, masks).mean(axis=per_example[:-1])
     one_hot = jax.nn.one_hot(masks, logits.shape[-1], dtype=jnp.float32)
     dice = optax.losses.dice_loss(logits, one_hot) if weights.dice else 0.0
   return weights.cross_entropy * cross_entropy + weights.dice * dice

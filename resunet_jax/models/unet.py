@@ -92,9 +92,11 @@ def matched_width_scale(config: ModelConfig, target: int, in_channels: int = 3, 
       low = middle
     else:
       high = middle
-  candidates = {round(scale, 3) for scale in (low, high)}
-  best = min(candidates, key=lambda s: abs(param_count(config.replace(width_scale=s), in_channels) - target))
-  found = param_count(config.replace(width_scale=best), in_channels)
+  counts = {
+    scale: param_count(config.replace(width_scale=scale), in_channels) for scale in {round(low, 3), round(high, 3)}
+  }
+  best = min(counts, key=lambda scale: abs(counts[scale] - target))
+  found = counts[best]
   if abs(found - target) > tolerance * target:
     raise ValueError(
       f'no width_scale gives {target:,} parameters within {tolerance:.0%}: the nearest, {best}, gives {found:,}'
