@@ -5,7 +5,8 @@ r"""Exports a trained run as a deployable artefact (resunet_jax/export.py): Stab
 
 DIR gets the model file (model.stablehlo | model.onnx), its model card model.json and, for
 StableHLO, load.py (runs it with jax and numpy only). StableHLO takes any batch, height and
-width; ONNX any batch at a fixed tile (`--tile`, default the training image size). Both take
+width; ONNX any batch at a fixed tile (`--tile`, default the training size: data.patch_size, else
+data.image_size). Both take
 float32 [N, H, W, 3] pixel values in 0..255 and return (logits, probabilities).
 `python experiments/predict.py --exported=DIR --input=...` predicts with an artefact.
 """
@@ -19,7 +20,9 @@ _FORMAT = flags.DEFINE_string('format', 'stablehlo', f'One of {", ".join(export.
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the artefact.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (validation Dice), 'latest' or a step.")
 _MEMBER = flags.DEFINE_integer('member', 0, 'Population member (0 for an ordinary run).')
-_TILE = flags.DEFINE_integer('tile', None, 'ONNX: the fixed height and width; default the training image size.')
+_TILE = flags.DEFINE_integer(
+  'tile', None, 'ONNX: the fixed side of each axis; default the training size (data.patch_size, else data.image_size).'
+)
 _PRUNE = flags.DEFINE_integer(
   'prune_level', None, 'A deeply supervised UNet++: export its sub-network of this depth (models.prune).'
 )

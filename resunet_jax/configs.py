@@ -174,6 +174,7 @@ ADDED_KEYS = {
     'evaluation': 'resize',
     'folder_layout': None,
     'folder_hint': '',
+    'spacing': None,
   },
 }
 

@@ -252,7 +252,8 @@ def export_run(
     fmt: 'stablehlo' or 'onnx'.
     checkpoint: 'best', 'latest' or a step.
     member: the population member.
-    tile: ONNX only: the fixed height and width (default the training image size).
+    tile: ONNX only: the fixed side of every spatial axis (default predict.py's: data.patch_size,
+      else data.image_size).
     prune_level: a deeply supervised UNet++: export its sub-network of this depth (the card's
       model is that network).
     command: the command line, for the model card.
@@ -273,8 +274,8 @@ def export_run(
     loaded.variables,
     output,
     fmt=fmt,
-    normalization=normalization_lib.of_config(data, data.channels),
-    tile=int(tile or data.image_size),
+    normalization=normalization_lib.of_config(data, data.channels, loaded.model.config.spatial_dims),
+    tile=int(tile or data.get('patch_size') or data.image_size),  # predict.py's default tile
     scales=loaded.state.scales,
     preset=loaded.config.get('preset'),
     label_map=data.get('label_map'),
@@ -362,8 +363,8 @@ class Exported:
       if not isinstance(rule, dict):
         return normalization_lib.fixed(self.card['mean'], self.card['std'], channels)
       if rule['kind'] == 'fixed':
-        return normalization_lib.fixed(rule['mean'], rule['std'], channels)
-      return normalization_lib.from_stats(rule['kind'], channels, rule)
+        return normalization_lib.fixed(rule['mean'], rule['std'], channels, self.spatial_dims)
+      return normalization_lib.from_stats(rule['kind'], channels, rule, self.spatial_dims)
     except (DataError, KeyError, TypeError) as e:
       raise UserError(
         f'{self.directory / CARD}: its normalisation cannot be read ({e}); export the run again'

@@ -19,7 +19,7 @@ from scipy import ndimage, spatial
 
 
 def predict(logits: jax.Array) -> jax.Array:
-  """Class ids `[B, H, W]` int32 from logits `[B, H, W, C]` (C = 1: sigmoid > 0.5)."""
+  """Class ids `[B, *spatial]` int32 from logits `[B, *spatial, C]` (C = 1: sigmoid > 0.5)."""
   if logits.shape[-1] == 1:
     return (logits[..., 0] > 0).astype(jnp.int32)
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -31,10 +31,10 @@ def confusion(
   """Per-image, per-class counts (jax arrays in a jitted step; numpy in, numpy out on the host).
 
   Args:
-    predictions: `[B, H, W]` class ids.
-    masks: `[B, H, W]` class ids.
+    predictions: `[B, H, W]` class ids (volumes: `[B, D, H, W]`).
+    masks: class ids, shaped as `predictions`.
     num_outputs: the model's output channels (1 = binary, foreground is class 1).
-    weights: None, or `[B, H, W]` in {0, 1}: pixels of weight 0 (a patch's padding) are not counted.
+    weights: None, or `[B, *spatial]` in {0, 1}: pixels of weight 0 (a patch's padding) are not counted.
 
   Returns:
     `tp`, `fp`, `fn`: `[B, K]` float32 (K = 1 for binary, else num_outputs); `correct`: `[B]`
@@ -44,7 +44,7 @@ def confusion(
   classes = xp.array([1]) if num_outputs == 1 else xp.arange(num_outputs)
   pred = predictions[..., None] == classes
   true = masks[..., None] == classes
-  axes = (1, 2)
+  axes = tuple(range(1, predictions.ndim))
   if weights is not None:
     counted = weights > 0
     pred, true = pred & counted[..., None], true & counted[..., None]
@@ -93,7 +93,7 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 
 def boundary_f1(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
-  """Boundary F1 of two binary masks: boundary pixels matched within `tolerance` pixels.
+  """Boundary F1 of two binary masks (2D or 3D): boundary pixels matched within `tolerance` pixels.
 
   Precision is the fraction of predicted boundary pixels within `tolerance` (Euclidean) of a
   true boundary pixel; recall the converse (Csurka et al., BMVC 2013).
@@ -106,7 +106,7 @@ def boundary_f1(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.
   # Within `tolerance` of an edge pixel is inside the edge dilated by a disk of that radius: boolean
   # images instead of float64 distance maps (a 4096x4096 image scores in bounded memory).
   reach = np.arange(-int(tolerance), int(tolerance) + 1)
-  disk = reach[:, None] ** 2 + reach[None, :] ** 2 <= tolerance**2
+  disk = sum(np.meshgrid(*[reach**2] * prediction.ndim, indexing='ij')) <= tolerance**2  # a ball in 3D
   precision = float(ndimage.binary_dilation(true_edge, disk)[pred_edge].mean())
   recall = float(ndimage.binary_dilation(pred_edge, disk)[true_edge].mean())
   return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
@@ -190,9 +190,21 @@ def surface_dice(prediction: np.ndarray, truth: np.ndarray, tolerance: float, sp
   return float(within / (pred_size.sum() + true_size.sum()))
 
 
-def boundary_scores(predictions: np.ndarray, masks: np.ndarray, num_outputs: int, tolerance: float = 2.0) -> dict:
-  """Per-image boundary F1 and HD95 `[B]` each, classes averaged (foreground for binary)."""
+def boundary_scores(
+  predictions: np.ndarray, masks: np.ndarray, num_outputs: int, tolerance: float = 2.0, spacing=None
+) -> dict:
+  """Per-image boundary F1 and HD95 `[B]` each, classes averaged (foreground for binary).
+
+  With `spacing` (volumes: `[B, 3]`, one voxel size per image) HD95 is in those units and
+  `surface_dice` at `tolerance` in the same units is added; boundary F1 stays in voxels.
+  """
   classes = [1] if num_outputs == 1 else range(num_outputs)
-  f1 = [[boundary_f1(p == c, m == c, tolerance) for c in classes] for p, m in zip(predictions, masks, strict=True)]
-  hd = [[hd95(p == c, m == c) for c in classes] for p, m in zip(predictions, masks, strict=True)]
-  return {'boundary_f1': np.mean(f1, -1), 'hd95': np.mean(hd, -1)}
+  pairs = list(zip(predictions, masks, strict=True))
+  sizes = [None] * len(pairs) if spacing is None else list(spacing)
+  f1 = [[boundary_f1(p == c, m == c, tolerance) for c in classes] for p, m in pairs]
+  hd = [[hd95(p == c, m == c, s) for c in classes] for (p, m), s in zip(pairs, sizes, strict=True)]
+  scores = {'boundary_f1': np.mean(f1, -1), 'hd95': np.mean(hd, -1)}
+  if spacing is not None:
+    sd = [[surface_dice(p == c, m == c, tolerance, s) for c in classes] for (p, m), s in zip(pairs, sizes, strict=True)]
+    scores['surface_dice'] = np.mean(sd, -1)
+  return scores

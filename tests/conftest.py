@@ -31,7 +31,12 @@ import pytest  # noqa: E402
 
 from resunet_jax import data  # noqa: E402
 
-SMALL = ('synthetic_roads/small', 'synthetic_cells/small', 'synthetic_cells/three_class_small')
+SMALL = (
+  'synthetic_roads/small',
+  'synthetic_cells/small',
+  'synthetic_cells/three_class_small',
+  'synthetic_vessels/small',
+)
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,11 +1,12 @@
 """Datasets and the input pipeline.
 
 Importing this package registers the embedded TFDS builders (`synthetic_roads`,
-`synthetic_cells`), so `tfds.data_source('synthetic_roads', split='validation')` works once
-they are built (`sources.prepare_embedded`, or any pipeline over them, builds them).
+`synthetic_cells`, and the volumes of `synthetic_vessels`), so
+`tfds.data_source('synthetic_roads', split='validation')` works once they are built
+(`sources.prepare_embedded`, or any pipeline over them, builds them).
 """
 
-from resunet_jax.data import builders, normalization, sources, transforms
+from resunet_jax.data import builders, normalization, sources, transforms, volumes
 from resunet_jax.data.pipeline import (
   BATCH_KEYS,
   DatasetInfo,
@@ -32,4 +33,5 @@ __all__ = [
   'sources',
   'to_global',
   'transforms',
+  'volumes',
 ]

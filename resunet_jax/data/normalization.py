@@ -9,7 +9,7 @@ et al., Nature Methods 2021, with statistics of every pixel where nnU-Net uses f
 - 'percentile': `x` clipped to the training split's 0.5 and 99.5 percentiles of channel `c`, then
   z-scored with the clipped values' mean and std.
 - 'per_image': each model input z-scored per channel over its own pixels (a training crop, an
-  evaluation image, a prediction tile).
+  evaluation image, a prediction tile; over its voxels for a volume).
 
 The dataset statistics are computed once (with a progress bar), cached beside the data, written
 into the run's config (`data.stats`) and read from there by evaluation, prediction and export,
@@ -42,7 +42,8 @@ _TINY = 1e-8  # 'per_image': the std floor of a constant input (a crop of a unif
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-  """A normalisation rule with its numbers; calling it maps pixels `[..., H, W, C]` to model inputs.
+  """A normalisation rule with its numbers; calling it maps pixels `[..., H, W, C]` (volumes
+  `[..., D, H, W, C]`) to model inputs.
 
   Attributes:
     kind: one of `KINDS`.
@@ -50,6 +51,7 @@ class Normalization:
     mean, std: per channel; 'fixed': on the [0, 1] scale; 'dataset_zscore' and 'percentile': in
       pixel values; 'per_image': empty.
     low, high: 'percentile' only: the clipping bounds per channel, in pixel values.
+    spatial_dims: 2 for images, 3 for volumes: the axes 'per_image' takes its statistics over.
   """
 
   kind: str
@@ -58,14 +60,16 @@ class Normalization:
   std: tuple[float, ...] = ()
   low: tuple[float, ...] = ()
   high: tuple[float, ...] = ()
+  spatial_dims: int = 2
 
   def __call__(self, image, xp: Any = np):
-    """float32 model inputs of `image` (uint8 or float, `[..., H, W, C]`); `xp` is `numpy` or
-    `jax.numpy` (traceable: an exported model normalises inside)."""
+    """float32 model inputs of `image` (uint8 or float, `[..., H, W, C]` or `[..., D, H, W, C]`);
+    `xp` is `numpy` or `jax.numpy` (traceable: an exported model normalises inside)."""
     if self.kind == 'per_image':
       image = image.astype(xp.float32)
-      mean = image.mean(axis=(-3, -2), keepdims=True)
-      std = xp.maximum(image.std(axis=(-3, -2), keepdims=True), _TINY)
+      spatial = tuple(range(-1 - self.spatial_dims, -1))
+      mean = image.mean(axis=spatial, keepdims=True)
+      std = xp.maximum(image.std(axis=spatial, keepdims=True), _TINY)
       return (image - mean) / std
     mean, std = xp.asarray(self.mean, xp.float32), xp.asarray(self.std, xp.float32)
     if self.kind == 'fixed':
@@ -83,7 +87,7 @@ class Normalization:
   def neutral(self, image: np.ndarray) -> np.ndarray:
     """Per channel, the pixel value that becomes 0 (the padding of an image smaller than a tile)."""
     if self.kind == 'per_image':
-      return np.asarray(image, np.float32).mean(axis=(0, 1))
+      return np.asarray(image, np.float32).mean(axis=tuple(range(self.spatial_dims)))
     return self._scale_shift()[1]
 
   def unnormalise(self, inputs: np.ndarray) -> np.ndarray:
@@ -118,7 +122,7 @@ def check_kind(kind: str) -> None:
     raise DataError(f"data.normalization='{kind}' is unknown{suggest(kind, KINDS)}; choose one of {', '.join(KINDS)}")
 
 
-def fixed(mean: Sequence[float], std: Sequence[float], channels: int) -> Normalization:
+def fixed(mean: Sequence[float], std: Sequence[float], channels: int, spatial_dims: int = 2) -> Normalization:
   """The 'fixed' rule for `channels`: `data.mean` and `data.std` have one value per channel, or
   equal values (the defaults) that apply to any channel count."""
   mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -130,13 +134,16 @@ def fixed(mean: Sequence[float], std: Sequence[float], channels: int) -> Normali
       )
   if min(std) <= 0:
     raise DataError(f'data.std {std} must be positive')
-  return Normalization('fixed', channels, (mean * channels)[:channels], (std * channels)[:channels])
+  return Normalization(
+    'fixed', channels, (mean * channels)[:channels], (std * channels)[:channels], spatial_dims=spatial_dims
+  )
 
 
-def from_stats(kind: str, channels: int, stats: dict | None) -> Normalization:
-  """A dataset rule from its recorded numbers (`data.stats`, as computed by `compute`)."""
+def from_stats(kind: str, channels: int, stats: dict | None, spatial_dims: int = 2) -> Normalization:
+  """A dataset rule from its recorded numbers (`data.stats`, as computed by `compute`); 'per_image'
+  over `spatial_dims` axes."""
   if kind == 'per_image':
-    return Normalization(kind, channels)
+    return Normalization(kind, channels, spatial_dims=spatial_dims)
   if not stats:
     raise DataError(f"data.normalization='{kind}' has no statistics (data.stats); train the run again to compute them")
   try:
@@ -150,16 +157,18 @@ def from_stats(kind: str, channels: int, stats: dict | None) -> Normalization:
     raise DataError(f'data.stats std {values["std"]} must be positive')
   if kind == 'percentile' and not {'low', 'high'} <= set(values):
     raise DataError("data.stats has no percentile bounds (low, high) for data.normalization='percentile'")
-  return Normalization(kind, channels, values['mean'], values['std'], values.get('low', ()), values.get('high', ()))
+  low, high = values.get('low', ()), values.get('high', ())
+  return Normalization(kind, channels, values['mean'], values['std'], low, high, spatial_dims)
 
 
-def of_config(config: Any, channels: int) -> Normalization:
-  """The rule of a data config section whose statistics are recorded (a run's config)."""
+def of_config(config: Any, channels: int, spatial_dims: int = 2) -> Normalization:
+  """The rule of a data config section whose statistics are recorded (a run's config), for images
+  (`spatial_dims` 2) or volumes (3)."""
   kind = config.get('normalization') or 'fixed'
   check_kind(kind)
   if kind == 'fixed':
-    return fixed(config.mean, config.std, channels)
-  return from_stats(kind, channels, config.get('stats'))
+    return fixed(config.mean, config.std, channels, spatial_dims)
+  return from_stats(kind, channels, config.get('stats'), spatial_dims)
 
 
 def compute(kind: str, source: Sequence, *, desc: str = 'normalisation statistics', show: bool = True) -> dict:

@@ -35,9 +35,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.name = 'synthetic_roads'  # a TFDS name ('synthetic_cells/three_class_default', ...) or 'folder'
   c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR or the default
   c.image_size = 128  # square side the pipeline produces (evaluation; training too without patch_size)
-  # Training patches at the images' own scale, `patch_size` square (None: random crops resized to
-  # image_size); `foreground_oversampling` of them hold foreground (nnU-Net's 1/3)
+  # Training patches at the images' own scale, `patch_size` square (a cube for volumes, which need it;
+  # None: random crops resized to image_size); `foreground_oversampling` of them hold foreground (nnU-Net's 1/3)
   c.patch_size = config_dict.placeholder(int)
+  c.spacing = config_dict.placeholder(tuple)  # volumes: voxel size (d, h, w) for every volume; None: each file's
   c.foreground_oversampling = 1 / 3
   # 'resize': evaluation images resized to image_size; 'whole': scored at their own size through a
   # Gaussian sliding window of patch_size (else image_size) tiles (resunet_jax.training.evaluation)
@@ -82,16 +83,24 @@ class DatasetInfo:
   Attributes:
     name: dataset name.
     num_classes: classes in the masks, background included (2 for binary).
-    image_shape: `(H, W, C)` of the images the pipeline yields.
+    image_shape: `(H, W, C)` of the images the pipeline yields (volumes: `(D, H, W, C)` of a patch).
     split_sizes: examples per split role.
     normalization: the rule and statistics that make pixels model inputs.
+    spacing: volumes: the median voxel spacing `(d, h, w)` of the training split (what
+      `models.pool_strides_for_spacing` reads); None for images.
   """
 
   name: str
   num_classes: int
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int, ...]
   split_sizes: Mapping[str, int]
   normalization: normalization_lib.Normalization
+  spacing: tuple[float, ...] | None = None
+
+  @property
+  def spatial_dims(self) -> int:
+    """2 for images, 3 for volumes."""
+    return len(self.image_shape) - 1
 
   @property
   def model_outputs(self) -> int:
@@ -109,25 +118,44 @@ def dataset_info(config: Any, roles: Sequence[str] = sources.SPLIT_ROLES) -> Dat
   }
   train[0]  # noqa: B018 (its checks: a wrong depth or channel count fails here, before training)
   norm = resolve_normalization(config, train)
-  shape = (config.image_size, config.image_size, train.channels)
   sizes = {role: len(source) for role, source in opened.items()}
+  if train.spatial_dims == 3:
+    check_volume_config(config)
+    spacing = tuple(float(v) for v in np.median([train[i]['spacing'] for i in range(len(train))], 0))
+    shape = (config.patch_size,) * 3 + (train.channels,)
+    return DatasetInfo(config.name, sources.num_classes(config), shape, sizes, norm, spacing)
+  shape = (config.image_size, config.image_size, train.channels)
   return DatasetInfo(config.name, sources.num_classes(config), shape, sizes, norm)
 
 
+def check_volume_config(config: Any) -> None:
+  """One-line errors for the data settings volumes cannot take: volumes train on patches at their
+  own scale and are scored whole (nothing resizes a volume), and the elastic deformation is 2-D."""
+  if not config.get('patch_size'):
+    raise DataError('volumes train on patches at their own scale: set data.patch_size (a cube side, e.g. 32)')
+  if (config.get('evaluation') or 'resize') != 'whole':
+    raise DataError("volumes are scored at their own size: set data.evaluation='whole' (a 3-D sliding window)")
+  if config.augment.elastic_prob > 0:
+    raise DataError('data.augment.elastic_prob: the elastic deformation is 2-D; set it to 0 for volumes')
+
+
 def resolve_normalization(
-  config: Any, train: sources.SegmentationSource | None = None
+  config: Any, train: sources.SegmentationSource | None = None, spatial_dims: int | None = None
 ) -> normalization_lib.Normalization:
   """The normalisation of the data config: its recorded statistics (`data.stats`), else the
-  training split's, computed once and cached beside the data (`normalization.cached`)."""
+  training split's, computed once and cached beside the data (`normalization.cached`); for
+  images or volumes as `spatial_dims` says (None: the training split's)."""
   kind = config.get('normalization') or 'fixed'
   normalization_lib.check_kind(kind)
   if kind in ('fixed', 'per_image') or config.get('stats'):
-    channels = config.get('channels') or (train or sources.open_split(config, 'train')).channels
-    return normalization_lib.of_config(config, channels)
+    if not config.get('channels') or (spatial_dims is None and kind == 'per_image'):
+      train = train or sources.open_split(config, 'train')
+    channels = config.get('channels') or train.channels
+    return normalization_lib.of_config(config, channels, spatial_dims or (train.spatial_dims if train else 2))
   train = train or sources.open_split(config, 'train')
   directory, fingerprint = train.cache
   stats = normalization_lib.cached(kind, train, directory, fingerprint, show=jax.process_index() == 0)
-  return normalization_lib.from_stats(kind, train.channels, stats)
+  return normalization_lib.from_stats(kind, train.channels, stats, train.spatial_dims)
 
 
 class _Shard(Sequence):
@@ -194,6 +222,8 @@ def make_pipeline(
   index = jax.process_index() if shard_index is None else shard_index
   count = jax.process_count() if shard_count is None else shard_count
   source = sources.open_split(config, role)
+  if source.spatial_dims == 3:
+    check_volume_config(config)
   if train:
     indices, valid = shard(len(source), index, count)
     if len(indices) < batch_size:
@@ -218,9 +248,12 @@ def make_pipeline(
     if aug.elastic_prob > 0:
       ds = ds.random_map(transforms.RandomElastic(aug.elastic_grid, aug.elastic_sigma, aug.elastic_prob))
     ds = ds.random_map(transforms.RandomColor(aug.brightness, aug.contrast, aug.gamma))
+  elif source.spatial_dims == 3:
+    raise DataError('volumes are scored whole, never batched resized: evaluate with training.evaluation.evaluate_whole')
   else:
     ds = ds.map(transforms.Resize(size))
-  ds = ds.map(transforms.Normalize(resolve_normalization(config, source if role == 'train' else None)))
+  norm = resolve_normalization(config, source if role == 'train' else None, source.spatial_dims)
+  ds = ds.map(transforms.Normalize(norm))
   ds = ds.batch(batch_size, drop_remainder=train)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
   if config.num_workers > 0:

@@ -2,8 +2,11 @@
 
 Every source yields the same record, whatever the dataset: `image` `[H, W, C]` (uint8 as
 stored, other pixels as float32; `C` is `data.channels`, the same for every image), `mask`
-uint8 `[H, W]` of class ids, `id` str. Mask values are mapped through `data.label_map`;
-a value the map does not name is an error, never a silent class.
+uint8 `[H, W]` of class ids, `id` str. A volume dataset (`spatial_dims` 3: `synthetic_vessels`,
+a folder of NIfTI files or TIFF stacks) yields `image` `[D, H, W, C]`, `mask` `[D, H, W]` and
+`spacing` float32 `[3]`, the voxel size along D, H, W (`data.spacing`, else the file's own).
+Mask values are mapped through `data.label_map`; a value the map does not name is an error,
+never a silent class.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import tensorflow_datasets as tfds
 import tifffile
 from PIL import Image
 
-from resunet_jax.data import builders
+from resunet_jax.data import builders, volumes
 from resunet_jax.errors import DataError, suggest
 
 SPLIT_ROLES = ('train', 'validation', 'test')
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', *volumes.NIFTI_SUFFIXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +42,15 @@ class TfdsDefaults:
   )
 
 
-EMBEDDED = {'synthetic_roads': builders.SyntheticRoads, 'synthetic_cells': builders.SyntheticCells}
+EMBEDDED = {
+  'synthetic_roads': builders.SyntheticRoads,
+  'synthetic_cells': builders.SyntheticCells,
+  'synthetic_vessels': builders.SyntheticVessels,
+}
 KNOWN_TFDS: dict[str, TfdsDefaults] = {
   'synthetic_roads': TfdsDefaults(),
   'synthetic_cells': TfdsDefaults(),
+  'synthetic_vessels': TfdsDefaults(),
   # Trimap: 1 pet, 2 background, 3 border (Parkhi et al., CVPR 2012); background becomes 0.
   'oxford_iiit_pet': TfdsDefaults(
     mask_key='segmentation_mask',
@@ -97,6 +105,8 @@ class SegmentationSource(Sequence):
     channels: the channel count every image is checked to have; None: unchecked.
     eight_bit: images must be uint8 (`check_image`).
     varying: no image channel may be constant (`check_image`).
+    spatial_dims: 2 for images, 3 for volumes.
+    spacing: volumes: the voxel spacing every record gets (`data.spacing`); None: the record's own.
   """
 
   def __init__(
@@ -110,15 +120,31 @@ class SegmentationSource(Sequence):
     eight_bit: bool = False,
     varying: bool = False,
     cache: Callable[[], tuple[pathlib.Path, str]] | None = None,
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
   ):
     self._base, self.name = base, name
     self._image_key, self._mask_key, self._lut = image_key, mask_key, lut
     self.channels, self.eight_bit, self.varying, self._cache = channels, eight_bit, varying, cache
+    self.spatial_dims, self.spacing = spatial_dims, spacing
 
-  def checked(self, channels: int | None, eight_bit: bool, varying: bool = False) -> SegmentationSource:
-    """The same records, each image checked by `check_image` with these arguments."""
+  def checked(
+    self, channels: int | None, eight_bit: bool, varying: bool = False, spacing: Sequence[float] | None = None
+  ) -> SegmentationSource:
+    """The same records, each image checked by `check_image` with these arguments (and volumes
+    given `spacing`, when not None)."""
     return SegmentationSource(
-      self._base, self.name, self._image_key, self._mask_key, self._lut, channels, eight_bit, varying, self._cache
+      self._base,
+      self.name,
+      self._image_key,
+      self._mask_key,
+      self._lut,
+      channels,
+      eight_bit,
+      varying,
+      self._cache,
+      self.spatial_dims,
+      spacing if spacing is not None else self.spacing,
     )
 
   @property
@@ -140,14 +166,24 @@ class SegmentationSource(Sequence):
     record_id = record.get('id', record.get('file_name', str(index)))
     record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
     where = f'{self.name} {record_id}'
-    image = check_image(image, where, channels=self.channels, eight_bit=self.eight_bit, varying=self.varying)
-    return {'image': image, 'mask': self._map(mask, record_id), 'id': record_id}
+    image = check_image(
+      image,
+      where,
+      channels=self.channels,
+      eight_bit=self.eight_bit,
+      varying=self.varying,
+      spatial_dims=self.spatial_dims,
+    )
+    out = {'image': image, 'mask': self._map(mask, record_id), 'id': record_id}
+    if self.spatial_dims == 3:
+      out['spacing'] = check_spacing(self.spacing if self.spacing is not None else record.get('spacing'), where)
+    return out
 
   def _map(self, mask: np.ndarray, record_id: str) -> np.ndarray:
     mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[-1] == 1:
+    if mask.ndim == self.spatial_dims + 1 and mask.shape[-1] == 1:
       mask = mask[..., 0]
-    if mask.ndim != 2:
+    if mask.ndim != self.spatial_dims:
       raise DataError(f'{self.name} {record_id}: mask has shape {mask.shape}; masks are single-channel class ids')
     if mask.dtype != np.uint8:
       if mask.min() < 0 or mask.max() > 255:
@@ -169,17 +205,38 @@ INTEGER_DTYPES = ('uint8', 'int8', 'uint16', 'int16')  # exact in float32, as al
 FLOAT_DTYPES = ('float16', 'float32', 'float64')
 
 
+def check_spacing(spacing, where: str) -> np.ndarray:
+  """A volume's voxel spacing as float32 `[3]`, or a one-line error where it is missing or invalid."""
+  if spacing is None:
+    raise DataError(
+      f'{where}: the volume records no voxel spacing, which pooling and the distance metrics need; '
+      'set --config.data.spacing="(d, h, w)" (the voxel size along each axis)'
+    )
+  values = np.asarray(spacing, np.float32).reshape(-1)
+  if values.shape != (3,) or not (np.isfinite(values).all() and (values > 0).all()):
+    raise DataError(f'{where}: voxel spacing {list(np.ravel(spacing))} must be 3 positive sizes (d, h, w)')
+  return values
+
+
 def check_image(
-  image: np.ndarray, where: str, *, channels: int | None = None, eight_bit: bool = False, varying: bool = False
+  image: np.ndarray,
+  where: str,
+  *,
+  channels: int | None = None,
+  eight_bit: bool = False,
+  varying: bool = False,
+  spatial_dims: int = 2,
 ) -> np.ndarray:
   """An image as the pipeline takes it: uint8 `[H, W, C]` kept, any other pixels float32.
 
   Args:
-    image: `[H, W]` or `[H, W, C]` of 8- or 16-bit integers or floats.
+    image: `[H, W]` or `[H, W, C]` of 8- or 16-bit integers or floats; with `spatial_dims=3` a
+      volume `[D, H, W]` or `[D, H, W, C]`.
     where: the file or record, for messages.
     channels: the channel count every image must have (`data.channels`); None: any.
     eight_bit: only uint8 pixels ('fixed' normalisation divides by 255: wider pixels would saturate).
     varying: every channel must take more than one value ('per_image' divides by the image's std).
+    spatial_dims: 2 for images, 3 for volumes.
 
   Raises:
     DataError: another shape, dtype or channel count, non-finite values, wide pixels where
@@ -187,9 +244,14 @@ def check_image(
       (no channel repeated, added or dropped).
   """
   image = np.asarray(image)
-  if image.ndim == 2:
+  if image.ndim == spatial_dims:
     image = image[..., None]
-  if image.ndim != 3:
+  if image.ndim != spatial_dims + 1:
+    if spatial_dims == 3:
+      raise DataError(
+        f'{where}: image shape {image.shape} is not a volume [D, H, W] or [D, H, W, channels]; '
+        'this dataset and its 3-D model take volumes (a 2-D image needs a 2-D model: model.spatial_dims=2)'
+      )
     raise DataError(f'{where}: image shape {image.shape}; expected [H, W] or [H, W, channels]')
   if image.dtype.name not in INTEGER_DTYPES + FLOAT_DTYPES:
     raise DataError(
@@ -200,7 +262,8 @@ def check_image(
       f'{where}: image has {image.shape[-1]} channels but data.channels is {channels}; every image needs the '
       f'same channel count (set --config.data.channels={image.shape[-1]} if all have {image.shape[-1]})'
     )
-  if varying and (flat := np.flatnonzero(image.min((0, 1)) == image.max((0, 1)))).size:
+  spatial = tuple(range(spatial_dims))
+  if varying and (flat := np.flatnonzero(image.min(spatial) == image.max(spatial))).size:
     raise DataError(
       f"{where}: channel {int(flat[0])} is constant; data.normalization='per_image' cannot scale it: "
       'remove the image or use dataset_zscore'
@@ -220,13 +283,19 @@ def check_image(
 
 
 def fit_channels(
-  image: np.ndarray, channels: int, where: str, *, eight_bit: bool = False, varying: bool = False
+  image: np.ndarray,
+  channels: int,
+  where: str,
+  *,
+  eight_bit: bool = False,
+  varying: bool = False,
+  spatial_dims: int = 2,
 ) -> tuple[np.ndarray, str | None]:
   """`image` (checked as `check_image` does) for a model of `channels` inputs, and a note when
   converted: an 8-bit grey image is repeated and an 8-bit RGBA image loses its alpha for a
   3-channel (RGB) model; any other mismatch is an error (prediction reads photos this way,
   training never converts)."""
-  image = check_image(image, where, eight_bit=eight_bit, varying=varying)
+  image = check_image(image, where, eight_bit=eight_bit, varying=varying, spatial_dims=spatial_dims)
   have = image.shape[-1]
   if have == channels:
     return image, None
@@ -276,11 +345,17 @@ def open_tfds(config: Any, role: str) -> SegmentationSource:
   def cache() -> tuple[pathlib.Path, str]:  # the prepared dataset's versioned folder
     return pathlib.Path(tfds.builder(name, data_dir=directory).data_dir), f'{name}|{split}|{image_key}'
 
-  return SegmentationSource(base, f'{name}[{split}]', image_key, mask_key, label_lut(label_map), cache=cache)
+  features = base.dataset_info.features  # a FeaturesDict: a mapping without .get
+  shape = features[image_key].shape if image_key in features else ()
+  spatial_dims = 3 if len(shape) == 4 else 2  # [D, H, W, C] tensors are volumes
+  return SegmentationSource(
+    base, f'{name}[{split}]', image_key, mask_key, label_lut(label_map), cache=cache, spatial_dims=spatial_dims
+  )
 
 
 def _stems(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-  return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+  files = ((volumes.split_suffix(p), p) for p in sorted(folder.iterdir()))
+  return {stem: p for (stem, suffix), p in files if suffix in IMAGE_SUFFIXES}
 
 
 def _holdout_bucket(stem: str) -> int:
@@ -289,16 +364,20 @@ def _holdout_bucket(stem: str) -> int:
 
 
 class _FolderFiles(Sequence):
-  """Pairs of image and mask files, read with Pillow."""
+  """Pairs of image and mask files, read with Pillow and tifffile (volumes: `resunet_jax.data.volumes`)."""
 
-  def __init__(self, pairs: list[tuple[str, pathlib.Path, pathlib.Path]]):
-    self.pairs = pairs
+  def __init__(self, pairs: list[tuple[str, pathlib.Path, pathlib.Path]], volume: bool = False):
+    self.pairs, self.volume = pairs, volume
 
   def __len__(self) -> int:
     return len(self.pairs)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     stem, image_path, mask_path = self.pairs[index]
+    if self.volume:
+      image = volumes.read(image_path, 'image')
+      mask = read_mask_array(volumes.read(mask_path, 'mask'), mask_path)
+      return {'image': image, 'mask': mask, 'id': stem, 'spacing': volumes.spacing_of(image_path, 'image')}
     return {'image': read_image(image_path), 'mask': read_mask(mask_path), 'id': stem}
 
 
@@ -397,6 +476,11 @@ def read_mask(path: pathlib.Path) -> np.ndarray:
     if not (mask == mask[..., :1]).all():
       raise DataError(f'mask {path} is colour ({mask.shape[-1]} differing channels); save masks as class ids')
     mask = mask[..., 0]
+  return read_mask_array(mask, path)
+
+
+def read_mask_array(mask: np.ndarray, path: pathlib.Path) -> np.ndarray:
+  """Mask values as uint8 class ids, or a one-line error for values that are not 0..255 integers."""
   if mask.dtype != np.uint8:
     if mask.min() < 0 or mask.max() > 255 or (mask != np.round(mask)).any():
       raise DataError(f'mask {path} has values {mask.min()}..{mask.max()}; masks hold class ids 0..255')
@@ -448,12 +532,21 @@ def open_folder(config: Any, role: str) -> SegmentationSource:
   if not stems:
     raise DataError(f"split '{role}' of folder dataset {root} is empty; add files or change data.holdout_percent")
   pairs = [(s, images[s], masks[s]) for s in stems]
+  volume = volumes.is_volume(pairs[0][1])  # a folder of NIfTI files or TIFF stacks holds volumes
   for stem, image_path, mask_path in pairs:  # Headers only: cheap, and fails before training.
-    image_size, mask_size = _size(image_path, 'image'), _size(mask_path, 'mask')
+    if volumes.is_volume(image_path) != volume:
+      raise DataError(
+        f'{image_path} is {"an image" if volume else "a volume"} but {pairs[0][1].name} is '
+        f'{"a volume" if volume else "an image"}; a folder dataset holds images or volumes, not both'
+      )
+    if volume:
+      image_size, mask_size = volumes.shape_of(image_path, 'image'), volumes.shape_of(mask_path, 'mask')
+    else:
+      image_size, mask_size = _size(image_path, 'image'), _size(mask_path, 'mask')
     if image_size != mask_size:
       raise DataError(
-        f'{stem}: image {image_path.name} is {image_size[0]}x{image_size[1]} but mask {mask_path.name} is '
-        f'{mask_size[0]}x{mask_size[1]}; they must match'
+        f'{stem}: image {image_path.name} is {"x".join(map(str, image_size))} but mask {mask_path.name} is '
+        f'{"x".join(map(str, mask_size))}; they must match'
       )
   label_map = config.get('label_map') or {0: 0, 255: 1}
 
@@ -462,7 +555,10 @@ def open_folder(config: Any, role: str) -> SegmentationSource:
     return root, f'{role}|' + hashlib.sha256(repr(files).encode()).hexdigest()
 
   name = f'folder {root} [{role}]'
-  return SegmentationSource(_FolderFiles(pairs), name, 'image', 'mask', label_lut(label_map), cache=cache)
+  files = _FolderFiles(pairs, volume)
+  return SegmentationSource(
+    files, name, 'image', 'mask', label_lut(label_map), cache=cache, spatial_dims=3 if volume else 2
+  )
 
 
 def open_split(config: Any, role: str, *, channels: int | None = None) -> SegmentationSource:
@@ -470,9 +566,15 @@ def open_split(config: Any, role: str, *, channels: int | None = None) -> Segmen
   checked for `channels` (default `data.channels`, else the first training image's) and, under
   'fixed' normalisation, for 8-bit pixels, under 'per_image' for channels that vary."""
   source = (open_folder if config.name == 'folder' else open_tfds)(config, role)
+  spacing = config.get('spacing')
+  if spacing is not None:
+    spacing = tuple(check_spacing(spacing, 'data.spacing').tolist())
+    if source.spatial_dims != 3:
+      raise DataError(f'data.spacing={list(spacing)} is for volumes; {source.name} holds 2-D images: unset it')
+    source.spacing = spacing
   channels = channels or config.get('channels') or image_channels(config, source if role == 'train' else None)
   kind = config.get('normalization') or 'fixed'
-  return source.checked(channels, eight_bit=kind == 'fixed', varying=kind == 'per_image')
+  return source.checked(channels, eight_bit=kind == 'fixed', varying=kind == 'per_image', spacing=spacing)
 
 
 def image_channels(config: Any, train: SegmentationSource | None = None) -> int:

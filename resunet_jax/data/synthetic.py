@@ -147,3 +147,69 @@ def render_cells(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray,
   image += rng.normal(0, 7, image.shape)
   mask = np.where(boundary, 2, foreground.astype(np.uint8))
   return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)
+
+
+def smooth_noise_3d(rng: np.random.Generator, shape: tuple[int, int, int], sigma: float) -> np.ndarray:
+  """Low-frequency noise in [0, 1] of `shape`: white noise blurred by a Gaussian of `sigma`
+  voxels, rescaled to its own range."""
+  field = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), sigma, mode='wrap')
+  low, high = field.min(), field.max()
+  return ((field - low) / max(high - low, 1e-8)).astype(np.float32)
+
+
+def _walk_3d(rng: np.random.Generator, start: np.ndarray, size: int, steps: int) -> list[np.ndarray]:
+  """A smooth random walk in a cube of side `size`: a direction that drifts slowly."""
+  direction = rng.normal(0.0, 1.0, 3)
+  direction /= np.linalg.norm(direction)
+  points, position = [start.astype(np.float64)], start.astype(np.float64)
+  for _ in range(steps):
+    direction = direction + rng.normal(0.0, 0.25, 3)
+    direction /= np.linalg.norm(direction)
+    position = position + 0.75 * direction
+    if not ((position > -2) & (position < size + 2)).all():
+      break
+    points.append(position)
+  return points
+
+
+def render_vessels(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """A noisy volume holding a tree of tubes (the 3D analogue of the roads: thin, branching).
+
+  Tubes of radius 1-3.5 voxels (every volume has one of the thinnest) branch from each other
+  through a cube of side `size`; they are only slightly brighter than a background whose
+  intensity drifts smoothly across the volume, blob-shaped distractors of the tubes' intensity
+  lie among them, and Gaussian noise covers everything (as in angiography or light-sheet stacks).
+
+  Returns:
+    image `[size, size, size]` uint8 (one channel) and mask `[size, size, size]` uint8 in {0, 1}.
+  """
+  shape = (size, size, size)
+  centre = np.zeros(shape, bool)
+  radius = np.zeros(shape, np.float32)
+  trunks = []
+  for i in range(int(rng.integers(3, 6))):
+    start = rng.uniform(0, size, 3)
+    start[rng.integers(3)] = 0.0  # each trunk enters through a face
+    trunks.append((_walk_3d(rng, start, size, 4 * size), 1.0 if i == 0 else rng.uniform(1.5, 3.5)))
+  for points, width in list(trunks):  # branches leave the trunks, thinner
+    for _ in range(int(rng.integers(2, 5))):
+      if len(points) > 4:
+        origin = points[int(rng.integers(1, len(points) - 1))]
+        trunks.append((_walk_3d(rng, origin, size, 2 * size), max(1.0, width * rng.uniform(0.5, 0.8))))
+  for points, width in trunks:
+    voxels = np.rint(np.asarray(points)).astype(int)
+    voxels = voxels[((voxels >= 0) & (voxels < size)).all(1)]
+    centre[tuple(voxels.T)] = True
+    radius[tuple(voxels.T)] = np.maximum(radius[tuple(voxels.T)], width)
+  distance, nearest = ndimage.distance_transform_edt(~centre, return_indices=True)
+  mask = distance <= radius[tuple(nearest)]
+
+  blobs = np.zeros(shape, bool)  # distractors: compact blobs in the tubes' intensity
+  grid = np.indices(shape, dtype=np.float32)
+  for _ in range(int(rng.integers(3, 7))):
+    at = rng.uniform(0, size, 3)[:, None, None, None]
+    blobs |= (((grid - at) / rng.uniform(1.5, 4.0, 3)[:, None, None, None]) ** 2).sum(0) < 1
+  background = 0.30 + 0.25 * smooth_noise_3d(rng, shape, size / 6)
+  image = background + 0.12 * mask + 0.12 * (blobs & ~mask)
+  image = ndimage.gaussian_filter(image, 0.6) + rng.normal(0.0, 0.05, shape)
+  return np.clip(image * 255, 0, 255).astype(np.uint8), mask.astype(np.uint8)

@@ -1,4 +1,5 @@
-"""Grain transforms on `{'image' [H, W, C] uint8 or float32, 'mask' uint8 [H, W], ...}` records.
+"""Grain transforms on `{'image' [H, W, C] uint8 or float32, 'mask' uint8 [H, W], ...}` records
+(patches, flips and colour also on volumes: image `[D, H, W, C]`, mask `[D, H, W]`).
 
 Geometric transforms move image and mask together (image resampled bilinearly, mask by
 nearest neighbour, so class ids stay class ids); photometric ones touch the image only.
@@ -77,15 +78,15 @@ class RandomResizedCrop(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class RandomPatch(grain.transforms.RandomMap):
-  """A `size` x `size` patch at the image's own scale, nothing resized (patch training at native
-  resolution, as nnU-Net's sampler: Isensee et al., Nature Methods 2021).
+  """A `size` x `size` patch (a `size` cube of a volume) at the image's own scale, nothing resized
+  (patch training at native resolution, as nnU-Net's sampler: Isensee et al., Nature Methods 2021).
 
   With probability `foreground` the patch is made to hold foreground: a pixel of a class other
   than 0 is drawn uniformly from the mask and the patch placed uniformly among those that contain
   it (nnU-Net oversamples a third of its patches so); otherwise, or when the mask has no
   foreground, the patch is placed uniformly. Image and mask must have the same size. A side
   shorter than `size` is padded first (image by its edge pixels, mask by 0), and the element gains
-  `weight`, uint8 `[size, size]`: 1 on the image's pixels, 0 on the padding, which `Normalize`
+  `weight`, uint8 of the patch's shape: 1 on the image's pixels, 0 on the padding, which `Normalize`
   sets to 0 and the loss and training metrics leave out (nnU-Net pads so and ignores the padding).
   """
 
@@ -94,38 +95,42 @@ class RandomPatch(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     image, mask = element['image'], element['mask']
-    height, width = image.shape[:2]
-    if mask.shape != (height, width):
-      raise DataError(
-        f'{element["id"]}: mask {mask.shape} and image {(height, width)} differ; patches need equal sizes'
-      )
+    spatial = image.shape[: mask.ndim]
+    if mask.shape != spatial or image.ndim != mask.ndim + 1:
+      raise DataError(f'{element["id"]}: mask {mask.shape} and image {spatial} differ; patches need equal sizes')
+    patch = (self.size,) * mask.ndim
     weight = None  # padding: 1 on the image's pixels, 0 on the padding
-    if min(height, width) < self.size:
-      pads = [(0, max(0, self.size - height)), (0, max(0, self.size - width))]
-      image = np.pad(image, pads + [(0, 0)] * (image.ndim - 2), mode='edge')
-      mask, weight = np.pad(mask, pads), np.pad(np.ones((height, width), np.uint8), pads)
-      height, width = mask.shape
+    if min(spatial) < self.size:
+      pads = [(0, max(0, self.size - n)) for n in spatial]
+      image = np.pad(image, [*pads, (0, 0)], mode='edge')
+      mask, weight = np.pad(mask, pads), np.pad(np.ones(spatial, np.uint8), pads)
+      spatial = mask.shape
     forced = rng.random() < self.foreground
-    rows, cols = np.nonzero(mask) if forced else ((), ())
-    if len(rows):
-      pick = int(rng.integers(len(rows)))
-      y, x = int(rows[pick]), int(cols[pick])
-      top = int(rng.integers(max(0, y - self.size + 1), min(y, height - self.size) + 1))
-      left = int(rng.integers(max(0, x - self.size + 1), min(x, width - self.size) + 1))
+    where = np.nonzero(mask) if forced else ((),)
+    if len(where[0]):
+      pick = int(rng.integers(len(where[0])))
+      corner = [
+        int(rng.integers(max(0, int(at[pick]) - self.size + 1), min(int(at[pick]), n - self.size) + 1))
+        for at, n in zip(where, spatial, strict=True)
+      ]
     else:
-      top, left = int(rng.integers(height - self.size + 1)), int(rng.integers(width - self.size + 1))
-    window = np.s_[top : top + self.size, left : left + self.size]
+      corner = [int(rng.integers(n - self.size + 1)) for n in spatial]
+    window = tuple(slice(start, start + self.size) for start in corner)
     return {
       **element,
       'image': np.ascontiguousarray(image[window]),
       'mask': np.ascontiguousarray(mask[window]),
-      'weight': np.ones((self.size, self.size), np.uint8) if weight is None else np.ascontiguousarray(weight[window]),
+      'weight': np.ones(patch, np.uint8) if weight is None else np.ascontiguousarray(weight[window]),
     }
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomFlipRotate(grain.transforms.RandomMap):
-  """Random horizontal/vertical flips and multiples of 90 degrees (square inputs)."""
+  """Random horizontal/vertical flips and multiples of 90 degrees (square inputs).
+
+  On a volume `[D, H, W, ...]` the same acts on each slice (W flipped by `hflip`, H by `vflip`,
+  turns in the H-W plane) and `vflip` also flips D, with a draw of its own.
+  """
 
   hflip: bool = True
   vflip: bool = True
@@ -134,13 +139,16 @@ class RandomFlipRotate(grain.transforms.RandomMap):
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     names = [name for name in ('image', 'mask', 'weight') if name in element]
     arrays = [element[name] for name in names]
+    first = element['mask'].ndim - 2  # the H axis: 0 for an image, 1 for a volume
     flip_h, flip_v, turns = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(4))
     if self.hflip and flip_h:
-      arrays = [a[:, ::-1] for a in arrays]
+      arrays = [np.flip(a, first + 1) for a in arrays]
     if self.vflip and flip_v:
+      arrays = [np.flip(a, first) for a in arrays]
+    if self.rot90 and turns and arrays[0].shape[first] == arrays[0].shape[first + 1]:
+      arrays = [np.rot90(a, turns, axes=(first, first + 1)) for a in arrays]
+    if first and self.vflip and rng.random() < 0.5:
       arrays = [a[::-1] for a in arrays]
-    if self.rot90 and turns and arrays[0].shape[0] == arrays[0].shape[1]:
-      arrays = [np.rot90(a, turns) for a in arrays]
     return {**element, **{name: np.ascontiguousarray(a) for name, a in zip(names, arrays, strict=True)}}
 
 
@@ -198,7 +206,8 @@ class RandomColor(grain.transforms.RandomMap):
     if image.dtype == np.uint8:
       image = self._jitter(image.astype(np.float32) / 255.0, b, c, g)
       return {**element, 'image': (image * 255.0 + 0.5).astype(np.uint8)}
-    low, high = image.min(axis=(0, 1)), image.max(axis=(0, 1))
+    spatial = tuple(range(image.ndim - 1))
+    low, high = image.min(axis=spatial), image.max(axis=spatial)
     span = np.where(high > low, high - low, 1.0).astype(np.float32)
     jittered = self._jitter((image - low) / span, b, c, g) * span + low
     return {**element, 'image': jittered.astype(np.float32)}

@@ -7,7 +7,9 @@ Gaussian sliding window of `resunet_jax.inference` (tiles of `data.patch_size`, 
 is computed per image and then averaged over images (classes averaged within an image; the
 foreground only for binary models). Empty-mask conventions are those of `metrics`: Dice, IoU
 and boundary F1 are 1 when prediction and truth are both empty and 0 when exactly one is;
-HD95 is 0 and the image diagonal respectively.
+HD95 is 0 and the image diagonal respectively. Volumes (always 'whole') are scored with their
+voxel spacing: HD95 in its units, and `surface_dice` (`VOLUME_METRICS`) at the boundary tolerance
+in the same units (1 for two empty masks, 0 for one).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from resunet_jax.errors import DataError
 from resunet_jax.training import parallel, reporting
 
 METRICS = ('dice', 'iou', 'accuracy', 'boundary_f1', 'hd95')
+VOLUME_METRICS = (*METRICS, 'surface_dice')
 MODES = ('resize', 'whole')
 OVERLAP = 0.5  # of a tile's side, between neighbouring tiles of whole-image evaluation
 
@@ -123,7 +126,7 @@ def evaluate_split(
   rows: dict[str, list] = {name: [] for name in (*METRICS, 'class_dice', 'valid')}
   ids: list[str] = []
   samples = {'image': [], 'mask': [], 'prediction': []}
-  norm = data.resolve_normalization(data_config) if keep else None
+  norm = data.resolve_normalization(data_config, spatial_dims=2) if keep else None
   for batch, out in map_split(eval_fn, state, data_config, mesh, role=role, batch_size=batch_size):
     for name, value in _image_rows(out, out['predictions'], batch['mask'], boundary_tolerance).items():
       rows[name].append(value)
@@ -142,18 +145,20 @@ def evaluate_split(
   return per_image, {key: np.asarray(value) for key, value in samples.items()}
 
 
-def _image_rows(counts: dict, predictions: np.ndarray, masks: np.ndarray, tolerance: float) -> dict[str, np.ndarray]:
+def _image_rows(
+  counts: dict, predictions: np.ndarray, masks: np.ndarray, tolerance: float, spacing=None
+) -> dict[str, np.ndarray]:
   """Each image's `METRICS` and `class_dice` (`[B]`, `[B, K]`) from its confusion counts (`metrics.confusion`,
-  numpy) and its predictions and masks `[B, H, W]` (boundary F1 at `tolerance` px, HD95)."""
+  numpy) and its predictions and masks `[B, *spatial]` (boundary F1 at `tolerance` px, HD95); with
+  `spacing` `[B, 3]` (volumes) HD95 in its units and `surface_dice` at `tolerance` in them too."""
   per_class = metrics.class_scores(counts)
-  edges = metrics.boundary_scores(predictions, masks, counts['tp'].shape[-1], tolerance)
+  edges = metrics.boundary_scores(predictions, masks, counts['tp'].shape[-1], tolerance, spacing)
   return {
     'class_dice': per_class['dice'],
     'dice': per_class['dice'].mean(-1),
     'iou': per_class['iou'].mean(-1),
     'accuracy': counts['correct'],
-    'boundary_f1': edges['boundary_f1'],
-    'hd95': edges['hd95'],
+    **edges,
   }
 
 
@@ -170,28 +175,38 @@ def _tile_apply(apply_fn):
 
 
 def score_image(
-  apply, inputs, image: np.ndarray, mask: np.ndarray, *, tile: int, batch_size: int, boundary_tolerance: float
+  apply,
+  inputs,
+  image: np.ndarray,
+  mask: np.ndarray,
+  *,
+  tile: int,
+  batch_size: int,
+  boundary_tolerance: float,
+  spacing=None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """One whole image's metrics, every pixel scored.
+  """One whole image's (or volume's) metrics, every pixel scored.
 
   Args:
-    apply: `(inputs, tiles [N, tile, tile, C]) -> logits` (`_tile_apply` of a model).
+    apply: `(inputs, tiles [N, *tile, C]) -> logits` (`_tile_apply` of a model).
     inputs: what `apply` takes first (variables and scales).
-    image: `[H, W, C]` float32 model inputs (normalised).
-    mask: `[H, W]` int class ids.
+    image: `[H, W, C]` (a volume `[D, H, W, C]`) float32 model inputs (normalised).
+    mask: `[H, W]` (`[D, H, W]`) int class ids.
     tile, batch_size: the sliding window's tile side and tiles per call.
-    boundary_tolerance: boundary F1's tolerance in pixels.
+    boundary_tolerance: boundary F1's tolerance in pixels (surface Dice's in spacing units).
+    spacing: a volume's voxel size `[3]`: HD95 in its units, and surface Dice.
 
   Returns:
-    The image's row of every `METRICS` entry and `class_dice` (`[1]` and `[1, K]` arrays), and
-    its predictions `[H, W]` int32.
+    The image's row of every `METRICS` (volumes: `VOLUME_METRICS`) entry and `class_dice`
+    (`[1]` and `[1, K]` arrays), and its predictions `[H, W]` (`[D, H, W]`) int32.
   """
   logits = inference.sliding_window(apply, inputs, image, tile=tile, overlap=OVERLAP, batch_size=batch_size)
   outputs = logits.shape[-1]
   predictions = np.asarray(metrics.predict(logits[None]))
   del logits  # the largest array: gone before the scores' own
   counts = metrics.confusion(predictions, mask[None], outputs)
-  return _image_rows(counts, predictions, mask[None], boundary_tolerance), predictions[0]
+  spacing = None if spacing is None else np.asarray(spacing)[None]
+  return _image_rows(counts, predictions, mask[None], boundary_tolerance, spacing), predictions[0]
 
 
 def evaluate_whole(
@@ -202,34 +217,45 @@ def evaluate_whole(
   Each image is normalised whole (the run's rule), predicted by `inference.sliding_window` with
   Gaussian blending (`OVERLAP`; `batch_size` tiles per call) and scored on all its pixels.
   Images are split over the processes as in evaluation pipelines. Sample images for figures
-  are the top-left `tile` x `tile` corner of the first `keep`.
+  are the top-left `tile` x `tile` corner of the first `keep` (of a volume: of its middle slice).
   """
   source = data.open_split(data_config, role)
   count, index = jax.process_count(), jax.process_index()
   per_process = -(-len(source) // count)
   indices, valid = data.shard(len(source), index, count, pad_to=per_process)
-  norm = data.resolve_normalization(data_config)
+  norm = data.resolve_normalization(data_config, spatial_dims=source.spatial_dims)
   tile = int(data_config.get('patch_size') or data_config.image_size)
   apply = _tile_apply(state.apply_fn)
   inputs = (state.variables(state.eval_params), state.scales)
-  rows: dict[str, list] = {name: [] for name in (*METRICS, 'class_dice', 'valid')}
+  names = VOLUME_METRICS if source.spatial_dims == 3 else METRICS
+  rows: dict[str, list] = {name: [] for name in (*names, 'class_dice', 'valid')}
   ids: list[str] = []
   samples = {'image': [], 'mask': [], 'prediction': []}
   for i, ok in zip(indices, valid, strict=True):
     record = source[int(i)]
     image, mask = record['image'], np.asarray(record['mask'], np.int32)
-    if mask.shape != image.shape[:2]:
+    if mask.shape != image.shape[:-1]:
       raise DataError(
-        f'{record["id"]}: mask {mask.shape} and image {image.shape[:2]} differ; whole-image evaluation scores '
+        f'{record["id"]}: mask {mask.shape} and image {image.shape[:-1]} differ; whole-image evaluation scores '
         "the image's own pixels: give masks of the images' size, or data.evaluation='resize'"
       )
     row, predictions = score_image(
-      apply, inputs, norm(image), mask, tile=tile, batch_size=batch_size, boundary_tolerance=boundary_tolerance
+      apply,
+      inputs,
+      norm(image),
+      mask,
+      tile=tile,
+      batch_size=batch_size,
+      boundary_tolerance=boundary_tolerance,
+      spacing=record.get('spacing'),
     )
     for name, value in (*row.items(), ('valid', np.asarray([ok], np.float32))):
       rows[name].append(value)
     ids.append(str(record['id']))
     if ok and len(samples['image']) < keep:
+      if mask.ndim == 3:  # a volume's figure: its middle slice
+        middle = mask.shape[0] // 2
+        image, mask, predictions = image[middle], mask[middle], predictions[middle]
       corner = np.s_[: min(tile, mask.shape[0]), : min(tile, mask.shape[1])]
       pixels = image[corner]
       samples['image'].append(reporting.viewable(pixels))
@@ -243,7 +269,8 @@ def evaluate_whole(
 
 def summarize(per_image: dict) -> dict:
   """Means over images of every metric, and the image count."""
-  result = {name: float(np.mean(per_image[name])) if len(per_image[name]) else float('nan') for name in METRICS}
+  names = [name for name in VOLUME_METRICS if name in per_image]
+  result = {name: float(np.mean(per_image[name])) if len(per_image[name]) else float('nan') for name in names}
   result['images'] = len(per_image['dice'])
   return result
 
@@ -251,7 +278,7 @@ def summarize(per_image: dict) -> dict:
 def report(per_image: dict, *, tolerance: float) -> dict:
   """The full evaluation record: per metric mean, median, 5th and 95th percentile; per class."""
   record = {'images': len(per_image['dice']), 'boundary_tolerance_px': tolerance, 'metrics': {}}
-  for name in METRICS:
+  for name in (name for name in VOLUME_METRICS if name in per_image):
     values = per_image[name]
     record['metrics'][name] = {
       'mean': float(np.mean(values)),
@@ -265,11 +292,17 @@ def report(per_image: dict, *, tolerance: float) -> dict:
 
 def markdown(record: dict, title: str) -> str:
   """A markdown table of a `report` record."""
+  tolerance = record['boundary_tolerance_px']
+  units = (
+    f'{record["images"]} volumes; boundary F1 at {tolerance:g} voxels; surface Dice at {tolerance:g} and HD95 in '
+    'the units of the voxel spacing (lower is better)'
+    if 'surface_dice' in record['metrics']
+    else f'{record["images"]} images; boundary F1 at {tolerance:g} px tolerance; HD95 in pixels (lower is better)'
+  )
   lines = [
     f'# {title}',
     '',
-    f'{record["images"]} images; boundary F1 at {record["boundary_tolerance_px"]:g} px tolerance; '
-    'HD95 in pixels (lower is better). Means of per-image values.',
+    f'{units}. Means of per-image values.',
     '',
     '| metric | mean | median | 5th pct | 95th pct |',
     '|---|---|---|---|---|',

@@ -52,10 +52,28 @@ class RunResult:
 
 
 def resolve(config) -> tuple[models.ModelConfig, data.DatasetInfo, dict]:
-  """The model config, dataset info and the resolved config dict (what config.json holds)."""
-  configs.resolve_model(config.preset, config.model)  # Config mistakes fail before data work.
+  """The model config, dataset info and the resolved config dict (what config.json holds).
+
+  A volume dataset gets a 3-D network (`model.spatial_dims` None becomes 3) whose pooling follows
+  the training split's median voxel spacing (`model.pool_strides` None becomes
+  `models.pool_strides_for_spacing`); a model whose dimensions differ from the data's is an error.
+  """
+  early = configs.resolve_model(config.preset, config.model)  # Config mistakes fail before data work.
   info = data.dataset_info(config.data)
-  model_config = configs.resolve_model(config.preset, config.model, num_classes=info.model_outputs)
+  dims = config.model.get('spatial_dims')
+  if dims is not None and dims != info.spatial_dims:
+    what = {2: '2-D images', 3: 'volumes'}
+    raise UserError(
+      f'model.spatial_dims={dims} but {info.name} holds {what[info.spatial_dims]}; '
+      f'set --config.model.spatial_dims={info.spatial_dims} (or leave it unset: the data decides)'
+    )
+  extra = {}
+  if info.spatial_dims == 3:
+    extra['spatial_dims'] = 3
+    if config.model.get('pool_strides') is None:
+      extra['pool_strides'] = models.pool_strides_for_spacing(info.spacing, early.depth)
+  section = {**dict(config.model), **extra}
+  model_config = configs.resolve_model(config.preset, section, num_classes=info.model_outputs)
   resolved = config.to_dict()
   resolved['model'] = model_config.to_dict()
   stats = info.normalization.stats() if info.normalization.kind != 'fixed' else None

@@ -137,7 +137,8 @@ def load_run(
 
   mesh = parallel.make_mesh()
   model = models.UNet(model_config, layers=runtime.layers(backend, model_config))
-  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+  side = config.data.patch_size if model_config.spatial_dims == 3 else config.data.image_size
+  shape = (1, *(side,) * model_config.spatial_dims, config.data.channels)
   init, args = population.init_fn(config, model, shape, members)
   abstract = checkpoint.abstract_like(jax.eval_shape(init, *args), parallel.replicated(mesh))
   stacked, restored_step = ckpt.restore(abstract, step=step)
