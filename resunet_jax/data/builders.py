@@ -216,7 +216,7 @@ class SyntheticVessels(tfds.core.GeneratorBasedBuilder):
     a face, each with 2-4 thinner branches; tubes only slightly brighter than a background whose
     intensity drifts smoothly, blob distractors in the tubes' intensity, Gaussian noise.
   - Difficulty: the best single global intensity threshold reaches a Dice of about 0.1-0.3;
-    vessels are about 1% of voxels (tests/data/test_volumes.py measures both).
+    vessels are about 1% of voxels (tests/data/test_volume_data.py measures both).
   - Configs: `default` 64^3 at 1 mm, 160/20/20; `anisotropic` the same scenes with every second
     slice, 32x64x64 at (2, 1, 1) mm (the case nnU-Net's anisotropic pooling is for); `small`
     32^3, 16/4/4 (for tests).

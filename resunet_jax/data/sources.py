@@ -345,7 +345,8 @@ def open_tfds(config: Any, role: str) -> SegmentationSource:
   def cache() -> tuple[pathlib.Path, str]:  # the prepared dataset's versioned folder
     return pathlib.Path(tfds.builder(name, data_dir=directory).data_dir), f'{name}|{split}|{image_key}'
 
-  features = base.dataset_info.features  # a FeaturesDict: a mapping without .get
+  info = getattr(base, 'dataset_info', None)  # None for a mocked source (tfds.testing.mock_data)
+  features = info.features if info is not None else {}  # a FeaturesDict: a mapping without .get
   shape = features[image_key].shape if image_key in features else ()
   spatial_dims = 3 if len(shape) == 4 else 2  # [D, H, W, C] tensors are volumes
   return SegmentationSource(

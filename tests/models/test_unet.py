@@ -168,7 +168,8 @@ def test_a_deeper_odd_width_network_with_attention_gates():  # nested at depth 3
   config = models.ModelConfig(skip_kind='attention', base_width=3, depth=4, residual=True, deep_supervision=True)
   x = _images((1, 19, 23, 3))
   variables = _init(config, x)
-  heads = _apply(config, variables, x, all_heads=True)
+  # one compiled program: op-by-op, this network's 19x23 shapes cost 4.7 s of compilations against 0.5 s
+  heads = jax.jit(lambda v, x: models.UNet(config).apply(v, x, train=False, all_heads=True))(variables, x)
   assert [h.shape for h in heads] == [(1, 19, 23, 1)] * 4 and all(np.isfinite(np.asarray(h)).all() for h in heads)
   assert models.count_params(variables['params']) == models.count_params(_abstract_params(config, 16))
 

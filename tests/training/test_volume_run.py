@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 WORKER = pathlib.Path(__file__).with_name('fault_worker.py')
-# experiments/configs/volumes.py shrunk: 16^3 patches of the 32^3 test volumes, 6 steps.
+# experiments/configs/volumes.py shrunk: 16^3 patches of the 32^3 test volumes, 4 steps.
 ARGS = [
   '--model=resunet',
   '--config=experiments/configs/volumes.py',
@@ -24,9 +24,9 @@ ARGS = [
   '--config.data.patch_size=16',
   '--config.model.base_width=2',
   '--config.model.depth=2',
-  '--config.train.num_steps=6',
-  '--config.train.checkpoint_every=3',
-  '--config.train.eval_every=3',
+  '--config.train.num_steps=4',
+  '--config.train.checkpoint_every=2',
+  '--config.train.eval_every=2',
   '--config.train.warmup_steps=1',
   '--config.train.num_sample_images=1',
 ]
@@ -65,12 +65,12 @@ def test_a_3d_run_is_a_3d_network_with_surface_dice_and_resumes_bit_identical_af
   assert config['model']['spatial_dims'] == 3 and config['model']['pool_strides'] == [[2, 2, 2], [2, 2, 2]]
   validation = [json.loads(line) for line in (volume_run / 'metrics.jsonl').read_text().splitlines()]
   assert any(row.get('split') == 'validation' and 0 <= row['surface_dice'] <= 1 for row in validation), validation
-  killed = _train(commands, tmp_path, env, 'step:5')
+  killed = _train(commands, tmp_path, env, 'step:3')  # after the checkpoint of step 2
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   resumed = _train(commands, tmp_path, env)
-  assert resumed.returncode == 0 and 'finished at step 6' in resumed.stdout, resumed.stderr[-3000:]
+  assert resumed.returncode == 0 and 'finished at step 4' in resumed.stdout, resumed.stderr[-3000:]
   (step, expected), (resumed_step, actual) = _final(volume_run), _final(tmp_path)
-  assert step == resumed_step == 6 and expected.keys() == actual.keys()
+  assert step == resumed_step == 4 and expected.keys() == actual.keys()
   for key in expected:
     np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
 
