@@ -11,6 +11,7 @@ never a silent class.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -128,24 +129,11 @@ class SegmentationSource(Sequence):
     self.channels, self.eight_bit, self.varying, self._cache = channels, eight_bit, varying, cache
     self.spatial_dims, self.spacing = spatial_dims, spacing
 
-  def checked(
-    self, channels: int | None, eight_bit: bool, varying: bool = False, spacing: Sequence[float] | None = None
-  ) -> SegmentationSource:
-    """The same records, each image checked by `check_image` with these arguments (and volumes
-    given `spacing`, when not None)."""
-    return SegmentationSource(
-      self._base,
-      self.name,
-      self._image_key,
-      self._mask_key,
-      self._lut,
-      channels,
-      eight_bit,
-      varying,
-      self._cache,
-      self.spatial_dims,
-      spacing if spacing is not None else self.spacing,
-    )
+  def checked(self, channels: int | None, eight_bit: bool, varying: bool = False) -> SegmentationSource:
+    """The same records, each image checked by `check_image` with these arguments."""
+    out = copy.copy(self)
+    out.channels, out.eight_bit, out.varying = channels, eight_bit, varying
+    return out
 
   @property
   def cache(self) -> tuple[pathlib.Path, str]:
@@ -572,10 +560,10 @@ def open_split(config: Any, role: str, *, channels: int | None = None) -> Segmen
     spacing = tuple(check_spacing(spacing, 'data.spacing').tolist())
     if source.spatial_dims != 3:
       raise DataError(f'data.spacing={list(spacing)} is for volumes; {source.name} holds 2-D images: unset it')
-    source.spacing = spacing
+    source.spacing = spacing  # before the channel count is read: a volume's record needs it
   channels = channels or config.get('channels') or image_channels(config, source if role == 'train' else None)
   kind = config.get('normalization') or 'fixed'
-  return source.checked(channels, eight_bit=kind == 'fixed', varying=kind == 'per_image', spacing=spacing)
+  return source.checked(channels, eight_bit=kind == 'fixed', varying=kind == 'per_image')
 
 
 def image_channels(config: Any, train: SegmentationSource | None = None) -> int:
