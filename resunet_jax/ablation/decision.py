@@ -20,7 +20,10 @@ verdict is, in this order of precedence:
   'inconclusive'               none of them, or the endpoint was declared invalid before the
                                test (`Endpoint.invalid`: a pre-registered validity check failed)
 
-Nothing else changes a verdict: every report prints what `decide` returns.
+Nothing else changes a verdict: every report prints what `decide` returns. A study chooses in
+its protocol which test decides (`decide(..., test=)`): the t-tests, or the same three as exact
+sign-flip tests of the per-seed differences (`stats.sign_flip_p`); the other one's Holm-adjusted
+claim p rides along as `Decision.p_claim_other`, a check that does not decide.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ NOT_SUPPORTED = 'not supported'
 EQUIVALENT = 'equivalent within +-delta'
 INCONCLUSIVE = 'inconclusive'
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, EQUIVALENT, INCONCLUSIVE)
+TESTS = ('t', 'sign_flip')
 ALPHA = 0.05
 
 
@@ -55,6 +59,8 @@ class Endpoint:
     delta: the equivalence margin (> 0), in the units of `estimate`.
     invalid: why a pre-registered validity check rules the test out ('' when it holds): the
       verdict is then 'inconclusive', and the endpoint still counts in its Holm family.
+    differences: the per-seed paired differences (`paired`), for the sign-flip test beside the
+      t-test; empty for other estimates.
   """
 
   name: str
@@ -63,6 +69,7 @@ class Endpoint:
   df: int
   delta: float
   invalid: str = ''
+  differences: tuple[float, ...] = ()
 
   @classmethod
   def paired(cls, name: str, differences: Sequence[float], delta: float) -> Endpoint:
@@ -72,7 +79,7 @@ class Endpoint:
     if n == 0:
       return cls(name, float('nan'), float('nan'), 0, delta)
     se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan')
-    return cls(name, float(values.mean()), se, n - 1, delta)
+    return cls(name, float(values.mean()), se, n - 1, delta, differences=tuple(values.tolist()))
 
   def interval(self, confidence: float = 0.95) -> stats.Interval:
     """The estimate and its t-interval."""
@@ -81,12 +88,17 @@ class Endpoint:
     half = float(scipy_stats.t.ppf((1 + confidence) / 2, self.df)) * self.se
     return stats.Interval(self.estimate, self.estimate - half, self.estimate + half, self.df + 1)
 
-  def p_above(self, bound: float) -> float:
-    """One-sided p of H1 `effect > bound` (1 where no test is possible)."""
+  def p_above(self, bound: float, test: str = 't') -> float:
+    """One-sided p of H1 `effect > bound` (1 where no test is possible), by the t-test or the
+    exact sign-flip test of the per-seed differences (`test='sign_flip'`, `stats.sign_flip_p`)."""
+    if test == 'sign_flip':
+      return stats.sign_flip_p(self.differences, bound)
     return self._p(self.estimate - bound)
 
-  def p_below(self, bound: float) -> float:
+  def p_below(self, bound: float, test: str = 't') -> float:
     """One-sided p of H1 `effect < bound`."""
+    if test == 'sign_flip':
+      return stats.sign_flip_p([-d for d in self.differences], -bound)
     return self._p(bound - self.estimate)
 
   def _p(self, margin: float) -> float:
@@ -104,7 +116,11 @@ class Decision:
   Attributes:
     endpoint: what was tested.
     verdict: one of `VERDICTS` (`EQUIVALENT` with delta written out: see `label`).
-    p_claim, p_opposite, p_equivalence: Holm-adjusted one-sided p-values.
+    p_claim, p_opposite, p_equivalence: Holm-adjusted one-sided p-values of the deciding `test`.
+    test: 't' or 'sign_flip', the test that decided (`decide`).
+    p_claim_other: the claim's Holm-adjusted p under the other test, printed beside as a check
+      (the sign-flip test needs no normality; the t-test is the familiar one); NaN where the other
+      test is not possible (a sign flip without per-seed differences). It does not change the verdict.
   """
 
   endpoint: Endpoint
@@ -112,6 +128,8 @@ class Decision:
   p_claim: float
   p_opposite: float
   p_equivalence: float
+  test: str = 't'
+  p_claim_other: float = float('nan')
 
   @property
   def effect(self) -> stats.Interval:
@@ -137,14 +155,27 @@ def holm(p_values: Sequence[float]) -> list[float]:
   return adjusted.tolist()
 
 
-def decide(endpoints: Sequence[Endpoint], alpha: float = ALPHA) -> list[Decision]:
-  """The verdict of every endpoint of one family (claims x datasets), Holm-corrected together."""
+def decide(endpoints: Sequence[Endpoint], alpha: float = ALPHA, test: str = 't') -> list[Decision]:
+  """The verdict of every endpoint of one family (claims x datasets), Holm-corrected together.
+
+  Args:
+    test: 't' (the t-tests of the module docstring) or 'sign_flip' (the same three one-sided
+      tests as exact sign-flip tests of the per-seed differences, which every endpoint must then
+      have: a study whose differences may be bimodal, e.g. failed runs beside trained ones).
+  """
+  if test not in TESTS:
+    raise ValueError(f'test={test!r} is not one of {TESTS}')
   for endpoint in endpoints:
     if not endpoint.delta > 0:
       raise ValueError(f'{endpoint.name}: the equivalence margin delta={endpoint.delta!r} must be > 0')
-  claim = holm([e.p_above(0.0) for e in endpoints])
-  opposite = holm([e.p_below(0.0) for e in endpoints])
-  equivalence = holm([max(e.p_above(-e.delta), e.p_below(e.delta)) for e in endpoints])
+    if test == 'sign_flip' and not endpoint.differences:
+      raise ValueError(f'{endpoint.name}: the sign-flip test needs per-seed differences (Endpoint.paired)')
+  claim = holm([e.p_above(0.0, test) for e in endpoints])
+  opposite = holm([e.p_below(0.0, test) for e in endpoints])
+  equivalence = holm([max(e.p_above(-e.delta, test), e.p_below(e.delta, test)) for e in endpoints])
+  other = TESTS[1 - TESTS.index(test)]
+  possible = [e for e in endpoints if other == 't' or e.differences]
+  other_p = dict(zip(map(id, possible), holm([e.p_above(0.0, other) for e in possible]), strict=True))
   decisions = []
   for endpoint, p_claim, p_opposite, p_equivalence in zip(endpoints, claim, opposite, equivalence, strict=True):
     if endpoint.invalid:
@@ -157,7 +188,8 @@ def decide(endpoints: Sequence[Endpoint], alpha: float = ALPHA) -> list[Decision
       verdict = NOT_SUPPORTED
     else:
       verdict = INCONCLUSIVE
-    decisions.append(Decision(endpoint, verdict, p_claim, p_opposite, p_equivalence))
+    check = other_p.get(id(endpoint), float('nan'))
+    decisions.append(Decision(endpoint, verdict, p_claim, p_opposite, p_equivalence, test, check))
   return decisions
 
 

@@ -165,20 +165,31 @@ def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
     writer.writerows(rows)
 
 
-def decision_table(decisions: Sequence[decision.Decision]) -> list[str]:
-  """A family's decisions as a Markdown table: endpoint, effect [95% CI], the Holm-adjusted p-values, verdict."""
+def decision_table(decisions: Sequence[decision.Decision], *, check: bool = False) -> list[str]:
+  """A family's decisions as a Markdown table: endpoint, effect [95% CI], the Holm-adjusted p-values, verdict.
+
+  `check` adds the claim's Holm-adjusted p under the test that did not decide (`Decision.p_claim_other`)
+  and names each column's test.
+  """
   rows = [
     [
       d.endpoint.name,
       d.effect.format(),
       f'{d.p_claim:.3g}',
+      *([f'{d.p_claim_other:.3g}'] if check else []),
       f'{d.p_opposite:.3g}',
       f'{d.p_equivalence:.3g}',
       f'**{d.label}**',
     ]
     for d in decisions
   ]
-  return _table(['endpoint', 'effect', 'p claim', 'p opposite', 'p equivalence', 'verdict'], rows)
+  if not check:
+    return _table(['endpoint', 'effect', 'p claim', 'p opposite', 'p equivalence', 'verdict'], rows)
+  names = {'t': 't', 'sign_flip': 'sign flip'}
+  test = names[decisions[0].test] if decisions else 't'
+  other = next(name for key, name in names.items() if name != test)
+  header = [f'p claim ({test})', f'p claim ({other})', f'p opposite ({test})', f'p equivalence ({test})']
+  return _table(['endpoint', 'effect', *header, 'verdict'], rows)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

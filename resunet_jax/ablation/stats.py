@@ -116,3 +116,53 @@ def gradient_share(records: Sequence[Mapping[str, float]], block: str, param_cou
     if block_rms > 0 and total_rms > 0:
       ratios.append(math.log10(block_rms / total_rms))
   return float(np.mean(ratios)) if ratios else float('nan')
+
+
+def sign_flip_p(differences: Sequence[float], bound: float = 0.0) -> float:
+  """One-sided p of H1 `mean(differences) > bound`: the exact sign-flip permutation test.
+
+  Under H0 each paired difference (less `bound`) is as likely positive as negative, so every
+  one of the `2**n` sign assignments is equally likely (Fisher 1935; Good, *Permutation Tests*,
+  2005): p is the share of them whose mean is at least the observed one. Beside the t-test it
+  needs no normality, which matters when failed and trained runs mix (bimodal differences).
+  1.0 for no differences; beyond 16 seeds, 65,536 random assignments (seeded).
+  """
+  values = np.asarray(differences, np.float64) - bound
+  if len(values) < 2:  # none: no test; one: its 2 assignments (scipy needs two)
+    return 0.5 if len(values) and values[0] > 0 else 1.0
+  result = scipy_stats.permutation_test(
+    (values,),
+    lambda x, axis: np.mean(x, axis=axis),
+    permutation_type='samples',
+    alternative='greater',
+    n_resamples=np.inf if len(values) <= 16 else 2**16,
+    random_state=0,
+  )
+  return float(result.pvalue)
+
+
+def failure_test(failed_a: int, runs_a: int, failed_b: int, runs_b: int) -> float:
+  """Two-sided p of Fisher's exact test that two arms fail at the same rate (Fisher 1922).
+
+  A failed run (the constant prediction) is a count, not a Dice value to average; the test
+  conditions on the total number of failures, so it is exact for 10 seeds an arm.
+  """
+  for failed, runs in ((failed_a, runs_a), (failed_b, runs_b)):
+    if not 0 <= failed <= runs:
+      raise ValueError(f'{failed} failures out of {runs} runs is not a count')
+  table = [[failed_a, runs_a - failed_a], [failed_b, runs_b - failed_b]]
+  return float(scipy_stats.fisher_exact(table).pvalue)
+
+
+def trend_p(scores: Sequence[Sequence[float]]) -> float:
+  """One-sided p of Page's test (Page 1963) for a rising trend over ordered conditions.
+
+  Args:
+    scores: `[seeds, conditions]`, each row one seed's value at every condition in the
+      pre-registered order (e.g. the residual gain at depths 2, 3, 4, 5). The test ranks within
+      each seed, so it asks whether the order holds, not whether the rise is linear.
+  """
+  table = np.asarray(scores, np.float64)
+  if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 3:
+    raise ValueError(f'a trend test needs [seeds >= 2, conditions >= 3] scores; got shape {table.shape}')
+  return float(scipy_stats.page_trend_test(table).pvalue)

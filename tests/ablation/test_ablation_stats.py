@@ -1,5 +1,6 @@
 """The statistics of a sweep against hand-computed values."""
 
+import itertools
 import math
 
 import numpy as np
@@ -56,3 +57,38 @@ def test_gradient_share_normalises_by_parameter_count():
   # bottleneck RMS 2/20 = 0.1; network RMS 10/sqrt(500) = 0.4472: log10(0.1/0.4472) = -0.6505
   records = [{'grad_norm': 10.0, 'grad_norm/bottleneck': 2.0}, {'grad_norm': 10.0, 'grad_norm/bottleneck': 2.0}]
   assert stats.gradient_share(records, 'bottleneck', counts) == pytest.approx(math.log10(0.1 / (10 / math.sqrt(500))))
+
+
+def test_sign_flip_p_counts_every_sign_assignment_by_hand():
+  differences = [0.03, 0.01, -0.005, 0.02, 0.04, 0.015, -0.01, 0.025]
+  means = [np.mean(np.multiply(signs, differences)) for signs in itertools.product((1, -1), repeat=8)]
+  by_hand = np.mean([m >= np.mean(differences) - 1e-12 for m in means])  # 7 of 256 as large or larger
+  assert stats.sign_flip_p(differences) == pytest.approx(by_hand)
+  assert stats.sign_flip_p([0.01, 0.02, 0.03]) == pytest.approx(1 / 8)  # all positive: only the identity
+  assert stats.sign_flip_p([-0.01, -0.02, -0.03]) == pytest.approx(1.0)
+  # a bound shifts the null: differences of 0.03 +- 0.001 are not above 0.03
+  assert stats.sign_flip_p([0.031, 0.029, 0.0305, 0.0295], bound=0.03) > 0.3
+  assert stats.sign_flip_p([]) == 1.0
+  assert (stats.sign_flip_p([0.02]), stats.sign_flip_p([-0.02])) == (0.5, 1.0)  # one seed: 2 assignments
+
+
+def test_failure_test_is_the_hypergeometric_tail_by_hand():
+  # 3 of 10 failed against 0 of 10: the two-sided p sums the tables as unlikely as this one,
+  # P(k failures in arm a | 3 in all) = C(10, k) C(10, 3 - k) / C(20, 3)
+  probability = [math.comb(10, k) * math.comb(10, 3 - k) / math.comb(20, 3) for k in range(4)]
+  assert stats.failure_test(3, 10, 0, 10) == pytest.approx(probability[0] + probability[3])  # 0.2105
+  assert stats.failure_test(2, 10, 2, 10) == pytest.approx(1.0)
+  assert stats.failure_test(10, 10, 0, 10) < 1e-4
+  with pytest.raises(ValueError, match='not a count'):
+    stats.failure_test(11, 10, 0, 10)
+
+
+def test_trend_p_is_pages_test_and_reads_the_order():
+  rising = [[0.1, 0.2, 0.3, 0.4], [0.12, 0.18, 0.35, 0.33], [0.05, 0.22, 0.31, 0.45], [0.1, 0.15, 0.2, 0.5]]
+  # Page's L = sum over conditions of (position * rank sum): 4 seeds of ranks 1..4 with one swap
+  ranks = np.argsort(np.argsort(rising, axis=1), axis=1) + 1
+  assert (ranks.sum(0) * np.arange(1, 5)).sum() == 119  # of the largest possible 120
+  assert stats.trend_p(rising) < 0.01
+  assert stats.trend_p(np.flip(rising, axis=1)) > 0.99  # the same gains in falling order
+  with pytest.raises(ValueError, match='conditions >= 3'):
+    stats.trend_p([[0.1, 0.2], [0.2, 0.3]])

@@ -1,10 +1,12 @@
 """The protocol's decision rule on synthetic results: each of the four verdicts, Holm, precedence, power."""
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from resunet_jax.ablation import decision
+from resunet_jax.ablation import decision, report
 
 
 def _seeds(mean, sd, n=10, seed=0):
@@ -84,3 +86,33 @@ def test_detectable_effect_at_80_percent_power():
   assert decision.power(effect, 1.0, 10, 0.05) == pytest.approx(0.8, abs=1e-6)
   assert decision.detectable_effect(0.02, 10, 0.05 / 6) > decision.detectable_effect(0.02, 10, 0.05)
   assert decision.detectable_effect(0.02, 20, 0.05) < decision.detectable_effect(0.02, 10, 0.05)
+
+
+def test_the_sign_flip_test_decides_where_asked_and_checks_the_t_test_beside():
+  strong, weak = [0.03, 0.01, 0.02, 0.04, 0.015, 0.025], [0.03, -0.01, 0.02, 0.04, -0.015, 0.025]
+  endpoints = [decision.Endpoint.paired('strong', strong, 0.005), decision.Endpoint.paired('weak', weak, 0.005)]
+  by_t = decision.decide(endpoints)
+  first, second = decision.decide(endpoints, test='sign_flip')
+  # by hand: 1 of 64 sign assignments reach the strong mean, 6 of 64 the weak one's (0.015); Holm
+  assert (first.p_claim, second.p_claim) == pytest.approx((2 / 64, 6 / 64))
+  assert (first.test, first.p_claim_other) == ('sign_flip', by_t[0].p_claim)  # the t-test beside
+  assert (by_t[0].p_claim_other, by_t[1].p_claim_other) == pytest.approx((2 / 64, 6 / 64))
+  assert by_t[0].p_claim < 0.01 < first.p_claim  # 6 seeds: the exact test cannot go below 1/64
+  assert second.p_opposite == pytest.approx(1.0)  # a mean of 0.015 is never below 0 more than half of the time
+
+  # equivalence within 0.005 by hand (one endpoint: no Holm): the larger of the sign-flip p of
+  # mean > -0.005 (the differences shifted by +0.005) and of mean < 0.005 (0.005 minus them)
+  def share(values):
+    flipped = [np.mean(np.multiply(signs, values)) for signs in itertools.product((1, -1), repeat=len(values))]
+    return np.mean([m >= np.mean(values) - 1e-12 for m in flipped])
+
+  (alone,) = decision.decide([decision.Endpoint.paired('weak', weak, 0.005)], test='sign_flip')
+  tost = max(share(np.add(weak, 0.005)), share(np.subtract(0.005, weak)))
+  assert alone.p_equivalence == pytest.approx(tost) and tost > 0.5
+  slope = decision.Endpoint('slope', 0.05, 0.01, 8, 0.01)  # a coefficient: no differences to flip
+  assert np.isnan(decision.decide([*endpoints, slope])[2].p_claim_other)
+  with pytest.raises(ValueError, match='needs per-seed differences'):
+    decision.decide([slope], test='sign_flip')
+  header, _, row, *_ = report.decision_table([first, second], check=True)
+  assert header.split(' | ')[2:4] == ['p claim (sign flip)', 'p claim (t)']
+  assert row.split(' | ')[2:4] == [f'{2 / 64:.3g}', f'{by_t[0].p_claim:.3g}']
