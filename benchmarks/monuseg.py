@@ -61,6 +61,13 @@ def _key(protocol: str, preset: str, seed: int, steps: int, width: int) -> tuple
   return (protocol, preset, str(seed), str(steps), str(width))
 
 
+def trained_step(workdir: pathlib.Path) -> int:
+  """The step of a run's latest checkpoint (Orbax step folders under checkpoints/), 0 for none."""
+  folder = workdir / 'checkpoints'
+  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+  return max(steps, default=0)
+
+
 def one_run(
   protocol: str, preset: str, seed: int, steps: int, width: int, root: pathlib.Path, extra: tuple[str, ...] = ()
 ) -> dict:
@@ -81,6 +88,9 @@ def one_run(
     ],
     check=True,
   )
+  reached = trained_step(workdir)
+  if reached < steps:  # SIGTERM makes train.py checkpoint and exit 0: a run cut short is not a row
+    raise SystemExit(f'{workdir} stopped at step {reached} of {steps}; rerun the same command to resume it')
   subprocess.run(
     [sys.executable, str(ROOT / 'experiments/evaluate.py'), f'--workdir={workdir}', '--split=test'], check=True
   )

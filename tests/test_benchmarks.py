@@ -257,3 +257,23 @@ def test_monuseg_table_runs_resumes_and_tabulates_per_seed_rows(tmp_path, comman
   assert f'{np.mean(dice):.3f} [{low:.3f}, {high:.3f}]' in line and '0.7645 / 0.6286' in line
   missing = commands.run(sweep, env={**env, 'MONUSEG_DIR': ''}, timeout=60)
   assert missing.returncode != 0 and 'MONUSEG_DIR is not set' in missing.stderr
+
+
+def test_monuseg_writes_no_row_for_a_run_cut_short(tmp_path, monkeypatch):
+  """train.py exits 0 when SIGTERM stops it (checkpointed): the sweep must stop there, not score
+  the partial run as a finished one."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location('monuseg_bench', ROOT / 'benchmarks' / 'monuseg.py')
+  monuseg = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(monuseg)
+  calls = []
+  monkeypatch.setattr(monuseg.subprocess, 'run', lambda command, **kwargs: calls.append(command))
+  workdir = tmp_path / 'paper-unet-w2-n400-s0'
+  assert monuseg.trained_step(workdir) == 0
+  for step in ('100', '200', 'tmp'):
+    (workdir / 'checkpoints' / step).mkdir(parents=True)
+  assert monuseg.trained_step(workdir) == 200
+  with pytest.raises(SystemExit, match='stopped at step 200 of 400; rerun'):
+    monuseg.one_run('paper', 'unet', 0, 400, 2, tmp_path)
+  assert len(calls) == 1 and 'train.py' in calls[0][1]  # trained, never evaluated
