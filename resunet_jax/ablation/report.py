@@ -185,9 +185,7 @@ def decision_table(decisions: Sequence[decision.Decision], *, check: bool = Fals
   ]
   if not check:
     return _table(['endpoint', 'effect', 'p claim', 'p opposite', 'p equivalence', 'verdict'], rows)
-  names = {'t': 't', 'sign_flip': 'sign flip'}
-  test = names[decisions[0].test] if decisions else 't'
-  other = next(name for key, name in names.items() if name != test)
+  test, other = ('sign flip', 't') if decisions and decisions[0].test == 'sign_flip' else ('t', 'sign flip')
   header = [f'p claim ({test})', f'p claim ({other})', f'p opposite ({test})', f'p equivalence ({test})']
   return _table(['endpoint', 'effect', *header, 'verdict'], rows)
 
