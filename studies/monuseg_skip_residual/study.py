@@ -106,8 +106,7 @@ class Run:
     config = base_config()
     model = model_config(self.arm, self.depth)
     for name in ('residual', 'skips', 'depth', 'shortcut', 'width_scale'):
-      value = getattr(model, name)
-      config.model[name] = ''.join('1' if s else '0' for s in value) if name == 'skips' else value
+      config.model[name] = getattr(model, name)
     config.train.learning_rate = self.rate
     config.train.num_steps = self.steps
     config.seed = self.seed
