@@ -61,7 +61,7 @@ def train_section() -> ml_collections.ConfigDict:
   # first; () is nnU-Net's halving (losses.deep_supervision_weights).
   c.deep_supervision_weights = ()
   c.boundary_tolerance = 2.0  # pixels, for boundary F1
-  c.num_sample_images = 4  # rows of the predictions figure
+  c.num_sample_images = 4  # rows of the predictions figure; 0: no figure
   return c
 
 

@@ -406,9 +406,12 @@ def _check_stopped(members_run, members, reported: set, ckpt, lead: bool) -> Non
 
 
 def _write_figures(samples: dict, workdir: pathlib.Path, writer) -> dict:
-  """Sample predictions and learning curves."""
+  """Sample predictions (none for `train.num_sample_images=0`) and learning curves."""
   paths = {'predictions': workdir / 'predictions.png', 'learning_curves': workdir / 'learning_curves.png'}
-  reporting.plot_predictions(samples['image'], samples['mask'], samples['prediction'], paths['predictions'])
+  if len(samples['image']):
+    reporting.plot_predictions(samples['image'], samples['mask'], samples['prediction'], paths['predictions'])
+  else:
+    del paths['predictions']
   if writer.jsonl.exists():
     reporting.plot_learning_curves(writer.jsonl, paths['learning_curves'])
   return paths

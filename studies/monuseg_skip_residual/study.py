@@ -11,6 +11,7 @@ rows in tests/studies/test_monuseg_study.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -67,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+@functools.lru_cache
 def model_config(arm: str, depth: int = 4) -> models.ModelConfig:
   """The arm's network; `wide` gets the `width_scale` matching identity's parameters with its skips."""
   residual, skips = ARMS[arm]

@@ -73,10 +73,13 @@ def test_quick_config_writes_every_artefact(tmp_path, env, train):
   assert 'validation: dice' in result.stdout
 
 
-def test_residual_switch_trains_a_plain_unet(tmp_path, env, train):
+def test_residual_switch_trains_a_plain_unet_and_no_sample_images_means_no_figure(tmp_path, env, train):
   workdir = tmp_path / 'plain'
-  train(workdir, env, *QUICK, '--config.model.residual=False', '--config.train.num_steps=1')
+  args = ('--config.model.residual=False', '--config.train.num_steps=1', '--config.train.num_sample_images=0')
+  result = train(workdir, env, *QUICK, *args)
   assert json.loads((workdir / 'config.json').read_text())['model']['residual'] is False
+  assert not (workdir / 'predictions.png').exists() and 'predictions.png' not in result.stdout
+  assert (workdir / 'learning_curves.png').exists()
   _, state = _final_state(workdir)
   names = set(_flatten(state['params']))
   assert names and not any('conv_proj' in name for name in names)

@@ -1,0 +1,159 @@
+"""The MoNuSeg skip/residual study's rules (studies/monuseg_skip_residual/study.py) on made-up rows:
+the pilot's budget, the maximin rate with its tie and edge rules, failing arms, the cuts, the
+order of the stages, and the runs.csv round trip."""
+
+import math
+
+import pytest
+
+from resunet_jax import models
+from studies.monuseg_skip_residual import run as study_run
+from studies.monuseg_skip_residual import study
+
+D0 = 0.38
+
+
+def _row(stage, arm, rate, steps, seed, dice, depth=4, wall=100.0):
+  return study.Row(study.Run(stage, arm, rate, steps, seed, depth), dice, 0.0, 0.0, 0, wall)
+
+
+def _tuning(scores, steps=400, depth=4, seeds=study.TUNING_SEEDS, stage='tuning'):
+  """Rows of every (arm, rate) in `scores`, the 2-seed mean being its value (+-0.001 per seed)."""
+  return [
+    _row(stage, arm, rate, steps, seed, dice + (0.001 if i else -0.001), depth)
+    for (arm, rate), dice in scores.items()
+    for i, seed in enumerate(seeds)
+  ]
+
+
+def _grid(per_arm, arms=tuple(study.ARMS)):
+  """scores for `arms`: per_arm[arm] is a {rate: dice}, or one {rate: dice} for every arm."""
+  return {(arm, rate): d for arm in arms for rate, d in per_arm.get(arm, per_arm.get('*', {})).items()}
+
+
+def _pilot(means):
+  """Pilot rows: means[arm] = (Dice at 400, 800, 1600), wall time 0.1 s a step plus 30 s."""
+  return [
+    _row('pilot', arm, study.PILOT_RATE, n, seed, m, wall=30 + 0.1 * n)
+    for arm, ms in means.items()
+    for n, m in zip(study.PILOT_BUDGETS, ms, strict=True)
+    for seed in study.TUNING_SEEDS
+  ]
+
+
+def _timing(wall=20.0):
+  return [_row('timing', r.arm, r.rate, r.steps, r.seed, 0.4, r.depth, wall) for r in study.timing_runs()]
+
+
+def test_budget_is_the_smallest_within_the_tolerance_of_1600_for_every_arm():
+  close = {arm: (0.700, 0.705, 0.709) for arm in study.PILOT_ARMS}
+  assert study.budget(_pilot(close)) == 400
+  one_slow = {**close, 'plain-none': (0.650, 0.705, 0.709)}
+  assert study.budget(_pilot(one_slow)) == 800
+  never = {**close, 'identity-all': (0.60, 0.65, 0.709)}
+  assert study.budget(_pilot(never)) == 1600
+  assert study.budget(_pilot(close)[:-1]) is None  # a seed missing: no budget yet
+
+
+def test_matched_rate_is_maximin_not_the_best_mean():
+  # at 3e-3 one arm is bad (worst 0.50, mean high); at 1e-3 every arm is 0.70
+  scores = _grid({'*': {3e-4: 0.6, 1e-3: 0.7, 3e-3: 0.9, 1e-2: 0.6}})
+  scores['plain-none', 3e-3] = 0.5
+  choice = study.choose(_tuning(scores), tuple(study.ARMS), 400, D0)
+  assert choice.rate == 1e-3 and not choice.extend and not choice.edge
+
+
+def test_ties_go_to_the_higher_mean_then_nearer_1e3_never_the_smallest_rate():
+  arms = ('plain-all', 'plain-none')
+  tied = _grid({'*': {3e-4: 0.6, 1e-3: 0.7, 3e-3: 0.7, 1e-2: 0.6}}, arms)
+  assert study.choose(_tuning(tied), arms, 400, D0).rate == 1e-3  # equal: the rate nearer 1e-3
+  higher_mean = {**tied, ('plain-all', 3e-3): 0.72}  # worst arms equal; 3e-3's mean higher
+  assert study.choose(_tuning(higher_mean), arms, 400, D0).rate == 3e-3
+  # 1e-3's worst arm is 0.004 better, within 0.005: 3e-3's higher mean decides, not maximin alone
+  within = {**higher_mean, ('plain-all', 1e-3): 0.704, ('plain-none', 1e-3): 0.704}
+  assert study.choose(_tuning(within), arms, 400, D0).rate == 3e-3
+  beyond = {**within, ('plain-all', 1e-3): 0.706, ('plain-none', 1e-3): 0.706}
+  assert study.choose(_tuning(beyond), arms, 400, D0).rate == 1e-3
+
+
+def test_a_choice_at_the_edge_extends_the_grid_twice_then_says_edge():
+  arms = ('identity-all',)
+  rising = {3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.8, 3e-2: 0.85, 1e-1: 0.9}
+  rows = _tuning(_grid({'*': {r: rising[r] for r in study.GRID}}, arms))
+  assert study.choose(rows, arms, 400, D0).extend == (3e-2,)
+  rows += _tuning(_grid({'*': {3e-2: rising[3e-2]}}, arms))
+  assert study.choose(rows, arms, 400, D0).extend == (1e-1,)
+  rows += _tuning(_grid({'*': {1e-1: rising[1e-1]}}, arms))
+  choice = study.choose(rows, arms, 400, D0)
+  assert (choice.rate, choice.edge) == (1e-1, True)
+  assert study.choose(rows[:-1], arms, 400, D0) is not None  # an extension lacking a seed is not used yet
+
+
+def test_an_arm_failing_everywhere_extends_both_sides_once_then_is_left_out():
+  arms = ('plain-none', 'identity-none')
+  scores = _grid(
+    {'plain-none': dict.fromkeys(study.GRID, 0.39), 'identity-none': {3e-4: 0.6, 1e-3: 0.75, 3e-3: 0.7, 1e-2: 0.6}}
+  )
+  rows = _tuning(scores)
+  assert study.choose(rows, arms, 400, D0).extend == (1e-4, 3e-2)
+  rows += _tuning({(arm, r): 0.39 if arm == 'plain-none' else 0.5 for arm in arms for r in (1e-4, 3e-2)})
+  choice = study.choose(rows, arms, 400, D0)
+  assert (choice.rate, choice.failing) == (1e-3, ('plain-none',))  # identity-none decides alone
+
+
+def test_the_stages_come_in_order_and_a_pilot_run_at_b_is_a_tuning_run():
+  assert [(s.name, len(s.runs)) for s in [study.next_stage([], D0, False)]] == [('timing', 10)]
+  rows = _timing()
+  assert study.next_stage(rows, D0, False).name == 'pilot'
+  rows += _pilot({arm: (0.700, 0.705, 0.709) for arm in study.PILOT_ARMS})
+  assert study.next_stage(rows, D0, False).name == 'plan'
+  tuning = study.next_stage(rows, D0, True)
+  assert tuning.name == 'tuning' and len(tuning.runs) == 6 * 4 * 2 - 4 * 2  # the pilot's 1e-3 runs at B=400
+  assert all(r.steps == 400 and r.split == 'validation' for r in tuning.runs)
+  rows += _tuning(_grid({'*': {3e-4: 0.6, 1e-3: 0.7, 3e-3: 0.75, 1e-2: 0.65}}))
+  primary = study.next_stage(rows, D0, True)
+  assert primary.name == 'primary' and {(r.rate, r.split) for r in primary.runs} == {(3e-3, 'test')}
+  assert len(primary.runs) == 60
+  rows += [_row('primary', r.arm, r.rate, r.steps, r.seed, 0.7) for r in primary.runs]
+  depth = study.next_stage(rows, D0, True)  # every own rate is the matched one: no own runs
+  assert depth.name == 'depth-tuning' and {r.depth for r in depth.runs} == {2}
+
+
+def test_the_plan_cuts_in_the_protocols_order_until_it_fits():
+  rows = _timing() + _pilot({arm: (0.700, 0.705, 0.709) for arm in study.PILOT_ARMS})
+  steps, cuts, hours = study.plan(rows)  # 70 s a run at 400 steps: fits uncut
+  assert (steps, cuts) == (400, 0) and sum(hours.values()) <= study.HOURS
+  slow = [
+    _row(r.run.stage, r.run.arm, r.run.rate, r.run.steps, r.run.seed, r.val_dice, r.run.depth, 3 * r.wall_s)
+    for r in rows
+  ]
+  steps, cuts, hours = study.plan(slow)
+  uncut = sum(study.project(slow, 400, 0).values())
+  assert uncut > study.HOURS and cuts >= 1 and sum(hours.values()) < uncut
+  assert sum(study.project(slow, 400, cuts - 1).values()) > study.HOURS  # each cut only when needed
+
+
+def test_tuning_seeds_never_see_the_test_split_and_wide_is_matched_within_2_percent():
+  assert {r.split for r in study.pilot_runs() + study.timing_runs()} == {'validation'}
+  wide, identity = (models.param_count(study.model_config(f'{a}-none', depth=2)) for a in ('wide', 'identity'))
+  assert abs(wide - identity) <= 0.02 * identity
+  assert study.Run('primary', 'wide-none', 1e-3, 400, 0).config().model.width_scale > 1
+
+
+def test_runs_csv_round_trip(tmp_path):
+  line = {
+    'stage': 'primary', 'arm': 'identity-none', 'depth': 4, 'rate': '0.003', 'steps': 400, 'seed': 3,
+    'val_dice': '0.7', 'window_auc': '0.5', 'grad_log_ratio': '-0.2', 'params': 547761, 'wall_s': '99.0',
+    'test_dice': '0.71', 'test_iou': '0.55', 'test_boundary_f1': '0.4', 'test_hd95': '20.0',
+    'curve': '50:0.4 400:0.7', 'run_id': 'abc', 'cpu': 'x',
+  }  # fmt: skip
+  study_run.append(tmp_path / 'runs.csv', line)
+  study_run.append(
+    tmp_path / 'runs.csv',
+    dict(line, stage='tuning', seed=1000, test_dice='', test_iou='', test_boundary_f1='', test_hd95=''),
+  )
+  first, second = study_run.read_rows(tmp_path / 'runs.csv')
+  assert first.run == study.Run('primary', 'identity-none', 0.003, 400, 3) and math.isclose(first.test['dice'], 0.71)
+  assert second.test == {} and second.params == 547761
+  with pytest.raises(KeyError):
+    study.Run('primary', 'no-such-arm', 1e-3, 400, 0).config()
