@@ -9,8 +9,9 @@ Each finished run appends one line to results/runs.csv (`study.Row`); the rows d
 comes next (`study.next_stage`), so a study stopped anywhere, on any machine, resumes from its
 committed CSV. Training lives in --workdir (never committed; a run cut off mid-training resumes
 from its checkpoint there). When the timing and pilot stages are done it writes results/plan.md
-(the budget, the cuts and the projected hours) and stops until that file is committed. SIGTERM
-stops at once with the finished rows kept.
+(the budget, the cuts and the projected hours) and stops until that file is committed; when every
+stage is done it writes results/report.md (`analysis.py`). SIGTERM stops at once with the finished
+rows kept.
 """
 
 import csv
@@ -30,7 +31,7 @@ from benchmarks.monuseg import cpu_name  # noqa: E402
 from resunet_jax import cli  # noqa: E402
 from resunet_jax.ablation import runner, stats  # noqa: E402
 from resunet_jax.data import sources  # noqa: E402
-from studies.monuseg_skip_residual import study  # noqa: E402
+from studies.monuseg_skip_residual import analysis, study  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results'
 TEST_METRICS = ('dice', 'iou', 'boundary_f1', 'hd95')
@@ -185,6 +186,8 @@ def main(argv: list[str]) -> None:
       stage = study.next_stage(rows, d0, committed(results / 'plan.md'))
       if stage.name == 'plan' and not (results / 'plan.md').exists():
         (results / 'plan.md').write_text(plan_text(rows))
+      if stage.name == 'done':
+        (results / 'report.md').write_text(analysis.render(analysis.analyse(rows, d0), rows))
       print(
         f'{len(rows)} runs done; next: {stage.name}, {len(stage.runs)} runs'
         + (f' ({stage.reason})' if stage.reason else '')

@@ -371,4 +371,4 @@ def next_stage(rows: Sequence[Row], d0: float, plan_committed: bool) -> Stage:
     depth_runs = (Run('depth', arm, choice.rate, steps, seed, depth) for arm in DEPTH_ARMS for seed in SEEDS)
     if missing := _missing(rows, depth_runs):
       return Stage('depth', missing)
-  return Stage('done', reason='every stage is complete: write the report (run.py --report)')
+  return Stage('done', reason='every stage is complete: results/report.md is written')
