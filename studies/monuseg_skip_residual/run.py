@@ -139,7 +139,7 @@ def baseline(results: pathlib.Path) -> float:
 def committed(path: pathlib.Path) -> bool:
   """`path` is tracked by git and unchanged since the last commit."""
   tracked = subprocess.run(['git', 'ls-files', '--error-unmatch', path.name], cwd=path.parent, capture_output=True)
-  changed = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', path.name], cwd=path.parent)
+  changed = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', path.name], cwd=path.parent, capture_output=True)
   return path.exists() and tracked.returncode == 0 and changed.returncode == 0
 
 

@@ -2,7 +2,11 @@
 the pilot's budget, the maximin rate with its tie and edge rules, failing arms, the cuts, the
 order of the stages, and the runs.csv round trip."""
 
+import json
 import math
+import os
+import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -212,3 +216,14 @@ def test_the_simulated_study_gives_the_verdicts_its_effects_imply():
   )
   with pytest.raises(ValueError, match='no interim analysis'):
     analysis.analyse(rows[:-1], D0)
+
+
+def test_status_names_the_next_stage_without_the_data(tmp_path, commands):
+  (tmp_path / 'baseline.json').write_text(json.dumps({'d0': D0}))
+  script = pathlib.Path(study.__file__).with_name('run.py')
+  result = commands.run(
+    [sys.executable, str(script), '--status', f'--results={tmp_path}'], env={**os.environ, 'MONUSEG_DIR': ''}
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().splitlines()[-1] == '0 runs done; next: timing, 10 runs'
+  assert 'error' not in result.stderr and not (tmp_path / 'runs.csv').exists()
