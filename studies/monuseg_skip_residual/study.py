@@ -270,14 +270,15 @@ def pilot_runs() -> tuple[Run, ...]:
 
 
 def project(rows: Sequence[Row], steps: int, cuts: int = 0) -> dict[str, float]:
-  """Projected hours per stage at budget `steps` with the first `cuts` cuts, the pilot as measured."""
+  """Projected hours per stage at budget `steps` with the first `cuts` cuts, the pilot as measured
+  (its 1e-3 runs at `steps` are tuning runs already); the grid without extensions."""
   n_own = 5 if cuts >= 2 else 10
   depths = DEPTHS[:1] if cuts >= 3 else DEPTHS
   tune_seeds = 1 if cuts >= 1 else len(TUNING_SEEDS)
   run = {(arm, d): seconds(rows, arm, steps, d) for arm in ARMS for d in (4, *DEPTHS) if d == 4 or arm in DEPTH_ARMS}
   hours = {
     'timing and pilot': sum(r.wall_s for r in rows if r.run.stage in ('timing', 'pilot')),
-    'tuning': len(GRID) * len(TUNING_SEEDS) * sum(run[arm, 4] for arm in ARMS),
+    'tuning': sum(run[r.arm, 4] for r in _missing(rows, _tune('tuning', ARMS, GRID, steps, TUNING_SEEDS))),
     'primary': len(SEEDS) * sum(run[arm, 4] for arm in ARMS),
     'own recipe (at most)': n_own * sum(run[arm, 4] for arm in ARMS),
     'depth': sum((len(GRID) * tune_seeds + len(SEEDS)) * run[arm, d] for d in depths for arm in DEPTH_ARMS),
@@ -286,7 +287,11 @@ def project(rows: Sequence[Row], steps: int, cuts: int = 0) -> dict[str, float]:
 
 
 def plan(rows: Sequence[Row]) -> tuple[int, int, dict[str, float]]:
-  """(B, the number of CUTS made, projected hours) of the first plan within HOURS, cutting in order."""
+  """(B, the number of CUTS made, projected hours) of the first plan within HOURS, cutting in order.
+
+  A function of the timing and pilot rows alone: the plan stays what was committed as later rows come.
+  """
+  rows = [r for r in rows if r.run.stage in ('timing', 'pilot')]
   pilot_budget = budget(rows)
   for cuts in range(len(CUTS) + 1):
     steps = pilot_budget

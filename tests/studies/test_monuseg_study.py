@@ -136,6 +136,8 @@ def test_the_plan_cuts_in_the_protocols_order_until_it_fits():
   uncut = sum(study.project(slow, 400, 0).values())
   assert uncut > study.HOURS and cuts >= 1 and sum(hours.values()) < uncut
   assert sum(study.project(slow, 400, cuts - 1).values()) > study.HOURS  # each cut only when needed
+  later = _tuning(_grid({'*': dict.fromkeys(study.GRID, 0.7)}))
+  assert study.plan(slow + later) == study.plan(slow)  # the committed plan does not move as tuning rows come
 
 
 def test_tuning_seeds_never_see_the_test_split_and_wide_is_matched_within_2_percent():
