@@ -20,6 +20,7 @@ import math
 import pathlib
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `studies`, `experiments` and `benchmarks` from a clone
@@ -90,7 +91,15 @@ def grad_log_ratio(result: runner.Result) -> float:
 def measure(run: study.Run, workdir: pathlib.Path) -> dict:
   """Trains (or resumes) `run` and returns its runs.csv line."""
   config = run.config()
-  result = runner.run_population(config, [config], workdir, test_split=run.split, knockouts=False)[0]
+  spent = runner.run_dir(config, workdir) / 'spent_s'  # seconds of earlier attempts a SIGTERM cut short
+  before = float(spent.read_text()) if spent.exists() else 0.0
+  start = time.perf_counter()
+  try:
+    result = runner.run_population(config, [config], workdir, test_split=run.split, knockouts=False)[0]
+  except runner.Stopped:
+    spent.parent.mkdir(parents=True, exist_ok=True)
+    spent.write_text(f'{before + time.perf_counter() - start:.1f}')
+    raise
   final_step, final_dice = result.curve[-1]
   if final_step != run.steps:
     raise RuntimeError(f'{result.run_id}: the last validation is at step {final_step}, not {run.steps}')
@@ -106,7 +115,7 @@ def measure(run: study.Run, workdir: pathlib.Path) -> dict:
     'window_auc': f'{stats.area_under_curve(window, study.WINDOW):.6f}',
     'grad_log_ratio': f'{grad_log_ratio(result):.6f}',
     'params': sum(result.param_counts.values()),
-    'wall_s': f'{result.wall_s:.1f}',
+    'wall_s': f'{before + result.wall_s:.1f}',
     'curve': ' '.join(f'{s}:{d:.4f}' for s, d in result.curve),
     'run_id': result.run_id,
     'cpu': cpu_name(),

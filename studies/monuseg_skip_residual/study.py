@@ -124,7 +124,7 @@ class Row:
   window_auc: float  # validation Dice averaged over steps 0-WINDOW (trapezoid, Dice 0 at step 0)
   grad_log_ratio: float  # mean log10(per-parameter gradient RMS enc_0 / dec_0) over logged steps
   params: int
-  wall_s: float
+  wall_s: float  # seconds of every attempt (compilation and evaluation included)
   test: dict[str, float] = dataclasses.field(default_factory=dict)  # seeds 0-9 only
 
 

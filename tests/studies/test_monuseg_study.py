@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from resunet_jax import models
+from resunet_jax.ablation import runner
 from studies.monuseg_skip_residual import analysis, study
 from studies.monuseg_skip_residual import run as study_run
 
@@ -229,3 +230,27 @@ def test_status_names_the_next_stage_without_the_data(tmp_path, commands):
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1] == '0 runs done; next: timing, 10 runs'
   assert 'error' not in result.stderr and not (tmp_path / 'runs.csv').exists()
+
+
+def test_a_run_cut_short_counts_the_seconds_of_every_attempt(tmp_path, monkeypatch):
+  attempts, clock = [], iter([0.0, 5.0, 100.0])
+  result = runner.Result(
+    'id', 'folder', True, '0000', 4, 1000, 400, {m: 0.5 for m in study_run.TEST_METRICS}, [(200, 0.5), (400, 0.7)],
+    [{'step': 10, 'grad_norm/enc_0': 1.0, 'grad_norm/dec_0': 10.0}], {'enc_0': 1, 'dec_0': 1}, {}, 10.0,
+  )  # fmt: skip
+
+  def train(*args, **kwargs):
+    attempts.append(args)
+    if len(attempts) == 1:
+      raise runner.Stopped('SIGTERM')
+    return [result]
+
+  monkeypatch.setattr(runner, 'run_population', train)
+  monkeypatch.setattr(runner, 'run_dir', lambda config, root: tmp_path / 'run')
+  monkeypatch.setattr(study_run.time, 'perf_counter', lambda: next(clock))
+  run = study.Run('pilot', 'identity-none', 1e-3, 400, 1000)
+  with pytest.raises(runner.Stopped):
+    study_run.measure(run, tmp_path)
+  line = study_run.measure(run, tmp_path)
+  assert line['wall_s'] == '15.0' and line['val_dice'] == '0.700000' and line['test_dice'] == ''
+  assert float(line['grad_log_ratio']) == pytest.approx(-1.0) and line['curve'] == '200:0.5000 400:0.7000'
