@@ -236,7 +236,7 @@ def run_population(
   runs: list,
   root: str | pathlib.Path,
   *,
-  test_split: str = 'test',
+  test_split: str | None = 'test',
   knockouts=True,
   measure=None,
 ) -> list[Result]:
@@ -248,7 +248,8 @@ def run_population(
     runs: member i's run config (a `RunSpec.config`): its folder receives the `result.json`, its
       model is what the member is measured as (a plain arm's knock-outs and parameter counts).
     root: the sweep folder.
-    test_split: the split of the final metrics and the knock-outs.
+    test_split: the split of the final metrics and the knock-outs; None: neither (`Result.test`
+      empty), for runs whose final validation metrics (`Result.curve`) are all a study needs.
     knockouts: True measures `measure_knockouts(loaded, test_split, model)` of each member, a function of
       the same arguments measures what it returns (a study's own kinds), False none.
     measure: None, or `measure(loaded, run_config) -> dict[str, float]` (the member's
@@ -261,7 +262,7 @@ def run_population(
     Stopped: SIGTERM ended the training early (its checkpoint is saved; no result is written).
   """
   root = pathlib.Path(root)
-  knockout_fn = knockouts if callable(knockouts) else measure_knockouts if knockouts else None
+  knockout_fn = knockouts if callable(knockouts) else measure_knockouts if knockouts and test_split else None
   paths = [run_dir(run_config, root) / 'result.json' for run_config in runs]
   finished = [_read(path) for path in paths]
   if all(finished):
@@ -280,7 +281,7 @@ def run_population(
     member_start = time.perf_counter()
     # the final weights: the same budget for every arm
     loaded = restore.load_run(workdir, 'latest', config.runtime.backend, member=member.index)
-    per_image = loaded.evaluate(test_split)
+    per_image = loaded.evaluate(test_split) if test_split else {}
     records = reporting.read_metrics(loaded.directory / 'metrics.jsonl')
     arm_model, _, _ = loop.resolve(run_config)
     params = {name: p for name, p in loaded.state.params.items()}
@@ -296,7 +297,7 @@ def run_population(
       depth=arm_model.depth,
       seed=int(run_config.seed),
       num_steps=int(run_config.train.num_steps),
-      test={name: float(np.mean(per_image[name])) for name in evaluation.METRICS},
+      test={name: float(np.mean(per_image[name])) for name in evaluation.METRICS if name in per_image},
       curve=[(r['step'], r['dice']) for r in records if r['split'] == 'validation'],
       gradients=[
         {k: v for k, v in r.items() if k == 'step' or k.startswith('grad_norm')}

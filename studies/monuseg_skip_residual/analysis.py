@@ -94,7 +94,8 @@ def gain(rows, depth: int, rates: tuple[float, float], steps: int, seeds) -> dic
 
 
 def tier(rows, rates: dict[str, float], depth_rates: dict[int, float], steps: int, seeds) -> list[decision.Endpoint]:
-  """The eight endpoints with each arm at `rates[arm]` (depth 2's pair at `depth_rates[2]`)."""
+  """The eight endpoints with each arm at `rates[arm]` (depth 2's pair at `depth_rates[2]`; E8 only
+  where depth 2 was tested)."""
   endpoints = []
   for name, measure, arm, other, delta in ENDPOINTS:
     a, b = by_seed(rows, arm, rates[arm], steps, seeds), by_seed(rows, other, rates[other], steps, seeds)
@@ -102,6 +103,8 @@ def tier(rows, rates: dict[str, float], depth_rates: dict[int, float], steps: in
     endpoints.append(
       decision.Endpoint.paired(name, [value(a[s], measure) - value(b[s], measure) for s in paired], delta)
     )
+  if 2 not in depth_rates:
+    return endpoints
   gain4 = gain(rows, 4, (rates['plain-none'], rates['identity-none']), steps, seeds)
   gain2 = gain(rows, 2, (depth_rates[2],) * 2, steps, study.SEEDS)
   paired = sorted(set(gain4) & set(gain2))
@@ -116,10 +119,9 @@ def analyse(rows: Sequence[study.Row], d0: float) -> Analysis:
     raise ValueError(f'the study is not done (next: {stage.name}, {len(stage.runs)} runs): no interim analysis')
   steps, cuts, _ = study.plan(rows)
   recipes = study.recipes(rows, steps, d0)
-  tune_seeds = study.TUNING_SEEDS[:1] if cuts >= 1 else study.TUNING_SEEDS
-  depths = study.DEPTHS[:1] if cuts >= 3 else study.DEPTHS
-  depth_rates = {d: study.choose(rows, study.DEPTH_ARMS, steps, d0, d, tune_seeds).rate for d in depths}
-  own_seeds = study.SEEDS[:5] if cuts >= 2 else study.SEEDS
+  kept = study.scope(cuts)
+  depths, own_seeds = kept.depths, kept.own_seeds
+  depth_rates = {d: study.choose(rows, study.DEPTH_ARMS, steps, d0, d, kept.depth_tuning_seeds).rate for d in depths}
   matched = dict.fromkeys(study.ARMS, recipes.matched.rate)
   tiers = {'primary': (matched, study.SEEDS), 'own': (recipes.own, own_seeds)}
   decided = {
@@ -158,7 +160,8 @@ def render(a: Analysis, rows: Sequence[study.Row]) -> str:
     + ', '.join(f'{arm} {rate:g}' for arm, rate in a.recipes.own.items())
     + '; depth pair rates '
     + ', '.join(f'depth {d} {rate:g}' for d, rate in a.depth_rates.items())
-    + (', depth 3 not tested' if 3 not in a.depth_rates else '')
+    + ''.join(f', depth {d} not tested' for d in study.DEPTHS if d not in a.depth_rates)
+    + ('' if 2 in a.depth_rates else ' (E8 not tested)')
     + f'. A run failed when its final validation Dice is below D0 + {study.FAILURE_MARGIN:g} = '
     f'{a.d0 + study.FAILURE_MARGIN:.4f} '
     f'(D0 = {a.d0:.4f}, the all-nucleus prediction).',

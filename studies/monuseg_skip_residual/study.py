@@ -32,7 +32,7 @@ ARMS = {
 PILOT_ARMS = ('plain-all', 'plain-none', 'identity-all', 'identity-none')
 DEPTH_ARMS = ('plain-none', 'identity-none')
 DEPTHS = (2, 3)  # the depth stage's; depth 4 is the primary arms'
-PILOT_BUDGETS = (400, 800, 1600)
+PILOT_BUDGETS = (400, 800)  # amendment 1: 1600 dropped
 PILOT_RATE = 1e-3
 GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 EXTENSIONS = {'low': (1e-4, 3e-5), 'high': (3e-2, 1e-1)}  # up to two a side
@@ -50,6 +50,7 @@ CUTS = (
   'own-recipe tier at seeds 0-4',
   'depth 3 not tested',
   'B one candidate smaller',
+  'the depth stage not run (E8 not tested)',  # amendment 1
 )
 
 
@@ -100,9 +101,9 @@ class Run:
     return (self.arm, self.depth, f'{self.rate:g}', self.steps, self.seed)
 
   @property
-  def split(self) -> str:
-    """The split of its final metrics: only seeds 0-9 ever see the test split."""
-    return 'test' if self.seed in SEEDS else 'validation'
+  def split(self) -> str | None:
+    """The split of its final metrics: only seeds 0-9 ever see the test split (others: none)."""
+    return 'test' if self.seed in SEEDS else None
 
   def config(self) -> ml_collections.ConfigDict:
     config = base_config()
@@ -163,7 +164,7 @@ def mean_dice(
 
 def budget(rows: Sequence[Row]) -> int | None:
   """B: the smallest pilot budget at which every pilot arm's 2-seed mean final validation Dice is
-  within 0.01 of its 1600-step mean (None until the pilot is complete)."""
+  within 0.01 of its mean at the largest budget (None until the pilot is complete)."""
   means = {(arm, n): mean_dice(rows, arm, PILOT_RATE, n) for arm in PILOT_ARMS for n in PILOT_BUDGETS}
   if any(m is None for m in means.values()):
     return None
@@ -269,19 +270,36 @@ def pilot_runs() -> tuple[Run, ...]:
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class Scope:
+  """What the plan keeps after its first `cuts` CUTS (`scope`); the budget cut is `plan`'s."""
+
+  depth_tuning_seeds: tuple[int, ...]
+  own_seeds: tuple[int, ...]
+  depths: tuple[int, ...]
+
+
+def scope(cuts: int) -> Scope:
+  return Scope(
+    TUNING_SEEDS[:1] if cuts >= 1 else TUNING_SEEDS,
+    SEEDS[:5] if cuts >= 2 else SEEDS,
+    () if cuts >= 5 else DEPTHS[:1] if cuts >= 3 else DEPTHS,
+  )
+
+
 def project(rows: Sequence[Row], steps: int, cuts: int = 0) -> dict[str, float]:
   """Projected hours per stage at budget `steps` with the first `cuts` cuts, the pilot as measured
   (its 1e-3 runs at `steps` are tuning runs already); the grid without extensions."""
-  n_own = 5 if cuts >= 2 else 10
-  depths = DEPTHS[:1] if cuts >= 3 else DEPTHS
-  tune_seeds = 1 if cuts >= 1 else len(TUNING_SEEDS)
+  kept = scope(cuts)
   run = {(arm, d): seconds(rows, arm, steps, d) for arm in ARMS for d in (4, *DEPTHS) if d == 4 or arm in DEPTH_ARMS}
   hours = {
     'timing and pilot': sum(r.wall_s for r in rows if r.run.stage in ('timing', 'pilot')),
     'tuning': sum(run[r.arm, 4] for r in _missing(rows, _tune('tuning', ARMS, GRID, steps, TUNING_SEEDS))),
     'primary': len(SEEDS) * sum(run[arm, 4] for arm in ARMS),
-    'own recipe (at most)': n_own * sum(run[arm, 4] for arm in ARMS),
-    'depth': sum((len(GRID) * tune_seeds + len(SEEDS)) * run[arm, d] for d in depths for arm in DEPTH_ARMS),
+    'own recipe (at most)': len(kept.own_seeds) * sum(run[arm, 4] for arm in ARMS),
+    'depth': sum(
+      (len(GRID) * len(kept.depth_tuning_seeds) + len(SEEDS)) * run[arm, d] for d in kept.depths for arm in DEPTH_ARMS
+    ),
   }
   return {stage: s / 3600 for stage, s in hours.items()}
 
@@ -363,12 +381,14 @@ def next_stage(rows: Sequence[Row], d0: float, plan_committed: bool) -> Stage:
   rate = tuned.matched.rate
   if missing := _missing(rows, (Run('primary', arm, rate, steps, seed) for arm in ARMS for seed in SEEDS)):
     return Stage('primary', missing)
-  own_seeds = SEEDS[:5] if cuts >= 2 else SEEDS
-  own = (Run('own', arm, tuned.own[arm], steps, seed) for arm in ARMS if tuned.own[arm] != rate for seed in own_seeds)
+  kept = scope(cuts)
+  own = (
+    Run('own', arm, tuned.own[arm], steps, seed) for arm in ARMS if tuned.own[arm] != rate for seed in kept.own_seeds
+  )
   if missing := _missing(rows, own):
     return Stage('own', missing)
-  tune_seeds = TUNING_SEEDS[:1] if cuts >= 1 else TUNING_SEEDS
-  for depth in DEPTHS[:1] if cuts >= 3 else DEPTHS:
+  tune_seeds = kept.depth_tuning_seeds
+  for depth in kept.depths:
     choice = choose(rows, DEPTH_ARMS, steps, d0, depth, tune_seeds)
     if choice is None or choice.rate is None:
       rates = GRID if choice is None else choice.extend
