@@ -174,6 +174,23 @@ def plan_text(rows: list[study.Row]) -> str:
     f'| total | {sum(hours.values()):.2f} (limit {study.HOURS:g}) |',
     '',
     "Cuts made, in the protocol's order: " + ('; '.join(study.CUTS[:cuts]) if cuts else 'none') + '.',
+    *(
+      [
+        f'Over the limit after every cut by {sum(hours.values()) - study.HOURS:.2f} h: '
+        'tuning and the primary tier run anyway.'
+      ]
+      if sum(hours.values()) > study.HOURS
+      else []
+    ),
+    '',
+    '| arm | depth | projected seconds a run |',
+    '|---|---|---|',
+    *(f'| {arm} | 4 | {study.seconds(rows, arm, steps):.0f} |' for arm in study.ARMS),
+    *(
+      f'| {arm} | {depth} | {study.seconds(rows, arm, steps, depth):.0f} |'
+      for depth in study.scope(cuts).depths
+      for arm in study.DEPTH_ARMS
+    ),
     '',
     f'Measured on {cpu_name()}.',
   ]

@@ -2,6 +2,7 @@
 the pilot's budget, the maximin rate with its tie and edge rules, failing arms, the cuts, the
 order of the stages, and the runs.csv round trip."""
 
+import dataclasses
 import json
 import math
 import os
@@ -128,7 +129,7 @@ def test_the_plan_cuts_in_the_protocols_order_until_it_fits():
   steps, cuts, hours = study.plan(rows)  # 70 s a run at 400 steps: fits uncut
   assert (steps, cuts) == (400, 0) and sum(hours.values()) <= study.HOURS
   slow = [
-    _row(r.run.stage, r.run.arm, r.run.rate, r.run.steps, r.run.seed, r.val_dice, r.run.depth, 3 * r.wall_s)
+    _row(r.run.stage, r.run.arm, r.run.rate, r.run.steps, r.run.seed, r.val_dice, r.run.depth, 2.5 * r.wall_s)
     for r in rows
   ]
   steps, cuts, hours = study.plan(slow)
@@ -137,6 +138,10 @@ def test_the_plan_cuts_in_the_protocols_order_until_it_fits():
   assert sum(study.project(slow, 400, cuts - 1).values()) > study.HOURS  # each cut only when needed
   later = _tuning(_grid({'*': dict.fromkeys(study.GRID, 0.7)}))
   assert study.plan(slow + later) == study.plan(slow)  # the committed plan does not move as tuning rows come
+  text = study_run.plan_text(slow)
+  assert study.CUTS[cuts - 1] in text and study.CUTS[cuts] not in text and 'Over the limit' not in text
+  slowest = [dataclasses.replace(r, wall_s=10 * r.wall_s) for r in slow]
+  assert 'Over the limit after every cut' in study_run.plan_text(slowest) and study.plan(slowest)[1] == len(study.CUTS)
 
 
 def test_tuning_seeds_never_see_the_test_split_and_wide_is_matched_within_2_percent():
