@@ -177,7 +177,7 @@ def plan_text(rows: list[study.Row]) -> str:
     *(
       [
         f'Over the limit after every cut by {sum(hours.values()) - study.HOURS:.2f} h: '
-        'tuning and the primary tier run anyway.'
+        'what is left runs anyway (amendment 1).'
       ]
       if sum(hours.values()) > study.HOURS
       else []
