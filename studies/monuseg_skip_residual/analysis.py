@@ -8,7 +8,6 @@ number of the committed report from the committed CSV.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,19 +45,6 @@ def value(row: study.Row, measure: str) -> float:
   return row.test[measure[5:]] if measure.startswith('test_') else getattr(row, measure)
 
 
-def by_seed(
-  rows: Sequence[study.Row], arm: str, rate: float, steps: int, seeds, depth: int = 4
-) -> dict[int, study.Row]:
-  """The arm's rows at this rate and budget, by seed (whichever stage trained them)."""
-  return {
-    r.run.seed: r
-    for r in rows
-    if (r.run.arm, r.run.depth, r.run.steps) == (arm, depth, steps)
-    and math.isclose(r.run.rate, rate)
-    and r.run.seed in seeds
-  }
-
-
 @dataclasses.dataclass(frozen=True)
 class Analysis:
   """Everything report.md says, from the rows.
@@ -88,7 +74,7 @@ class Analysis:
 def gain(rows, depth: int, rates: tuple[float, float], steps: int, seeds) -> dict[int, float]:
   """seed -> test Dice of identity-none minus plain-none at `depth`, the two at `rates` (plain's, identity's)."""
   plain, identity = (
-    by_seed(rows, arm, rate, steps, seeds, depth) for arm, rate in zip(study.DEPTH_ARMS, rates, strict=True)
+    study.by_seed(rows, arm, rate, steps, seeds, depth) for arm, rate in zip(study.DEPTH_ARMS, rates, strict=True)
   )
   return {s: identity[s].test['dice'] - plain[s].test['dice'] for s in sorted(set(plain) & set(identity))}
 
@@ -98,7 +84,7 @@ def tier(rows, rates: dict[str, float], depth_rates: dict[int, float], steps: in
   where depth 2 was tested)."""
   endpoints = []
   for name, measure, arm, other, delta in ENDPOINTS:
-    a, b = by_seed(rows, arm, rates[arm], steps, seeds), by_seed(rows, other, rates[other], steps, seeds)
+    a, b = study.by_seed(rows, arm, rates[arm], steps, seeds), study.by_seed(rows, other, rates[other], steps, seeds)
     paired = sorted(set(a) & set(b))
     endpoints.append(
       decision.Endpoint.paired(name, [value(a[s], measure) - value(b[s], measure) for s in paired], delta)
@@ -133,7 +119,7 @@ def analyse(rows: Sequence[study.Row], d0: float) -> Analysis:
       (arm, depth_rates[d], d) for d in depths for arm in study.DEPTH_ARMS
     ]
     for arm, rate, depth in arms:
-      runs = list(by_seed(rows, arm, rate, steps, seeds, depth).values())
+      runs = list(study.by_seed(rows, arm, rate, steps, seeds, depth).values())
       trained = [r.test['dice'] for r in runs if not study.failed(r, d0)]
       interval = stats.t_interval(trained) if len(trained) >= 2 else None
       failures[name, arm, depth] = (len(runs), len(runs) - len(trained), interval)
@@ -194,7 +180,7 @@ def render(a: Analysis, rows: Sequence[study.Row]) -> str:
     '|---|---|---|---|',
   ]
   for rate in sorted({r.run.rate for r in rows if r.run.stage == 'tuning'}):
-    pair = [by_seed(rows, arm, rate, a.steps, study.TUNING_SEEDS) for arm in ('identity-none', 'wide-none')]
+    pair = [study.by_seed(rows, arm, rate, a.steps, study.TUNING_SEEDS) for arm in ('identity-none', 'wide-none')]
     if all(len(p) == len(study.TUNING_SEEDS) for p in pair):
       means = [np.mean([r.grad_log_ratio for r in p.values()]) for p in pair]
       lines.append(f'| {rate:g} | {means[0]:.3f} | {means[1]:.3f} | {means[0] - means[1]:+.3f} |')

@@ -148,18 +148,23 @@ def constant_dice(fractions: Iterable[float]) -> float:
   return max(0.0, float(np.mean([2 * p / (1 + p) for p in fractions])))
 
 
-def mean_dice(
-  rows: Sequence[Row], arm: str, rate: float, steps: int, depth: int = 4, seeds: Sequence[int] = TUNING_SEEDS
-) -> float | None:
-  """The mean final validation Dice of the arm's runs at `seeds`; None unless every seed has a row."""
-  values = {
-    r.run.seed: r.val_dice
+def by_seed(rows: Sequence[Row], arm: str, rate: float, steps: int, seeds, depth: int = 4) -> dict[int, Row]:
+  """The arm's rows at this rate and budget among `seeds`, by seed (whichever stage trained them)."""
+  return {
+    r.run.seed: r
     for r in rows
     if (r.run.arm, r.run.depth, r.run.steps) == (arm, depth, steps)
     and math.isclose(r.run.rate, rate)
     and r.run.seed in seeds
   }
-  return float(np.mean(list(values.values()))) if len(values) == len(seeds) else None
+
+
+def mean_dice(
+  rows: Sequence[Row], arm: str, rate: float, steps: int, depth: int = 4, seeds: Sequence[int] = TUNING_SEEDS
+) -> float | None:
+  """The mean final validation Dice of the arm's runs at `seeds`; None unless every seed has a row."""
+  found = by_seed(rows, arm, rate, steps, seeds, depth)
+  return float(np.mean([r.val_dice for r in found.values()])) if len(found) == len(seeds) else None
 
 
 def budget(rows: Sequence[Row]) -> int | None:
@@ -187,15 +192,13 @@ class Choice:
 
   Attributes:
     rate: the chosen rate (None while `extend` is not empty).
-    extend: rates to train for `arms` before choosing again.
-    arms: the arms the choice is for.
+    extend: rates to train for the arms before choosing again.
     edge: the chosen rate is still at an edge after both extensions.
     failing: arms that fail at every tried rate (left out of a maximin).
   """
 
   rate: float | None
   extend: tuple[float, ...] = ()
-  arms: tuple[str, ...] = ()
   edge: bool = False
   failing: tuple[str, ...] = ()
 
@@ -235,15 +238,15 @@ def choose(
       EXTENSIONS[side][0] for side in ('low', 'high') if not any(math.isclose(EXTENSIONS[side][0], t) for t in tried)
     )
     if extend:
-      return Choice(None, extend, tuple(arms))
+      return Choice(None, extend)
   deciding = [arm for arm in arms if arm not in failing] or list(arms)
   worst = {rate: min(means[rate][arm] for arm in deciding) for rate in tried}
   average = {rate: float(np.mean([means[rate][arm] for arm in deciding])) for rate in tried}
   rate = _tie_break(worst, average)
   side = 'low' if math.isclose(rate, tried[0]) else 'high' if math.isclose(rate, tried[-1]) else None
   if side and (more := _next_rate(tried, side)) is not None:
-    return Choice(None, (more,), tuple(arms))
-  return Choice(rate, (), tuple(arms), edge=side is not None, failing=failing)
+    return Choice(None, (more,))
+  return Choice(rate, edge=side is not None, failing=failing)
 
 
 def seconds(rows: Sequence[Row], arm: str, steps: int, depth: int = 4) -> float:
